@@ -1,0 +1,61 @@
+//! The dVAE decoder: a (soft or one-hot) code grid → the statistics of a
+//! logit-Laplace distribution per pixel (μ then ln b, 2·C channels).
+//! Its first 1×1 conv, vocab → n_init, is the codebook. Parameter names
+//! follow OpenAI's `dall_e/decoder.py`.
+
+use super::block::{DECODER_KERNELS, ResBlock};
+use super::config::{DvaeConfig, GROUP_COUNT};
+use super::conv::Conv2d;
+use tch::{Tensor, nn};
+
+#[derive(Debug)]
+pub struct Decoder {
+    input: Conv2d,
+    /// Blocks of each group; nearest ×2 upsampling follows all but the last.
+    groups: Vec<Vec<ResBlock>>,
+    output: Conv2d,
+}
+
+impl Decoder {
+    pub fn new(p: nn::Path, cfg: &DvaeConfig) -> Self {
+        let blocks = &p / "blocks";
+        let n_layers = GROUP_COUNT * cfg.n_blk_per_group;
+        let input = Conv2d::new(&blocks / "input", cfg.vocab_size, cfg.n_init, 1);
+        let mut width = cfg.n_init;
+        let groups = (1..=GROUP_COUNT)
+            .map(|g| {
+                let group = &blocks / format!("group_{g}");
+                let n_out = cfg.n_hid << (GROUP_COUNT - g);
+                let group_blocks = (1..=cfg.n_blk_per_group)
+                    .map(|i| {
+                        let n_in = if i == 1 { width } else { n_out };
+                        let path = &group / format!("block_{i}");
+                        ResBlock::new(path, n_in, n_out, n_layers, DECODER_KERNELS)
+                    })
+                    .collect();
+                width = n_out;
+                group_blocks
+            })
+            .collect();
+        let output = Conv2d::new(&blocks / "output" / "conv", width, 2 * cfg.channels, 1);
+        Self {
+            input,
+            groups,
+            output,
+        }
+    }
+
+    /// # Shapes
+    /// `(N, vocab, h, w)` codes → `(N, 2·C, 8h, 8w)` logit-Laplace statistics
+    pub fn forward(&self, z: &Tensor) -> Tensor {
+        let mut h = self.input.forward(z);
+        for (g, blocks) in self.groups.iter().enumerate() {
+            h = blocks.iter().fold(h, |h, b| b.forward(&h));
+            if g + 1 < self.groups.len() {
+                let (height, width) = (h.size()[2], h.size()[3]);
+                h = h.upsample_nearest2d([2 * height, 2 * width], None, None);
+            }
+        }
+        self.output.forward(&h.relu())
+    }
+}

@@ -1,0 +1,59 @@
+//! The dVAE encoder: mapped pixels → logits over the codebook on an
+//! (H/8)×(W/8) grid. Parameter names follow OpenAI's `dall_e/encoder.py`:
+//! `blocks.input`, `blocks.group_{1..4}.block_{i}`, `blocks.output.conv`.
+
+use super::block::{ENCODER_KERNELS, ResBlock};
+use super::config::{DvaeConfig, GROUP_COUNT};
+use super::conv::Conv2d;
+use tch::{Tensor, nn};
+
+#[derive(Debug)]
+pub struct Encoder {
+    input: Conv2d,
+    /// Blocks of each group; a 2×2 max-pool follows every group but the last.
+    groups: Vec<Vec<ResBlock>>,
+    output: Conv2d,
+}
+
+impl Encoder {
+    pub fn new(p: nn::Path, cfg: &DvaeConfig) -> Self {
+        let blocks = &p / "blocks";
+        let n_layers = GROUP_COUNT * cfg.n_blk_per_group;
+        let input = Conv2d::new(&blocks / "input", cfg.channels, cfg.n_hid, 7);
+        let mut width = cfg.n_hid;
+        let groups = (1..=GROUP_COUNT)
+            .map(|g| {
+                let group = &blocks / format!("group_{g}");
+                let n_out = cfg.n_hid << (g - 1);
+                let group_blocks = (1..=cfg.n_blk_per_group)
+                    .map(|i| {
+                        let n_in = if i == 1 { width } else { n_out };
+                        let path = &group / format!("block_{i}");
+                        ResBlock::new(path, n_in, n_out, n_layers, ENCODER_KERNELS)
+                    })
+                    .collect();
+                width = n_out;
+                group_blocks
+            })
+            .collect();
+        let output = Conv2d::new(&blocks / "output" / "conv", width, cfg.vocab_size, 1);
+        Self {
+            input,
+            groups,
+            output,
+        }
+    }
+
+    /// # Shapes
+    /// `(N, C, H, W)` mapped pixels → `(N, vocab, H/8, W/8)` logits
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let mut h = self.input.forward(x);
+        for (g, blocks) in self.groups.iter().enumerate() {
+            h = blocks.iter().fold(h, |h, b| b.forward(&h));
+            if g + 1 < self.groups.len() {
+                h = h.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false);
+            }
+        }
+        self.output.forward(&h.relu())
+    }
+}

@@ -1,0 +1,288 @@
+//! The discrete VAE of DALL-E: a convolutional encoder to a grid of logits
+//! over a codebook, a Gumbel-softmax relaxation for training, and a
+//! convolutional decoder to logit-Laplace pixel statistics.
+//!
+//! Compatible with OpenAI's released dVAE: same blocks, widths, init and
+//! parameter names (`encoder.` / `decoder.` prefixed in our single weights
+//! file; unprefixed in OpenAI's two files, see [`Dvae::load_openai`]).
+
+mod block;
+pub mod config;
+mod conv;
+mod decoder;
+mod encoder;
+pub mod loss;
+pub mod relax;
+
+pub use config::DvaeConfig;
+pub use loss::ReconLoss;
+pub use relax::Relaxation;
+
+use crate::weights::{self, WeightFile};
+use crate::{ModelError, Result};
+use decoder::Decoder;
+use encoder::Encoder;
+use std::collections::HashMap;
+use std::path::Path;
+use tch::{Device, Kind, Tensor, nn};
+
+const FORMAT_KEY: &str = "format";
+const FORMAT: &str = "dalle-rs/dvae/1";
+const CONFIG_KEY: &str = "dvae_config";
+
+/// The temperature, weights and choices of one training step's objective.
+#[derive(Clone, Copy, Debug)]
+pub struct Objective {
+    pub tau: f64,
+    pub beta: f64,
+    pub relaxation: Relaxation,
+    pub recon: ReconLoss,
+}
+
+/// What one training forward pass produces: the loss to minimise and the
+/// parts it is made of.
+pub struct StepOutput {
+    /// recon + β · KL / (C·H·W), scalar, carries the graph.
+    pub loss: Tensor,
+    /// Reconstruction term per image dimension (NLL or MSE), scalar.
+    pub recon: Tensor,
+    /// KL to the uniform prior, nats per image, scalar.
+    pub kl: Tensor,
+    /// MSE of the decoded mean on [0, 1] pixels, scalar, detached.
+    pub mse: Tensor,
+    /// Argmax codes of the encoder, `(N, h, w)`.
+    pub tokens: Tensor,
+}
+
+pub struct Dvae {
+    config: DvaeConfig,
+    vs: nn::VarStore,
+    encoder: Encoder,
+    decoder: Decoder,
+}
+
+impl Dvae {
+    /// A freshly initialised model; seed with `tch::manual_seed` first for
+    /// reproducible weights.
+    pub fn new(config: DvaeConfig, device: Device) -> Result<Self> {
+        config.validate()?;
+        let vs = nn::VarStore::new(device);
+        let encoder = Encoder::new(vs.root() / "encoder", &config);
+        let decoder = Decoder::new(vs.root() / "decoder", &config);
+        Ok(Self {
+            config,
+            vs,
+            encoder,
+            decoder,
+        })
+    }
+
+    pub fn config(&self) -> &DvaeConfig {
+        &self.config
+    }
+
+    pub fn var_store(&self) -> &nn::VarStore {
+        &self.vs
+    }
+
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    /// Checks a batch of images: float `(N, C, S, S)` with the config's C and S.
+    fn check_images(&self, images: &Tensor) -> Result<()> {
+        let size = images.size();
+        let (c, s) = (self.config.channels, self.config.image_size);
+        let expected = format!("(N, {c}, {s}, {s})");
+        if size.len() != 4 || size[1] != c || size[2] != s || size[3] != s {
+            return Err(ModelError::Input {
+                what: "image batch shape",
+                expected,
+                found: format!("{size:?}"),
+            });
+        }
+        if !images.is_floating_point() {
+            return Err(ModelError::Input {
+                what: "image dtype",
+                expected: "a float tensor of [0, 1] pixels".into(),
+                found: format!("{:?}", images.kind()),
+            });
+        }
+        Ok(())
+    }
+
+    /// Encoder logits for `[0, 1]` images.
+    ///
+    /// # Shapes
+    /// `(N, C, S, S)` → `(N, vocab, S/8, S/8)`
+    pub fn encoder_logits(&self, images: &Tensor) -> Result<Tensor> {
+        self.check_images(images)?;
+        let x = images.to_device(self.device()).to_kind(Kind::Float);
+        Ok(self.encoder.forward(&loss::map_pixels(&x)))
+    }
+
+    /// Image tokens: the argmax code at each grid position, no noise.
+    ///
+    /// # Shapes
+    /// `(N, C, S, S)` → `(N, S/8, S/8)` int64
+    pub fn encode(&self, images: &Tensor) -> Result<Tensor> {
+        tch::no_grad(|| Ok(self.encoder_logits(images)?.argmax(1, false)))
+    }
+
+    /// Images `[0, 1]` for a grid of tokens.
+    ///
+    /// # Shapes
+    /// `(N, h, w)` int64 → `(N, C, 8h, 8w)`
+    pub fn decode(&self, tokens: &Tensor) -> Result<Tensor> {
+        let size = tokens.size();
+        if size.len() != 3 {
+            return Err(ModelError::Input {
+                what: "token grid shape",
+                expected: "(N, h, w)".into(),
+                found: format!("{size:?}"),
+            });
+        }
+        let tokens = tokens.to_device(self.device()).to_kind(Kind::Int64);
+        let (lo, hi) = (tokens.min().int64_value(&[]), tokens.max().int64_value(&[]));
+        if lo < 0 || hi >= self.config.vocab_size {
+            return Err(ModelError::Input {
+                what: "token ids",
+                expected: format!("values in [0, {})", self.config.vocab_size),
+                found: format!("values in [{lo}, {hi}]"),
+            });
+        }
+        tch::no_grad(|| {
+            let z = relax::one_hot_codes(&tokens, self.config.vocab_size);
+            Ok(loss::stats_to_pixels(&self.decoder.forward(&z)))
+        })
+    }
+
+    /// Encode then decode: what the model keeps of an image.
+    pub fn reconstruct(&self, images: &Tensor) -> Result<Tensor> {
+        self.decode(&self.encode(images)?)
+    }
+
+    /// One training forward pass on `[0, 1]` images.
+    pub fn train_forward(&self, images: &Tensor, objective: &Objective) -> Result<StepOutput> {
+        let logits = self.encoder_logits(images)?;
+        let x = images.to_device(self.device()).to_kind(Kind::Float);
+        let z = relax::gumbel_softmax(&logits, objective.tau, objective.relaxation);
+        let stats = self.decoder.forward(&z);
+        let mean = loss::stats_to_pixels(&stats);
+        let mse = (&mean - &x).square().mean(Kind::Float);
+        let recon = match objective.recon {
+            ReconLoss::LogitLaplace => loss::logit_laplace_nll(&stats, &loss::map_pixels(&x)),
+            ReconLoss::Mse => mse.shallow_clone(),
+        };
+        let kl = loss::kl_to_uniform(&logits);
+        let dims = (x.numel() / x.size()[0] as usize) as f64;
+        let loss = &recon + &kl * (objective.beta / dims);
+        Ok(StepOutput {
+            loss,
+            recon,
+            kl,
+            mse: mse.detach(),
+            tokens: logits.detach().argmax(1, false),
+        })
+    }
+
+    /// Named parameters, sorted by name.
+    pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
+        let mut vars: Vec<_> = self.vs.variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        vars
+    }
+
+    /// Writes the weights with the config in the file's metadata, so the
+    /// file alone rebuilds the model.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let config = serde_json::to_string(&self.config).expect("config serialises");
+        let metadata = HashMap::from([
+            (FORMAT_KEY.to_string(), FORMAT.to_string()),
+            (CONFIG_KEY.to_string(), config),
+        ]);
+        weights::save(path, &self.named_parameters(), metadata)
+    }
+
+    /// Rebuilds a model from a file written by [`Dvae::save`].
+    pub fn load(path: &Path, device: Device) -> Result<Self> {
+        let file = weights::read(path)?;
+        let config = Self::config_from_metadata(&file)?;
+        let model = Self::new(config, device)?;
+        file.assign(&model.vs.variables(), "", "")?;
+        Ok(model)
+    }
+
+    /// Reads only the config of a weights file.
+    pub fn read_config(path: &Path) -> Result<DvaeConfig> {
+        Self::config_from_metadata(&weights::read(path)?)
+    }
+
+    fn config_from_metadata(file: &WeightFile) -> Result<DvaeConfig> {
+        let format_err = |reason: String| ModelError::Format {
+            path: file.path.clone(),
+            reason,
+        };
+        match file.metadata.get(FORMAT_KEY) {
+            Some(f) if f == FORMAT => {}
+            Some(other) => return Err(format_err(format!("format `{other}`, expected `{FORMAT}`"))),
+            None => {
+                return Err(format_err(format!(
+                    "no `{FORMAT_KEY}` metadata: not a dalle-rs dVAE file (OpenAI's converted \
+                     encoder/decoder files load with `Dvae::load_openai`)"
+                )));
+            }
+        }
+        let json = file
+            .metadata
+            .get(CONFIG_KEY)
+            .ok_or_else(|| format_err(format!("no `{CONFIG_KEY}` metadata")))?;
+        serde_json::from_str(json).map_err(|e| format_err(format!("bad `{CONFIG_KEY}`: {e}")))
+    }
+
+    /// Loads OpenAI's released encoder and decoder, converted to safetensors
+    /// with their original (unprefixed) state-dict names. The architecture
+    /// is read off the tensor shapes; `image_size` is what inputs will be.
+    pub fn load_openai(
+        encoder: &Path,
+        decoder: &Path,
+        image_size: i64,
+        device: Device,
+    ) -> Result<Self> {
+        let enc = weights::read(encoder)?;
+        let dec = weights::read(decoder)?;
+        let shape = |file: &WeightFile, name: &str| -> Result<Vec<i64>> {
+            file.tensors
+                .get(name)
+                .map(|t| t.size())
+                .ok_or_else(|| ModelError::MissingTensor {
+                    path: file.path.clone(),
+                    name: name.to_string(),
+                    expected: vec![],
+                })
+        };
+        let input = shape(&enc, "blocks.input.w")?; // (n_hid, C, 7, 7)
+        let codebook = shape(&dec, "blocks.input.w")?; // (n_init, vocab, 1, 1)
+        let n_blk_per_group = enc
+            .tensors
+            .keys()
+            .filter(|n| n.starts_with("blocks.group_1.") && n.ends_with(".res_path.conv_1.w"))
+            .count() as i64;
+        let config = DvaeConfig {
+            image_size,
+            channels: input[1],
+            n_hid: input[0],
+            n_blk_per_group,
+            vocab_size: codebook[1],
+            n_init: codebook[0],
+        };
+        let model = Self::new(config, device)?;
+        let vars = model.vs.variables();
+        enc.assign(&vars, "encoder.", "")?;
+        dec.assign(&vars, "decoder.", "")?;
+        Ok(model)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,256 @@
+use super::*;
+use tch::{Device, Kind, Tensor};
+
+fn tiny() -> DvaeConfig {
+    DvaeConfig {
+        image_size: 16,
+        channels: 3,
+        n_hid: 8,
+        n_blk_per_group: 1,
+        vocab_size: 16,
+        n_init: 8,
+    }
+}
+
+fn model(seed: i64) -> Dvae {
+    tch::manual_seed(seed);
+    Dvae::new(tiny(), Device::Cpu).unwrap()
+}
+
+fn images(n: i64) -> Tensor {
+    Tensor::rand([n, 3, 16, 16], (Kind::Float, Device::Cpu))
+}
+
+fn objective(relaxation: Relaxation) -> Objective {
+    Objective {
+        tau: 1.0,
+        beta: 1.0,
+        relaxation,
+        recon: ReconLoss::LogitLaplace,
+    }
+}
+
+#[test]
+fn shapes_through_the_network() {
+    let m = model(0);
+    let x = images(2);
+    assert_eq!(m.encoder_logits(&x).unwrap().size(), [2, 16, 2, 2]);
+    let tokens = m.encode(&x).unwrap();
+    assert_eq!(tokens.size(), [2, 2, 2]);
+    assert_eq!(tokens.kind(), Kind::Int64);
+    let out = m.decode(&tokens).unwrap();
+    assert_eq!(out.size(), [2, 3, 16, 16]);
+    assert!(out.min().double_value(&[]) >= 0.0 && out.max().double_value(&[]) <= 1.0);
+    let step = m.train_forward(&x, &objective(Relaxation::Soft)).unwrap();
+    assert_eq!(step.loss.size(), Vec::<i64>::new());
+    assert_eq!(step.tokens.size(), [2, 2, 2]);
+}
+
+#[test]
+fn parameter_names_and_shapes_are_openais() {
+    // n_hid 8, one block per group: widths 8, 16, 32, 64; bottlenecks n_out/4.
+    let expected: &[(&str, &[i64])] = &[
+        ("encoder.blocks.input.w", &[8, 3, 7, 7]),
+        ("encoder.blocks.input.b", &[8]),
+        ("encoder.blocks.group_1.block_1.res_path.conv_1.w", &[2, 8, 3, 3]),
+        ("encoder.blocks.group_1.block_1.res_path.conv_4.w", &[8, 2, 1, 1]),
+        ("encoder.blocks.group_2.block_1.id_path.w", &[16, 8, 1, 1]),
+        ("encoder.blocks.group_2.block_1.res_path.conv_2.w", &[4, 4, 3, 3]),
+        ("encoder.blocks.group_4.block_1.res_path.conv_4.b", &[64]),
+        ("encoder.blocks.output.conv.w", &[16, 64, 1, 1]),
+        ("decoder.blocks.input.w", &[8, 16, 1, 1]),
+        ("decoder.blocks.group_1.block_1.id_path.w", &[64, 8, 1, 1]),
+        ("decoder.blocks.group_1.block_1.res_path.conv_1.w", &[16, 8, 1, 1]),
+        ("decoder.blocks.group_1.block_1.res_path.conv_4.w", &[64, 16, 3, 3]),
+        ("decoder.blocks.group_4.block_1.id_path.w", &[8, 16, 1, 1]),
+        ("decoder.blocks.output.conv.w", &[6, 8, 1, 1]),
+        ("decoder.blocks.output.conv.b", &[6]),
+    ];
+    let vars = model(0).var_store().variables();
+    for (name, shape) in expected {
+        let t = vars.get(*name).unwrap_or_else(|| panic!("missing {name}"));
+        assert_eq!(t.size(), *shape, "{name}");
+    }
+    // No id_path where widths match (encoder group 1: 8 → 8).
+    assert!(!vars.contains_key("encoder.blocks.group_1.block_1.id_path.w"));
+    // Encoder: input + 4 groups × 4 res convs + 3 id_paths + output = 21
+    // convs; decoder: the same with an id_path in all 4 groups = 22 convs.
+    assert_eq!(vars.len(), 2 * (21 + 22));
+}
+
+#[test]
+fn init_follows_openai() {
+    tch::manual_seed(1);
+    let cfg = DvaeConfig {
+        n_hid: 64,
+        ..tiny()
+    };
+    let m = Dvae::new(cfg, Device::Cpu).unwrap();
+    let vars = m.var_store().variables();
+    // Group 4 is 8·64 wide, its bottleneck 128: conv_2 is 128 → 128, 3×3.
+    let w = &vars["encoder.blocks.group_4.block_1.res_path.conv_2.w"];
+    let want = 1.0 / (128.0f64 * 9.0).sqrt();
+    let got = w.std(true).double_value(&[]);
+    assert!((got / want - 1.0).abs() < 0.05, "std {got} want {want}");
+    assert_eq!(w.mean(Kind::Float).double_value(&[]).abs() < 0.01, true);
+    let b = &vars["encoder.blocks.group_4.block_1.res_path.conv_2.b"];
+    assert_eq!(b.abs().sum(Kind::Float).double_value(&[]), 0.0);
+}
+
+#[test]
+fn straight_through_is_exactly_one_hot_and_passes_gradient() {
+    let m = model(2);
+    let logits = m.encoder_logits(&images(3)).unwrap();
+    let z = relax::gumbel_softmax(&logits, 0.5, Relaxation::StraightThrough);
+    let ones = z.eq(1.0).sum(Kind::Int64).int64_value(&[]);
+    let zeros = z.eq(0.0).sum(Kind::Int64).int64_value(&[]);
+    assert_eq!(ones, 3 * 2 * 2, "one 1 per grid position");
+    assert_eq!(ones + zeros, z.numel() as i64, "every other entry exactly 0");
+
+    let step = m.train_forward(&images(3), &objective(Relaxation::StraightThrough)).unwrap();
+    // Reconstruction only: its gradient reaches the encoder only through z.
+    step.recon.backward();
+    let g = m.var_store().variables()["encoder.blocks.input.w"].grad();
+    assert!(g.defined() && g.abs().sum(Kind::Float).double_value(&[]) > 0.0);
+}
+
+#[test]
+fn soft_relaxation_is_a_distribution_that_sharpens_with_temperature() {
+    let logits = Tensor::randn([4, 16, 2, 2], (Kind::Float, Device::Cpu));
+    for tau in [1.0, 0.1] {
+        let z = relax::gumbel_softmax(&logits, tau, Relaxation::Soft);
+        let sums = z.sum_dim_intlist(1, false, Kind::Float);
+        assert!((sums - 1.0).abs().max().double_value(&[]) < 1e-5);
+    }
+    let peak = |tau| {
+        tch::manual_seed(3);
+        let z = relax::gumbel_softmax(&logits, tau, Relaxation::Soft);
+        z.amax(1, false).mean(Kind::Float).double_value(&[])
+    };
+    assert!(peak(0.05) > peak(2.0) + 0.2);
+}
+
+#[test]
+fn kl_is_zero_for_uniform_logits_and_positive_otherwise() {
+    let uniform = Tensor::zeros([2, 16, 3, 3], (Kind::Float, Device::Cpu));
+    assert!(loss::kl_to_uniform(&uniform).double_value(&[]).abs() < 1e-5);
+    let peaked = Tensor::randn([2, 16, 3, 3], (Kind::Float, Device::Cpu)) * 5.0;
+    let kl = loss::kl_to_uniform(&peaked).double_value(&[]);
+    // Bounded by ln K per position, 9 positions.
+    assert!(kl > 0.1 && kl <= 9.0 * 16f64.ln() + 1e-4, "{kl}");
+}
+
+#[test]
+fn logit_laplace_nll_is_smallest_at_the_true_logit() {
+    let x = Tensor::from_slice(&[0.3f32, 0.6]).view([1, 1, 1, 2]);
+    let ln_b = Tensor::zeros([1, 1, 1, 2], (Kind::Float, Device::Cpu));
+    let nll = |mu: Tensor| {
+        loss::logit_laplace_nll(&Tensor::cat(&[mu, ln_b.shallow_clone()], 1), &x)
+            .double_value(&[])
+    };
+    let at_truth = nll(x.logit(None::<f64>));
+    // ln(2b) + ln(x(1-x)) with b = 1, averaged over the two pixels.
+    let want = (2f64.ln() * 2.0 + (0.3f64 * 0.7).ln() + (0.6f64 * 0.4).ln()) / 2.0;
+    assert!((at_truth - want).abs() < 1e-5, "{at_truth} vs {want}");
+    assert!(nll(x.logit(None::<f64>) + 0.5) > at_truth + 0.4);
+}
+
+#[test]
+fn codebook_usage_counts_codes_and_perplexity() {
+    let tokens = Tensor::from_slice(&[0i64, 0, 1, 1, 2, 2, 3, 3]);
+    let (distinct, ppl) = loss::codebook_usage(&tokens, 16);
+    assert_eq!(distinct, 4);
+    assert!((ppl - 4.0).abs() < 1e-9);
+    let (distinct, ppl) = loss::codebook_usage(&Tensor::from_slice(&[5i64; 8]), 16);
+    assert_eq!((distinct, ppl), (1, 1.0));
+}
+
+#[test]
+fn save_then_load_gives_identical_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dvae.safetensors");
+    let m = model(4);
+    m.save(&path).unwrap();
+    let loaded = Dvae::load(&path, Device::Cpu).unwrap();
+    assert_eq!(loaded.config(), m.config());
+    let x = images(2);
+    let logits = m.encoder_logits(&x).unwrap();
+    assert!(loaded.encoder_logits(&x).unwrap().equal(&logits));
+    let tokens = m.encode(&x).unwrap();
+    assert!(loaded.decode(&tokens).unwrap().equal(&m.decode(&tokens).unwrap()));
+}
+
+#[test]
+fn loading_names_the_missing_or_misshaped_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model(5);
+    let metadata = HashMap::from([
+        (FORMAT_KEY.to_string(), FORMAT.to_string()),
+        (CONFIG_KEY.to_string(), serde_json::to_string(m.config()).unwrap()),
+    ]);
+    let victim = "decoder.blocks.group_2.block_1.res_path.conv_3.w";
+
+    let missing: Vec<_> = m.named_parameters().into_iter().filter(|(n, _)| n != victim).collect();
+    let path = dir.path().join("missing.safetensors");
+    weights::save(&path, &missing, metadata.clone()).unwrap();
+    let err = Dvae::load(&path, Device::Cpu).err().unwrap();
+    assert!(matches!(err, ModelError::MissingTensor { ref name, .. } if name == victim), "{err}");
+    assert!(err.to_string().contains(victim) && err.to_string().contains("missing.safetensors"));
+
+    let misshaped: Vec<_> = m
+        .named_parameters()
+        .into_iter()
+        .map(|(n, t)| if n == victim { (n, t.narrow(0, 0, 1)) } else { (n, t) })
+        .collect();
+    let path = dir.path().join("misshaped.safetensors");
+    weights::save(&path, &misshaped, metadata).unwrap();
+    let err = Dvae::load(&path, Device::Cpu).err().unwrap().to_string();
+    assert!(err.contains(victim) && err.contains("shape"), "{err}");
+}
+
+#[test]
+fn loading_rejects_a_file_that_is_not_safetensors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("junk.safetensors");
+    std::fs::write(&path, b"not a weights file").unwrap();
+    let err = Dvae::load(&path, Device::Cpu).err().unwrap().to_string();
+    assert!(err.contains("junk.safetensors"), "{err}");
+    let err = Dvae::load(&dir.path().join("absent.safetensors"), Device::Cpu).err().unwrap();
+    assert!(err.to_string().contains("absent.safetensors"), "{err}");
+}
+
+#[test]
+fn openai_layout_files_load_unprefixed() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model(6);
+    let split = |prefix: &str| -> Vec<(String, Tensor)> {
+        m.named_parameters()
+            .into_iter()
+            .filter_map(|(n, t)| n.strip_prefix(prefix).map(|s| (s.to_string(), t)))
+            .collect()
+    };
+    let (enc, dec) = (dir.path().join("encoder.safetensors"), dir.path().join("decoder.safetensors"));
+    weights::save(&enc, &split("encoder."), HashMap::new()).unwrap();
+    weights::save(&dec, &split("decoder."), HashMap::new()).unwrap();
+    let loaded = Dvae::load_openai(&enc, &dec, 16, Device::Cpu).unwrap();
+    assert_eq!(loaded.config(), m.config());
+    let x = images(1);
+    assert!(loaded.encoder_logits(&x).unwrap().equal(&m.encoder_logits(&x).unwrap()));
+}
+
+#[test]
+fn bad_inputs_are_rejected_with_what_was_expected() {
+    let m = model(7);
+    let wrong_size = Tensor::rand([1, 3, 24, 24], (Kind::Float, Device::Cpu));
+    let err = m.encode(&wrong_size).err().unwrap().to_string();
+    assert!(err.contains("(N, 3, 16, 16)") && err.contains("24"), "{err}");
+    let wrong_channels = Tensor::rand([1, 4, 16, 16], (Kind::Float, Device::Cpu));
+    assert!(m.encode(&wrong_channels).err().unwrap().to_string().contains("[1, 4, 16, 16]"));
+    let bad_tokens = Tensor::from_slice(&[0i64, 1, 2, 99]).view([1, 2, 2]);
+    assert!(m.decode(&bad_tokens).err().unwrap().to_string().contains("99"));
+    let bad_cfg = DvaeConfig {
+        image_size: 20,
+        ..tiny()
+    };
+    assert!(Dvae::new(bad_cfg, Device::Cpu).err().unwrap().to_string().contains("dvae.image_size"));
+}
