@@ -1,0 +1,12 @@
+//! Data of dalle-rs: image–caption datasets stored as Parquet (img2dataset's
+//! or Hugging Face's layout), image decoding to training tensors, a
+//! background batch loader, and a deterministic synthetic dataset.
+
+pub mod columns;
+pub mod error;
+pub mod image_ops;
+pub mod loader;
+pub mod parquet_source;
+pub mod synth;
+
+pub use error::{DataError, Result};
