@@ -7,6 +7,7 @@
 pub mod device;
 pub mod dvae;
 pub mod error;
+pub mod images;
 pub mod weights;
 
 pub use error::{ModelError, Result};

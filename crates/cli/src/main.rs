@@ -1,0 +1,62 @@
+//! `dalle`: the command line of dalle-rs. This file only parses arguments
+//! and dispatches; each command group lives in its own module.
+
+mod bench;
+mod data;
+mod dvae;
+mod inputs;
+mod progress;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use dalle_train::config::JobConfig;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "dalle", version, about = "Distributed DALL-E pretraining and sampling")]
+struct Cli {
+    /// Job config (TOML). Without it the embedded demo config is used.
+    #[arg(long, global = true, env = "DALLE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Override a config key, e.g. `--set dvae.train.steps=100` (repeatable).
+    #[arg(long = "set", global = true, value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Datasets: synthetic data.
+    #[command(subcommand)]
+    Data(data::DataCommand),
+    /// Stage 1: the discrete VAE.
+    #[command(subcommand)]
+    Dvae(dvae::DvaeCommand),
+    /// Throughput benchmarks.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+    /// Print the resolved job config as TOML.
+    Config,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let job = || -> Result<JobConfig> { Ok(JobConfig::load(cli.config.as_deref(), &cli.overrides)?) };
+    match cli.command {
+        Command::Data(cmd) => data::run(cmd, &job()?),
+        Command::Dvae(cmd) => dvae::run(cmd, &job()?),
+        Command::Bench(cmd) => bench::run(cmd, &job()?),
+        Command::Config => {
+            print!("{}", toml::to_string(&job()?)?);
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! The job configuration: one serde struct per component, composed here,
+//! read from TOML through the `config` crate with `DALLE_*` environment
+//! overrides and `key=value` command-line overrides, in that order of
+//! precedence (later wins). Unknown or mistyped keys are errors that name
+//! the key.
+//!
+//! A key absent from a file takes the component's default (the paper's
+//! values for the model and its training). With no file at all, the
+//! embedded demo (`configs/demo.toml`) is the whole configuration.
+
+use crate::optim::AdamWConfig;
+use crate::schedule::Cosine;
+use crate::{Result, TrainError};
+use dalle_data::columns::ColumnConfig;
+use dalle_data::image_ops::Crop;
+use dalle_data::synth::SynthConfig;
+use dalle_model::dvae::{DvaeConfig, ReconLoss, Relaxation};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// The embedded demo configuration, used when no file is given.
+pub const DEMO_TOML: &str = include_str!("../../../configs/demo.toml");
+
+/// Environment variables `DALLE_SECTION__KEY[__SUBKEY]` override config
+/// keys; `__` separates levels. Only names with a `__` are config, so
+/// other `DALLE_*` variables (paths for scripts) are left alone.
+const ENV_PREFIX: &str = "DALLE_";
+const ENV_SEPARATOR: &str = "__";
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobConfig {
+    pub run: RunConfig,
+    pub data: DataConfig,
+    pub synth: SynthConfig,
+    pub dvae: DvaeStage,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// Where the job writes weights, metrics and images.
+    pub dir: PathBuf,
+    /// `auto`, `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    pub seed: u64,
+    /// Intra-op threads of libtorch; 0 keeps libtorch's default.
+    pub threads: usize,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("runs/default"),
+            device: "auto".into(),
+            seed: 0,
+            threads: 0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// A Parquet file or a directory of them; defaults to `<run.dir>/data`.
+    pub path: Option<PathBuf>,
+    pub decode_threads: usize,
+    /// Row groups whose samples are shuffled together.
+    pub shuffle_window: usize,
+    pub prefetch_batches: usize,
+    /// Share of bad samples (0..1) above which the job stops.
+    pub max_bad_fraction: f64,
+    /// Decompression-bomb guard.
+    pub max_pixels: u64,
+    pub crop: Crop,
+    pub columns: ColumnConfig,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            path: None,
+            decode_threads: 2,
+            shuffle_window: 4,
+            prefetch_batches: 4,
+            max_bad_fraction: 0.01,
+            max_pixels: 64 * 1024 * 1024,
+            crop: Crop::Center,
+            columns: ColumnConfig::default(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DvaeStage {
+    pub model: DvaeConfig,
+    pub train: DvaeTrainConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DvaeTrainConfig {
+    pub steps: u64,
+    pub batch_size: usize,
+    pub lr: Cosine,
+    /// Gumbel-softmax temperature.
+    pub tau: Cosine,
+    /// Weight of the KL term.
+    pub beta: Cosine,
+    pub relaxation: Relaxation,
+    pub recon: ReconLoss,
+    pub adamw: AdamWConfig,
+    /// Clip gradients to this global norm, if set.
+    pub grad_clip: Option<f64>,
+    pub log_every: u64,
+    /// Write the weights every this many steps (0: only at the end).
+    pub save_every: u64,
+}
+
+impl Default for DvaeTrainConfig {
+    /// The paper's schedules (section 2.1 and appendix A.2).
+    fn default() -> Self {
+        Self {
+            steps: 3_000_000,
+            batch_size: 512,
+            lr: Cosine::new(1e-4, 1.25e-6, 1_200_000),
+            tau: Cosine::new(1.0, 1.0 / 16.0, 150_000),
+            beta: Cosine::new(0.0, 6.6, 5_000),
+            relaxation: Relaxation::Soft,
+            recon: ReconLoss::LogitLaplace,
+            adamw: AdamWConfig::default(),
+            grad_clip: None,
+            log_every: 100,
+            save_every: 10_000,
+        }
+    }
+}
+
+impl JobConfig {
+    /// Reads `file` (or the embedded demo), then `DALLE_*` variables from
+    /// the process environment, then `overrides` (`dotted.key=value`).
+    pub fn load(file: Option<&Path>, overrides: &[String]) -> Result<Self> {
+        Self::load_with_env(file, overrides, std::env::vars())
+    }
+
+    pub fn load_with_env(
+        file: Option<&Path>,
+        overrides: &[String],
+        env: impl Iterator<Item = (String, String)>,
+    ) -> Result<Self> {
+        let origin = file.map_or("the embedded demo config".to_string(), |p| p.display().to_string());
+        // The defaults go in first, so a file that sets part of a table
+        // (`lr.start` only) keeps the default for the rest of it.
+        let defaults = config::Config::try_from(&JobConfig::default())
+            .map_err(|e| TrainError::Config(format!("default config: {e}")))?;
+        let mut builder = config::Config::builder().add_source(defaults);
+        builder = match file {
+            Some(path) => {
+                if !path.is_file() {
+                    return Err(TrainError::Config(format!("config file {} not found", path.display())));
+                }
+                builder.add_source(config::File::from(path).format(config::FileFormat::Toml))
+            }
+            None => builder.add_source(config::File::from_str(DEMO_TOML, config::FileFormat::Toml)),
+        };
+        for (name, value) in env {
+            let Some(path) = name.strip_prefix(ENV_PREFIX) else { continue };
+            if !path.contains(ENV_SEPARATOR) {
+                continue;
+            }
+            let key = path.to_lowercase().replace(ENV_SEPARATOR, ".");
+            builder = builder
+                .set_override(key, parse_scalar(&value))
+                .map_err(|e| TrainError::Config(format!("environment variable {name}: {e}")))?;
+        }
+        for item in overrides {
+            let (key, value) = item.split_once('=').ok_or_else(|| {
+                TrainError::Config(format!("override `{item}` is not of the form key=value"))
+            })?;
+            builder = builder
+                .set_override(key.trim(), parse_scalar(value.trim()))
+                .map_err(|e| TrainError::Config(format!("override `{item}`: {e}")))?;
+        }
+        let merged = builder
+            .build()
+            .map_err(|e| TrainError::Config(format!("{origin}: {e}")))?;
+        let job: JobConfig = merged
+            .try_deserialize()
+            .map_err(|e| TrainError::Config(format!("{origin}: {e}")))?;
+        job.validate()?;
+        Ok(job)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.dvae.model.validate()?;
+        let t = &self.dvae.train;
+        let checks = [
+            (t.batch_size == 0, "dvae.train.batch_size must be positive"),
+            (t.log_every == 0, "dvae.train.log_every must be positive"),
+            (t.lr.start <= 0.0, "dvae.train.lr.start must be positive"),
+            (t.tau.end <= 0.0 || t.tau.start <= 0.0, "dvae.train.tau must stay positive"),
+            (
+                !(0.0..=1.0).contains(&self.data.max_bad_fraction),
+                "data.max_bad_fraction must be within 0..1",
+            ),
+        ];
+        match checks.iter().find(|(bad, _)| *bad) {
+            Some((_, msg)) => Err(TrainError::Config(msg.to_string())),
+            None => Ok(()),
+        }
+    }
+
+    pub fn data_path(&self) -> PathBuf {
+        self.data.path.clone().unwrap_or_else(|| self.run.dir.join("data"))
+    }
+
+    pub fn dvae_weights_path(&self) -> PathBuf {
+        self.run.dir.join("dvae.safetensors")
+    }
+}
+
+/// Command-line and environment values arrive as text: read numbers and
+/// booleans as such so typed keys accept them.
+fn parse_scalar(value: &str) -> config::Value {
+    if let Ok(i) = value.parse::<i64>() {
+        i.into()
+    } else if let Ok(f) = value.parse::<f64>() {
+        f.into()
+    } else if let Ok(b) = value.parse::<bool>() {
+        b.into()
+    } else {
+        value.into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(toml: &str, overrides: &[&str], env: &[(&str, &str)]) -> Result<JobConfig> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("job.toml");
+        std::fs::write(&path, toml).unwrap();
+        let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        JobConfig::load_with_env(Some(&path), &overrides, env.collect::<Vec<_>>().into_iter())
+    }
+
+    #[test]
+    fn embedded_demo_is_valid_and_small() {
+        let job = JobConfig::load_with_env(None, &[], std::iter::empty()).unwrap();
+        assert!(job.dvae.model.n_hid < DvaeConfig::default().n_hid);
+        assert!(job.dvae.train.steps < DvaeTrainConfig::default().steps);
+    }
+
+    #[test]
+    fn missing_keys_take_defaults_and_file_values_win() {
+        let job = load("[dvae.train]\nsteps = 7\n", &[], &[]).unwrap();
+        assert_eq!(job.dvae.train.steps, 7);
+        assert_eq!(job.dvae.train.batch_size, 512);
+        assert_eq!(job.dvae.model, DvaeConfig::default());
+    }
+
+    #[test]
+    fn environment_then_command_line_override() {
+        let env = [("DALLE_DVAE__TRAIN__STEPS", "11"), ("DALLE_RUN__DEVICE", "cpu"), ("DALLE_CACHE_DIR", "/x")];
+        let job = load("[dvae.train]\nsteps = 7\n", &[], &env).unwrap();
+        assert_eq!((job.dvae.train.steps, job.run.device.as_str()), (11, "cpu"));
+        let job = load("", &["dvae.train.steps=13", "dvae.train.lr.start=0.5"], &env).unwrap();
+        assert_eq!(job.dvae.train.steps, 13);
+        assert_eq!(job.dvae.train.lr.start, 0.5);
+    }
+
+    #[test]
+    fn misspelled_or_mistyped_keys_are_named() {
+        let err = load("[dvae.train]\nstepz = 7\n", &[], &[]).unwrap_err().to_string();
+        assert!(err.contains("stepz") && err.contains("job.toml"), "{err}");
+        let err = load("[dvae.train]\nsteps = \"many\"\n", &[], &[]).unwrap_err().to_string();
+        assert!(err.contains("steps"), "{err}");
+        let err = load("", &[], &[("DALLE_DVAE__TRAIN__BATCHSIZE", "3")]).unwrap_err().to_string();
+        assert!(err.contains("batchsize"), "{err}");
+        let err = load("[dvae.model]\nimage_size = 30\n", &[], &[]).unwrap_err().to_string();
+        assert!(err.contains("dvae.image_size"), "{err}");
+        let err = load("", &["nonsense"], &[]).unwrap_err().to_string();
+        assert!(err.contains("nonsense"), "{err}");
+    }
+}

@@ -1,0 +1,13 @@
+//! Training for dalle-rs: the optimizer (kept in the project so its state
+//! can be saved), schedules, the dVAE training loop with its metrics, and
+//! the job configuration that drives them.
+
+pub mod config;
+pub mod dvae;
+pub mod error;
+pub mod eval;
+pub mod metrics;
+pub mod optim;
+pub mod schedule;
+
+pub use error::{Result, TrainError};

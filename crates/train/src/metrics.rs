@@ -1,0 +1,126 @@
+//! Training metrics over a logging window: means of the per-step values,
+//! throughput, and the share of wall time spent waiting for data.
+
+use serde::Serialize;
+use std::time::Duration;
+
+/// What one dVAE step reports.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DvaeStepMetrics {
+    pub loss: f64,
+    pub recon: f64,
+    pub kl: f64,
+    pub mse: f64,
+    pub images: usize,
+    pub data_wait: Duration,
+    pub step_time: Duration,
+}
+
+/// One log line of dVAE training.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DvaeLog {
+    pub step: u64,
+    pub loss: f64,
+    /// Reconstruction term per image dimension (NLL in nats, or MSE).
+    pub recon: f64,
+    /// PSNR (dB) of the decoded mean on [0, 1] pixels.
+    pub psnr: f64,
+    /// KL to the uniform prior, nats per grid position.
+    pub kl: f64,
+    pub tau: f64,
+    pub beta: f64,
+    pub lr: f64,
+    /// Distinct codes in the window's last batch.
+    pub codes_used: i64,
+    /// Perplexity of the code histogram of the window's last batch.
+    pub code_perplexity: f64,
+    pub images_per_s: f64,
+    /// Share of wall time the step loop waited for the loader (0..1).
+    pub data_wait: f64,
+}
+
+impl std::fmt::Display for DvaeLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "step {} | loss {:.4} | recon {:.4} | psnr {:.2} dB | kl {:.3} | tau {:.3} | beta {:.3} | \
+             lr {:.2e} | codes {} ppl {:.1} | {:.1} img/s | data wait {:.1}%",
+            self.step,
+            self.loss,
+            self.recon,
+            self.psnr,
+            self.kl,
+            self.tau,
+            self.beta,
+            self.lr,
+            self.codes_used,
+            self.code_perplexity,
+            self.images_per_s,
+            100.0 * self.data_wait
+        )
+    }
+}
+
+/// Accumulates step metrics between two log lines.
+#[derive(Default)]
+pub struct Window {
+    steps: u64,
+    sum: DvaeStepMetrics,
+}
+
+impl Window {
+    pub fn add(&mut self, m: DvaeStepMetrics) {
+        self.steps += 1;
+        self.sum.loss += m.loss;
+        self.sum.recon += m.recon;
+        self.sum.kl += m.kl;
+        self.sum.mse += m.mse;
+        self.sum.images += m.images;
+        self.sum.data_wait += m.data_wait;
+        self.sum.step_time += m.step_time;
+    }
+
+    /// Means over the window (which is then reset); schedule values and
+    /// codebook figures come from the caller.
+    pub fn finish(&mut self, mut line: DvaeLog, kl_positions: i64) -> DvaeLog {
+        let n = self.steps.max(1) as f64;
+        let wall = self.sum.step_time.as_secs_f64().max(1e-9);
+        line.loss = self.sum.loss / n;
+        line.recon = self.sum.recon / n;
+        line.kl = self.sum.kl / n / kl_positions.max(1) as f64;
+        line.psnr = dalle_model::dvae::loss::psnr(self.sum.mse / n);
+        line.images_per_s = self.sum.images as f64 / wall;
+        line.data_wait = self.sum.data_wait.as_secs_f64() / wall;
+        *self = Self::default();
+        line
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_means_throughput_and_wait_share() {
+        let mut w = Window::default();
+        for loss in [1.0, 3.0] {
+            w.add(DvaeStepMetrics {
+                loss,
+                kl: 64.0,
+                mse: 0.01,
+                images: 10,
+                data_wait: Duration::from_millis(50),
+                step_time: Duration::from_millis(500),
+                ..Default::default()
+            });
+        }
+        let line = w.finish(DvaeLog::default(), 16);
+        assert_eq!(line.loss, 2.0);
+        assert_eq!(line.kl, 4.0);
+        assert!((line.psnr - 20.0).abs() < 1e-9);
+        assert!((line.images_per_s - 20.0).abs() < 1e-9);
+        assert!((line.data_wait - 0.1).abs() < 1e-9);
+        let text = line.to_string();
+        assert!(text.contains("step 0") && text.contains("img/s") && text.contains("data wait 10.0%"));
+    }
+}
