@@ -26,6 +26,8 @@ pub fn link_libtorch() {
     let lib_dir = std::fs::canonicalize(&lib_dir).unwrap_or(lib_dir);
     let dir = lib_dir.display();
     println!("cargo:rustc-link-arg=-Wl,-rpath,{dir}");
+    // Lets the package's tests check what the binaries were linked against.
+    println!("cargo:rustc-env=DALLE_LIBTORCH_LIB={dir}");
     if lib_dir.join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-search=native={dir}");
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed");

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Every check of the project: formatting, lints, and the whole test suite
+# (unit, integration and multi-process tests). CI runs exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/setup.sh
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast "$@"
+else
+  cargo test --workspace --locked --no-fail-fast "$@"
+fi
