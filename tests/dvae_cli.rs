@@ -66,7 +66,11 @@ lr = {{ start = 1e-3, end = 1e-4, steps = 12 }}
 
     fn ok(&self, args: &[&str]) -> String {
         let out = self.dalle(args);
-        assert!(out.status.success(), "dalle {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "dalle {args:?} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     }
 
@@ -91,20 +95,59 @@ fn synth_train_reconstruct_encode_decode() {
     assert!(out.contains("trained 12 steps"), "{out}");
     assert!(job.path("run/dvae.safetensors").is_file());
     let metrics = std::fs::read_to_string(job.path("run/dvae-metrics.jsonl")).unwrap();
-    let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(lines.iter().map(|l| l["step"].as_u64().unwrap()).collect::<Vec<_>>(), [4, 8, 12]);
-    for key in ["loss", "recon", "psnr", "kl", "tau", "beta", "lr", "codes_used", "code_perplexity", "images_per_s", "data_wait"] {
-        assert!(lines[2][key].is_number(), "metrics lack {key}: {}", lines[2]);
+    let lines: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        lines
+            .iter()
+            .map(|l| l["step"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [4, 8, 12]
+    );
+    for key in [
+        "loss",
+        "recon",
+        "psnr",
+        "kl",
+        "tau",
+        "beta",
+        "lr",
+        "codes_used",
+        "code_perplexity",
+        "images_per_s",
+        "data_wait",
+    ] {
+        assert!(
+            lines[2][key].is_number(),
+            "metrics lack {key}: {}",
+            lines[2]
+        );
     }
 
     let out = job.ok(&["dvae", "reconstruct", "--count", "8"]);
-    assert!(out.contains("PSNR") && out.contains("baseline"), "{out}");
+    assert!(
+        out.contains("PSNR") && out.contains("mean colour") && out.contains("mean image"),
+        "{out}"
+    );
     // One row of 8 originals over one row of their reconstructions.
-    assert_eq!(png_size(&job.path("run/reconstructions.png")), (8 * 34 + 2, 2 * 34 + 2));
+    assert_eq!(
+        png_size(&job.path("run/reconstructions.png")),
+        (8 * 34 + 2, 2 * 34 + 2)
+    );
 
     let tokens = job.path("tokens.jsonl");
     let data = job.path("run/data");
-    job.ok(&["dvae", "encode", "--limit", "5", "--out", tokens.to_str().unwrap(), data.to_str().unwrap()]);
+    job.ok(&[
+        "dvae",
+        "encode",
+        "--limit",
+        "5",
+        "--out",
+        tokens.to_str().unwrap(),
+        data.to_str().unwrap(),
+    ]);
     let grids: Vec<serde_json::Value> = std::fs::read_to_string(&tokens)
         .unwrap()
         .lines()
@@ -117,7 +160,14 @@ fn synth_train_reconstruct_encode_decode() {
     assert!(ids.iter().all(|t| (0..32).contains(&t.as_i64().unwrap())));
 
     let decoded = job.path("decoded.png");
-    job.ok(&["dvae", "decode", "--tokens", tokens.to_str().unwrap(), "--out", decoded.to_str().unwrap()]);
+    job.ok(&[
+        "dvae",
+        "decode",
+        "--tokens",
+        tokens.to_str().unwrap(),
+        "--out",
+        decoded.to_str().unwrap(),
+    ]);
     assert_eq!(png_size(&decoded), (5 * 34 + 2, 34 + 2));
 }
 
@@ -125,7 +175,12 @@ fn synth_train_reconstruct_encode_decode() {
 fn bad_input_gives_errors_naming_the_culprit() {
     let job = Job::new();
     let missing = job.path("nowhere.safetensors");
-    let err = job.fails(&["dvae", "reconstruct", "--weights", missing.to_str().unwrap()]);
+    let err = job.fails(&[
+        "dvae",
+        "reconstruct",
+        "--weights",
+        missing.to_str().unwrap(),
+    ]);
     assert!(err.contains("nowhere.safetensors"), "{err}");
 
     // Weights for the decode checks below.
@@ -134,13 +189,29 @@ fn bad_input_gives_errors_naming_the_culprit() {
 
     let junk = job.path("junk.png");
     std::fs::write(&junk, b"not an image at all").unwrap();
-    let err = job.fails(&["dvae", "encode", "--out", "/dev/null", junk.to_str().unwrap()]);
+    let err = job.fails(&[
+        "dvae",
+        "encode",
+        "--out",
+        "/dev/null",
+        junk.to_str().unwrap(),
+    ]);
     assert!(err.contains("junk.png"), "{err}");
 
     let tokens = job.path("bad.jsonl");
-    let line = format!("{{\"key\":\"a\",\"grid\":[4,4],\"tokens\":[{}99]}}\n", "0,".repeat(15));
+    let line = format!(
+        "{{\"key\":\"a\",\"grid\":[4,4],\"tokens\":[{}99]}}\n",
+        "0,".repeat(15)
+    );
     std::fs::write(&tokens, line).unwrap();
-    let err = job.fails(&["dvae", "decode", "--tokens", tokens.to_str().unwrap(), "--out", "/dev/null"]);
+    let err = job.fails(&[
+        "dvae",
+        "decode",
+        "--tokens",
+        tokens.to_str().unwrap(),
+        "--out",
+        "/dev/null",
+    ]);
     assert!(err.contains("bad.jsonl:1") && err.contains("99"), "{err}");
 
     let err = job.fails(&["dvae", "train", "--set", "dvae.train.stepz=3"]);

@@ -32,12 +32,19 @@ fn binary_links_libtorch_cuda_when_libtorch_has_it() {
 
 #[test]
 fn binary_runs_without_library_path() {
-    assert!(dynamic_section().contains(LIBTORCH_LIB), "RUNPATH must name {LIBTORCH_LIB}");
+    assert!(
+        dynamic_section().contains(LIBTORCH_LIB),
+        "RUNPATH must name {LIBTORCH_LIB}"
+    );
     let out = Command::new(DALLE)
         .arg("--version")
         .env_remove("LD_LIBRARY_PATH")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("dalle "));
 }

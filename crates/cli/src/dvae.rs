@@ -81,7 +81,8 @@ pub fn run(cmd: DvaeCommand, job: &JobConfig) -> Result<()> {
     let device = || -> Result<Device> { Ok(parse_device(&job.run.device)?) };
     let load = |weights: Option<PathBuf>| -> Result<Dvae> {
         let path = weights.unwrap_or_else(|| job.dvae_weights_path());
-        Dvae::load(&path, device()?).with_context(|| format!("loading dVAE weights {}", path.display()))
+        Dvae::load(&path, device()?)
+            .with_context(|| format!("loading dVAE weights {}", path.display()))
     };
     match cmd {
         DvaeCommand::Train => train(job),
@@ -91,7 +92,11 @@ pub fn run(cmd: DvaeCommand, job: &JobConfig) -> Result<()> {
             limit,
             inputs,
         } => encode(&load(weights)?, job, &inputs, limit, &out),
-        DvaeCommand::Decode { weights, tokens, out } => decode(&load(weights)?, &tokens, &out),
+        DvaeCommand::Decode {
+            weights,
+            tokens,
+            out,
+        } => decode(&load(weights)?, &tokens, &out),
         DvaeCommand::Reconstruct {
             weights,
             inputs,
@@ -117,7 +122,10 @@ pub fn run(cmd: DvaeCommand, job: &JobConfig) -> Result<()> {
 
 fn train(job: &JobConfig) -> Result<()> {
     let report = dalle_train::dvae::train(job, |_| {})?;
-    let last = report.logs.last().context("no steps were run (dvae.train.steps = 0)")?;
+    let last = report
+        .logs
+        .last()
+        .context("no steps were run (dvae.train.steps = 0)")?;
     println!(
         "trained {} steps: loss {:.4}, psnr {:.2} dB, {} codes used; weights in {}",
         last.step,
@@ -137,7 +145,12 @@ fn preprocess(model: &Dvae, job: &JobConfig) -> Preprocess {
     }
 }
 
-fn read_inputs(model: &Dvae, job: &JobConfig, inputs: &[PathBuf], limit: Option<usize>) -> Result<Vec<InputImage>> {
+fn read_inputs(
+    model: &Dvae,
+    job: &JobConfig,
+    inputs: &[PathBuf],
+    limit: Option<usize>,
+) -> Result<Vec<InputImage>> {
     let images = inputs::read_images(inputs, &preprocess(model, job), &job.data.columns, limit)?;
     if images.is_empty() {
         bail!("no decodable images in {inputs:?}");
@@ -146,15 +159,31 @@ fn read_inputs(model: &Dvae, job: &JobConfig, inputs: &[PathBuf], limit: Option<
 }
 
 /// Inputs in batches, as `(N, 3, S, S)` tensors.
-fn batches<'a>(model: &Dvae, images: &'a [InputImage], batch: usize) -> impl Iterator<Item = (&'a [InputImage], Tensor)> {
+fn batches<'a>(
+    model: &Dvae,
+    images: &'a [InputImage],
+    batch: usize,
+) -> impl Iterator<Item = (&'a [InputImage], Tensor)> {
     let s = model.config().image_size;
     images.chunks(batch).map(move |chunk| {
-        let pixels: Vec<f32> = chunk.iter().flat_map(|i| i.pixels.iter().copied()).collect();
-        (chunk, Tensor::from_slice(&pixels).view([chunk.len() as i64, 3, s, s]))
+        let pixels: Vec<f32> = chunk
+            .iter()
+            .flat_map(|i| i.pixels.iter().copied())
+            .collect();
+        (
+            chunk,
+            Tensor::from_slice(&pixels).view([chunk.len() as i64, 3, s, s]),
+        )
     })
 }
 
-fn encode(model: &Dvae, job: &JobConfig, inputs: &[PathBuf], limit: Option<usize>, out: &Path) -> Result<()> {
+fn encode(
+    model: &Dvae,
+    job: &JobConfig,
+    inputs: &[PathBuf],
+    limit: Option<usize>,
+    out: &Path,
+) -> Result<()> {
     let images = read_inputs(model, job, inputs, limit)?;
     let bar = progress::bar(images.len() as u64, "encoding");
     let mut lines = Vec::new();
@@ -178,7 +207,8 @@ fn encode(model: &Dvae, job: &JobConfig, inputs: &[PathBuf], limit: Option<usize
 }
 
 fn decode(model: &Dvae, tokens: &Path, out: &Path) -> Result<()> {
-    let file = std::fs::File::open(tokens).with_context(|| format!("opening {}", tokens.display()))?;
+    let file =
+        std::fs::File::open(tokens).with_context(|| format!("opening {}", tokens.display()))?;
     let mut grids = Vec::new();
     for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
         let line = line.with_context(|| format!("reading {}", tokens.display()))?;
@@ -189,10 +219,17 @@ fn decode(model: &Dvae, tokens: &Path, out: &Path) -> Result<()> {
             .with_context(|| format!("{}:{}: not a token grid", tokens.display(), n + 1))?;
         let [h, w] = grid.grid;
         if grid.tokens.len() as i64 != h * w {
-            bail!("{}:{}: {} tokens for a {h}×{w} grid", tokens.display(), n + 1, grid.tokens.len());
+            bail!(
+                "{}:{}: {} tokens for a {h}×{w} grid",
+                tokens.display(),
+                n + 1,
+                grid.tokens.len()
+            );
         }
         let t = Tensor::from_slice(&grid.tokens).view([1, h, w]);
-        let image = model.decode(&t).with_context(|| format!("{}:{}", tokens.display(), n + 1))?;
+        let image = model
+            .decode(&t)
+            .with_context(|| format!("{}:{}", tokens.display(), n + 1))?;
         grids.push(to_rgb_images(&image)?.remove(0));
     }
     if grids.is_empty() {
@@ -204,8 +241,18 @@ fn decode(model: &Dvae, tokens: &Path, out: &Path) -> Result<()> {
     Ok(())
 }
 
-fn reconstruct(model: &Dvae, job: &JobConfig, inputs: &[PathBuf], count: usize, out: &Path) -> Result<()> {
-    let inputs = if inputs.is_empty() { vec![job.data_path()] } else { inputs.to_vec() };
+fn reconstruct(
+    model: &Dvae,
+    job: &JobConfig,
+    inputs: &[PathBuf],
+    count: usize,
+    out: &Path,
+) -> Result<()> {
+    let inputs = if inputs.is_empty() {
+        vec![job.data_path()]
+    } else {
+        inputs.to_vec()
+    };
     let images = read_inputs(model, job, &inputs, Some(count))?;
     let size = model.config().image_size as u32;
     let as_batches = images.chunks(64).map(|chunk| {
@@ -213,7 +260,10 @@ fn reconstruct(model: &Dvae, job: &JobConfig, inputs: &[PathBuf], count: usize, 
             epoch: 0,
             keys: chunk.iter().map(|i| i.key.clone()).collect(),
             captions: vec![String::new(); chunk.len()],
-            pixels: chunk.iter().flat_map(|i| i.pixels.iter().copied()).collect(),
+            pixels: chunk
+                .iter()
+                .flat_map(|i| i.pixels.iter().copied())
+                .collect(),
             size,
         })
     });
@@ -228,10 +278,11 @@ fn reconstruct(model: &Dvae, job: &JobConfig, inputs: &[PathBuf], count: usize, 
         .collect();
     save_png(&grid(&rows, 2), out)?;
     println!(
-        "reconstructed {} images: PSNR {:.2} dB (mean-colour baseline {:.2} dB); grid in {}",
+        "reconstructed {} images: PSNR {:.2} dB (baselines: mean colour {:.2} dB, mean image {:.2} dB); grid in {}",
         report.images,
         report.psnr,
         report.baseline_psnr,
+        report.blind_psnr,
         out.display()
     );
     Ok(())
@@ -242,7 +293,8 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let tmp = path.with_extension("partial");
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     f.write_all(bytes)?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }

@@ -33,7 +33,8 @@ pub fn read_images(
             bail!("input {} does not exist", input.display());
         }
         if !is_parquet(input) {
-            let bytes = std::fs::read(input).with_context(|| format!("reading {}", input.display()))?;
+            let bytes =
+                std::fs::read(input).with_context(|| format!("reading {}", input.display()))?;
             let key = input.display().to_string();
             let mut pixels = Vec::new();
             preprocess

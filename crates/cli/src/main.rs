@@ -13,7 +13,11 @@ use dalle_train::config::JobConfig;
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "dalle", version, about = "Distributed DALL-E pretraining and sampling")]
+#[command(
+    name = "dalle",
+    version,
+    about = "Distributed DALL-E pretraining and sampling"
+)]
 struct Cli {
     /// Job config (TOML). Without it the embedded demo config is used.
     #[arg(long, global = true, env = "DALLE_CONFIG")]
@@ -49,7 +53,8 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let job = || -> Result<JobConfig> { Ok(JobConfig::load(cli.config.as_deref(), &cli.overrides)?) };
+    let job =
+        || -> Result<JobConfig> { Ok(JobConfig::load(cli.config.as_deref(), &cli.overrides)?) };
     match cli.command {
         Command::Data(cmd) => data::run(cmd, &job()?),
         Command::Dvae(cmd) => dvae::run(cmd, &job()?),

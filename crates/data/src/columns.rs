@@ -76,7 +76,9 @@ impl ColumnConfig {
             checks.push((key, is_key_type));
         }
         for (name, check) in checks {
-            let field = schema.field_with_name(name).expect("resolved from the schema");
+            let field = schema
+                .field_with_name(name)
+                .expect("resolved from the schema");
             if !check(field.data_type()) {
                 return Err(DataError::ColumnType {
                     path: path.to_path_buf(),
@@ -97,7 +99,10 @@ impl ColumnConfig {
 }
 
 fn is_binary_type(t: &DataType) -> bool {
-    matches!(t, DataType::Binary | DataType::LargeBinary | DataType::BinaryView)
+    matches!(
+        t,
+        DataType::Binary | DataType::LargeBinary | DataType::BinaryView
+    )
 }
 
 fn is_image_type(t: &DataType) -> bool {

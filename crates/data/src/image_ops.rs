@@ -51,7 +51,9 @@ pub fn decode_rgb(bytes: &[u8], max_pixels: u64, key: &str) -> Result<RgbImage> 
     limits.max_image_width = Some(w);
     limits.max_image_height = Some(h);
     decoder.limits(limits);
-    let image = decoder.decode().map_err(|e| err(format!("undecodable: {e}")))?;
+    let image = decoder
+        .decode()
+        .map_err(|e| err(format!("undecodable: {e}")))?;
     Ok(image.into_rgb8())
 }
 
@@ -116,7 +118,11 @@ mod tests {
         // Left third red, rest blue, 300×150: the centre crop loses the
         // outer quarter on each side, so the crop is mostly blue.
         let img = RgbImage::from_fn(300, 150, |x, _| {
-            if x < 100 { Rgb([255, 0, 0]) } else { Rgb([0, 0, 255]) }
+            if x < 100 {
+                Rgb([255, 0, 0])
+            } else {
+                Rgb([0, 0, 255])
+            }
         });
         let out = resize_crop(img, 32, Crop::Center, 0);
         assert_eq!(out.dimensions(), (32, 32));
@@ -150,7 +156,10 @@ mod tests {
     fn refuses_bombs_and_garbage_naming_the_key() {
         let big = encode(&RgbImage::new(100, 100), ImageFormat::Png);
         let err = decode_rgb(&big, 5_000, "bomb-7").unwrap_err().to_string();
-        assert!(err.contains("bomb-7") && err.contains("10000 pixels"), "{err}");
+        assert!(
+            err.contains("bomb-7") && err.contains("10000 pixels"),
+            "{err}"
+        );
         let err = decode_rgb(b"definitely not an image", 1 << 20, "junk-1").unwrap_err();
         assert!(err.to_string().contains("junk-1"), "{err}");
         let mut truncated = encode(&RgbImage::new(64, 64), ImageFormat::Png);

@@ -162,7 +162,9 @@ impl Worker {
         let mut pending: Vec<Decoded> = Vec::new();
         let mut batch_epoch = 0;
         for epoch in 0u64.. {
-            let mut rng = ChaCha8Rng::seed_from_u64(self.config.seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let mut rng = ChaCha8Rng::seed_from_u64(
+                self.config.seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            );
             let mut order: Vec<&Unit> = self.units.iter().collect();
             order.shuffle(&mut rng);
             for window in order.chunks(self.config.shuffle_window.max(1)) {
@@ -175,7 +177,8 @@ impl Worker {
                     );
                 }
                 raw.shuffle(&mut rng);
-                let crop_seeds: Vec<u64> = raw.iter().map(|_| rand::Rng::random(&mut rng)).collect();
+                let crop_seeds: Vec<u64> =
+                    raw.iter().map(|_| rand::Rng::random(&mut rng)).collect();
                 let decoded: Vec<Option<Decoded>> = self.pool.install(|| {
                     raw.into_par_iter()
                         .zip(crop_seeds)
@@ -225,7 +228,11 @@ impl Worker {
             }
         };
         let mut pixels = Vec::new();
-        if let Err(e) = self.config.preprocess.apply(image, &sample.key, crop_seed, &mut pixels) {
+        if let Err(e) = self
+            .config
+            .preprocess
+            .apply(image, &sample.key, crop_seed, &mut pixels)
+        {
             skip("undecodable image", &e);
             count(|s| s.undecodable += 1);
             return None;

@@ -100,7 +100,10 @@ pub fn read_unit(unit: &Unit, columns: &ColumnConfig) -> Result<Vec<RawSample>> 
         let column = |name: &str| batch.column_by_name(name).expect("projected");
         let images = columns::binary_values(column(&cols.image));
         let captions = columns::string_values(column(&cols.caption));
-        let keys = cols.key.as_deref().map(|k| columns::string_values(column(k)));
+        let keys = cols
+            .key
+            .as_deref()
+            .map(|k| columns::string_values(column(k)));
         for (i, (image, caption)) in images.into_iter().zip(captions).enumerate() {
             let row = samples.len();
             let key = keys

@@ -198,7 +198,9 @@ fn encode(image: &RgbImage, format: SynthFormat) -> Vec<u8> {
         SynthFormat::Png => ImageFormat::Png,
         SynthFormat::Jpg => ImageFormat::Jpeg,
     };
-    image.write_to(&mut out, format).expect("encoding to memory cannot fail");
+    image
+        .write_to(&mut out, format)
+        .expect("encoding to memory cannot fail");
     out.into_inner()
 }
 
@@ -216,10 +218,15 @@ fn schema(format: SynthFormat) -> Arc<Schema> {
 
 /// Writes one Parquet file of samples `range`, atomically.
 fn write_file(path: &Path, range: std::ops::Range<usize>, cfg: &SynthConfig) -> Result<()> {
-    let scenes: Vec<Scene> = range.clone().map(|i| Scene::sample(cfg.seed, i as u64)).collect();
+    let scenes: Vec<Scene> = range
+        .clone()
+        .map(|i| Scene::sample(cfg.seed, i as u64))
+        .collect();
     let keys = StringArray::from_iter_values(range.map(|i| format!("{i:09}")));
     let images = BinaryArray::from_iter_values(
-        scenes.iter().map(|s| encode(&s.render(cfg.image_size), cfg.format)),
+        scenes
+            .iter()
+            .map(|s| encode(&s.render(cfg.image_size), cfg.format)),
     );
     let captions = StringArray::from_iter_values(scenes.iter().map(Scene::caption));
     let columns: Vec<ArrayRef> = vec![Arc::new(keys), Arc::new(images), Arc::new(captions)];
@@ -231,7 +238,8 @@ fn write_file(path: &Path, range: std::ops::Range<usize>, cfg: &SynthConfig) -> 
         .build();
     let tmp = path.with_extension("parquet.partial");
     let file = std::fs::File::create(&tmp).map_err(DataError::io(&tmp))?;
-    let mut writer = ArrowWriter::try_new(file, batch.schema(), Some(props)).map_err(DataError::parquet(&tmp))?;
+    let mut writer = ArrowWriter::try_new(file, batch.schema(), Some(props))
+        .map_err(DataError::parquet(&tmp))?;
     writer.write(&batch).map_err(DataError::parquet(&tmp))?;
     writer.close().map_err(DataError::parquet(&tmp))?;
     std::fs::rename(&tmp, path).map_err(DataError::io(path))
@@ -256,7 +264,11 @@ pub fn write_dataset(
         .enumerate()
         .map(|(n, &start)| {
             let path = dir.join(format!("part-{n:05}.parquet"));
-            write_file(&path, start..(start + cfg.rows_per_file).min(cfg.count), cfg)?;
+            write_file(
+                &path,
+                start..(start + cfg.rows_per_file).min(cfg.count),
+                cfg,
+            )?;
             on_file(&path);
             Ok(path)
         })
@@ -273,13 +285,21 @@ mod tests {
         assert_ne!(Scene::sample(7, 3), Scene::sample(8, 3));
         let scenes: Vec<Scene> = (0..2000).map(|i| Scene::sample(1, i)).collect();
         let distinct = |f: fn(&Scene) -> String| {
-            scenes.iter().map(f).collect::<std::collections::HashSet<_>>().len()
+            scenes
+                .iter()
+                .map(f)
+                .collect::<std::collections::HashSet<_>>()
+                .len()
         };
         assert_eq!(distinct(|s| s.shape.to_string()), SHAPES.len());
         assert_eq!(distinct(|s| s.color.to_string()), COLORS.len());
         assert_eq!(distinct(|s| s.size.to_string()), SIZES.len());
         assert_eq!(distinct(|s| s.background.to_string()), BACKGROUNDS.len());
-        assert!(scenes.iter().all(|s| BACKGROUNDS[s.background].0 != COLORS[s.color].0));
+        assert!(
+            scenes
+                .iter()
+                .all(|s| BACKGROUNDS[s.background].0 != COLORS[s.color].0)
+        );
     }
 
     #[test]
@@ -295,7 +315,11 @@ mod tests {
         assert_eq!(s.caption(), "a small red circle on a blue background");
         let img = s.render(64);
         assert_eq!(img.get_pixel(32, 32).0, COLORS[0].1, "centre is the shape");
-        assert_eq!(img.get_pixel(1, 1).0, BACKGROUNDS[2].1, "corner is the background");
+        assert_eq!(
+            img.get_pixel(1, 1).0,
+            BACKGROUNDS[2].1,
+            "corner is the background"
+        );
     }
 
     #[test]

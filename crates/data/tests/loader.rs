@@ -115,7 +115,12 @@ fn bad_rows_are_skipped_counted_and_do_not_stop_loading() {
     write_parquet(
         &dir.path().join("mixed.parquet"),
         vec![
-            ("key", Arc::new(StringArray::from_iter_values((0..n).map(|i| format!("k{i}"))))),
+            (
+                "key",
+                Arc::new(StringArray::from_iter_values(
+                    (0..n).map(|i| format!("k{i}")),
+                )),
+            ),
             ("png", Arc::new(BinaryArray::from(images))),
             ("caption", Arc::new(StringArray::from(captions))),
         ],
@@ -123,10 +128,16 @@ fn bad_rows_are_skipped_counted_and_do_not_stop_loading() {
     let mut loader = ImageLoader::start(dir.path(), config(66)).unwrap();
     let batch = loader.next().unwrap().unwrap();
     for bad in ["k3", "k4", "k5", "k6"] {
-        assert!(!batch.keys.contains(&bad.to_string()), "{bad} must be skipped");
+        assert!(
+            !batch.keys.contains(&bad.to_string()),
+            "{bad} must be skipped"
+        );
     }
     let stats = loader.stats();
-    assert_eq!((stats.null_image, stats.undecodable, stats.empty_caption), (1, 1, 2));
+    assert_eq!(
+        (stats.null_image, stats.undecodable, stats.empty_caption),
+        (1, 1, 2)
+    );
     assert!(stats.seen >= 70);
 }
 
@@ -137,8 +148,16 @@ fn too_many_bad_samples_stop_with_a_clear_error() {
     write_parquet(
         &dir.path().join("junk.parquet"),
         vec![
-            ("png", Arc::new(BinaryArray::from_iter_values((0..n).map(|_| b"junk".to_vec())))),
-            ("caption", Arc::new(StringArray::from_iter_values((0..n).map(|_| "c")))),
+            (
+                "png",
+                Arc::new(BinaryArray::from_iter_values(
+                    (0..n).map(|_| b"junk".to_vec()),
+                )),
+            ),
+            (
+                "caption",
+                Arc::new(StringArray::from_iter_values((0..n).map(|_| "c"))),
+            ),
         ],
     );
     let mut loader = ImageLoader::start(dir.path(), config(4)).unwrap();
@@ -152,35 +171,69 @@ fn hugging_face_layout_is_detected() {
     let bytes = BinaryArray::from_iter_values((0..4).map(|_| png(20)));
     let paths = StringArray::from_iter_values((0..4).map(|i| format!("{i}.png")));
     let image = arrow_array::StructArray::from(vec![
-        (Arc::new(Field::new("bytes", DataType::Binary, true)), Arc::new(bytes) as ArrayRef),
-        (Arc::new(Field::new("path", DataType::Utf8, true)), Arc::new(paths) as ArrayRef),
+        (
+            Arc::new(Field::new("bytes", DataType::Binary, true)),
+            Arc::new(bytes) as ArrayRef,
+        ),
+        (
+            Arc::new(Field::new("path", DataType::Utf8, true)),
+            Arc::new(paths) as ArrayRef,
+        ),
     ]);
     write_parquet(
         &dir.path().join("hf.parquet"),
         vec![
             ("image", Arc::new(image)),
-            ("text", Arc::new(StringArray::from_iter_values((0..4).map(|i| format!("t{i}"))))),
+            (
+                "text",
+                Arc::new(StringArray::from_iter_values(
+                    (0..4).map(|i| format!("t{i}")),
+                )),
+            ),
         ],
     );
-    let batch = ImageLoader::start(dir.path(), config(4)).unwrap().next().unwrap().unwrap();
+    let batch = ImageLoader::start(dir.path(), config(4))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
     assert_eq!(batch.len(), 4);
-    assert_eq!(batch.pixels.len(), 4 * 3 * 16 * 16, "resized and cropped to 16");
-    assert!(batch.keys[0].starts_with("hf.parquet:0:"), "keyed by file and row");
+    assert_eq!(
+        batch.pixels.len(),
+        4 * 3 * 16 * 16,
+        "resized and cropped to 16"
+    );
+    assert!(
+        batch.keys[0].starts_with("hf.parquet:0:"),
+        "keyed by file and row"
+    );
 }
 
 #[test]
 fn bad_datasets_are_clear_errors_naming_the_culprit() {
     let dir = tempfile::tempdir().unwrap();
-    let err = ImageLoader::start(dir.path(), config(4)).err().unwrap().to_string();
+    let err = ImageLoader::start(dir.path(), config(4))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("no Parquet files"), "{err}");
 
     let missing = dir.path().join("nope");
-    let err = ImageLoader::start(&missing, config(4)).err().unwrap().to_string();
+    let err = ImageLoader::start(&missing, config(4))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("nope"), "{err}");
 
     std::fs::write(dir.path().join("fake.parquet"), b"this is not parquet").unwrap();
-    let err = ImageLoader::start(dir.path(), config(4)).err().unwrap().to_string();
-    assert!(err.contains("fake.parquet") && err.contains("not a readable Parquet"), "{err}");
+    let err = ImageLoader::start(dir.path(), config(4))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("fake.parquet") && err.contains("not a readable Parquet"),
+        "{err}"
+    );
     std::fs::remove_file(dir.path().join("fake.parquet")).unwrap();
 
     write_parquet(
@@ -190,9 +243,14 @@ fn bad_datasets_are_clear_errors_naming_the_culprit() {
             ("title", Arc::new(StringArray::from_iter_values(["x"]))),
         ],
     );
-    let err = ImageLoader::start(dir.path(), config(4)).err().unwrap().to_string();
+    let err = ImageLoader::start(dir.path(), config(4))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(
-        err.contains("nocaption.parquet") && err.contains("caption column") && err.contains("png, title"),
+        err.contains("nocaption.parquet")
+            && err.contains("caption column")
+            && err.contains("png, title"),
         "{err}"
     );
 }

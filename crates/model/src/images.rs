@@ -74,6 +74,10 @@ mod tests {
         let g = grid(&[vec![a.clone(), a.clone()], vec![a]], 1);
         assert_eq!(g.dimensions(), (7, 7));
         assert_eq!(g.get_pixel(4, 1).0, [1, 2, 3]);
-        assert_eq!(g.get_pixel(4, 4).0, [255, 255, 255], "missing cell stays blank");
+        assert_eq!(
+            g.get_pixel(4, 4).0,
+            [255, 255, 255],
+            "missing cell stays blank"
+        );
     }
 }

@@ -42,7 +42,11 @@ impl View for &HostTensor {
 }
 
 fn to_host(t: &Tensor) -> Result<HostTensor> {
-    let t = t.detach().to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
+    let t = t
+        .detach()
+        .to_device(Device::Cpu)
+        .to_kind(Kind::Float)
+        .contiguous();
     let values = Vec::<f32>::try_from(t.flatten(0, -1))?;
     Ok(HostTensor {
         dtype: Dtype::F32,
@@ -67,9 +71,9 @@ pub fn save(
         .collect::<Result<_>>()?;
     let bytes = safetensors::serialize(host.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))
         .map_err(|e| ModelError::Format {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(io_err)?;
     }

@@ -149,7 +149,9 @@ impl JobConfig {
         overrides: &[String],
         env: impl Iterator<Item = (String, String)>,
     ) -> Result<Self> {
-        let origin = file.map_or("the embedded demo config".to_string(), |p| p.display().to_string());
+        let origin = file.map_or("the embedded demo config".to_string(), |p| {
+            p.display().to_string()
+        });
         // The defaults go in first, so a file that sets part of a table
         // (`lr.start` only) keeps the default for the rest of it.
         let defaults = config::Config::try_from(&JobConfig::default())
@@ -158,14 +160,19 @@ impl JobConfig {
         builder = match file {
             Some(path) => {
                 if !path.is_file() {
-                    return Err(TrainError::Config(format!("config file {} not found", path.display())));
+                    return Err(TrainError::Config(format!(
+                        "config file {} not found",
+                        path.display()
+                    )));
                 }
                 builder.add_source(config::File::from(path).format(config::FileFormat::Toml))
             }
             None => builder.add_source(config::File::from_str(DEMO_TOML, config::FileFormat::Toml)),
         };
         for (name, value) in env {
-            let Some(path) = name.strip_prefix(ENV_PREFIX) else { continue };
+            let Some(path) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
             if !path.contains(ENV_SEPARATOR) {
                 continue;
             }
@@ -199,7 +206,10 @@ impl JobConfig {
             (t.batch_size == 0, "dvae.train.batch_size must be positive"),
             (t.log_every == 0, "dvae.train.log_every must be positive"),
             (t.lr.start <= 0.0, "dvae.train.lr.start must be positive"),
-            (t.tau.end <= 0.0 || t.tau.start <= 0.0, "dvae.train.tau must stay positive"),
+            (
+                t.tau.end <= 0.0 || t.tau.start <= 0.0,
+                "dvae.train.tau must stay positive",
+            ),
             (
                 !(0.0..=1.0).contains(&self.data.max_bad_fraction),
                 "data.max_bad_fraction must be within 0..1",
@@ -212,7 +222,10 @@ impl JobConfig {
     }
 
     pub fn data_path(&self) -> PathBuf {
-        self.data.path.clone().unwrap_or_else(|| self.run.dir.join("data"))
+        self.data
+            .path
+            .clone()
+            .unwrap_or_else(|| self.run.dir.join("data"))
     }
 
     pub fn dvae_weights_path(&self) -> PathBuf {
@@ -264,23 +277,40 @@ mod tests {
 
     #[test]
     fn environment_then_command_line_override() {
-        let env = [("DALLE_DVAE__TRAIN__STEPS", "11"), ("DALLE_RUN__DEVICE", "cpu"), ("DALLE_CACHE_DIR", "/x")];
+        let env = [
+            ("DALLE_DVAE__TRAIN__STEPS", "11"),
+            ("DALLE_RUN__DEVICE", "cpu"),
+            ("DALLE_CACHE_DIR", "/x"),
+        ];
         let job = load("[dvae.train]\nsteps = 7\n", &[], &env).unwrap();
         assert_eq!((job.dvae.train.steps, job.run.device.as_str()), (11, "cpu"));
-        let job = load("", &["dvae.train.steps=13", "dvae.train.lr.start=0.5"], &env).unwrap();
+        let job = load(
+            "",
+            &["dvae.train.steps=13", "dvae.train.lr.start=0.5"],
+            &env,
+        )
+        .unwrap();
         assert_eq!(job.dvae.train.steps, 13);
         assert_eq!(job.dvae.train.lr.start, 0.5);
     }
 
     #[test]
     fn misspelled_or_mistyped_keys_are_named() {
-        let err = load("[dvae.train]\nstepz = 7\n", &[], &[]).unwrap_err().to_string();
+        let err = load("[dvae.train]\nstepz = 7\n", &[], &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("stepz") && err.contains("job.toml"), "{err}");
-        let err = load("[dvae.train]\nsteps = \"many\"\n", &[], &[]).unwrap_err().to_string();
+        let err = load("[dvae.train]\nsteps = \"many\"\n", &[], &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("steps"), "{err}");
-        let err = load("", &[], &[("DALLE_DVAE__TRAIN__BATCHSIZE", "3")]).unwrap_err().to_string();
+        let err = load("", &[], &[("DALLE_DVAE__TRAIN__BATCHSIZE", "3")])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("batchsize"), "{err}");
-        let err = load("[dvae.model]\nimage_size = 30\n", &[], &[]).unwrap_err().to_string();
+        let err = load("[dvae.model]\nimage_size = 30\n", &[], &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("dvae.image_size"), "{err}");
         let err = load("", &["nonsense"], &[]).unwrap_err().to_string();
         assert!(err.contains("nonsense"), "{err}");

@@ -75,10 +75,11 @@ pub fn train(job: &JobConfig, mut on_log: impl FnMut(&DvaeLog)) -> Result<TrainR
         path: job.run.dir.clone(),
         source,
     })?;
-    let mut metrics_file = std::fs::File::create(&metrics_path).map_err(|source| TrainError::Io {
-        path: metrics_path.clone(),
-        source,
-    })?;
+    let mut metrics_file =
+        std::fs::File::create(&metrics_path).map_err(|source| TrainError::Io {
+            path: metrics_path.clone(),
+            source,
+        })?;
     let grid = job.dvae.model.grid_size();
     let mut window = Window::default();
     let mut logs = Vec::new();
@@ -103,11 +104,19 @@ pub fn train(job: &JobConfig, mut on_log: impl FnMut(&DvaeLog)) -> Result<TrainR
         }
         optimizer.step(lr);
 
-        let scalars = Tensor::stack(&[out.loss.detach(), out.recon.detach(), out.kl.detach(), out.mse], 0)
-            .to_device(Device::Cpu)
-            .to_kind(Kind::Double);
-        let [loss_v, recon, kl, mse] = <[f64; 4]>::try_from(Vec::<f64>::try_from(scalars)?)
-            .expect("four scalars");
+        let scalars = Tensor::stack(
+            &[
+                out.loss.detach(),
+                out.recon.detach(),
+                out.kl.detach(),
+                out.mse,
+            ],
+            0,
+        )
+        .to_device(Device::Cpu)
+        .to_kind(Kind::Double);
+        let [loss_v, recon, kl, mse] =
+            <[f64; 4]>::try_from(Vec::<f64>::try_from(scalars)?).expect("four scalars");
         if !loss_v.is_finite() {
             return Err(TrainError::Diverged { step, loss: loss_v });
         }
@@ -138,11 +147,15 @@ pub fn train(job: &JobConfig, mut on_log: impl FnMut(&DvaeLog)) -> Result<TrainR
                 grid * grid,
             );
             tracing::info!("{line}");
-            writeln!(metrics_file, "{}", serde_json::to_string(&line).expect("serialisable"))
-                .map_err(|source| TrainError::Io {
-                    path: metrics_path.clone(),
-                    source,
-                })?;
+            writeln!(
+                metrics_file,
+                "{}",
+                serde_json::to_string(&line).expect("serialisable")
+            )
+            .map_err(|source| TrainError::Io {
+                path: metrics_path.clone(),
+                source,
+            })?;
             on_log(&line);
             logs.push(line);
         }

@@ -1,5 +1,7 @@
 //! Reconstruction quality of a trained dVAE: encode → decode images and
-//! compare with a trivial baseline (each image replaced by its mean colour).
+//! compare with two baselines: the best any model that ignores its input
+//! can do (the mean image of the set), and each image replaced by its own
+//! mean colour (three numbers of information per image).
 
 use crate::Result;
 use dalle_data::loader::Batch;
@@ -12,6 +14,8 @@ pub struct ReconReport {
     pub psnr: f64,
     /// PSNR (dB) of the mean-colour baseline.
     pub baseline_psnr: f64,
+    /// PSNR (dB) of the input-blind baseline: the set's mean image.
+    pub blind_psnr: f64,
     /// `(N, 3, S, S)` originals and reconstructions, on the CPU.
     pub originals: Tensor,
     pub reconstructions: Tensor,
@@ -38,9 +42,20 @@ pub fn reconstruct(
     }
     let originals = Tensor::cat(&originals, 0);
     let reconstructions = Tensor::cat(&recons, 0);
-    let mse = |a: &Tensor| (a - &originals).square().mean(Kind::Float).double_value(&[]);
-    let mean_colour = originals.mean_dim(&[2i64, 3][..], true, Kind::Float).expand_as(&originals);
+    let mse = |a: &Tensor| {
+        (a - &originals)
+            .square()
+            .mean(Kind::Float)
+            .double_value(&[])
+    };
+    let mean_colour = originals
+        .mean_dim(&[2i64, 3][..], true, Kind::Float)
+        .expand_as(&originals);
+    let mean_image = originals
+        .mean_dim(&[0i64][..], true, Kind::Float)
+        .expand_as(&originals);
     Ok(ReconReport {
+        blind_psnr: psnr(mse(&mean_image)),
         images: done,
         psnr: psnr(mse(&reconstructions)),
         baseline_psnr: psnr(mse(&mean_colour)),

@@ -121,6 +121,8 @@ mod tests {
         assert!((line.images_per_s - 20.0).abs() < 1e-9);
         assert!((line.data_wait - 0.1).abs() < 1e-9);
         let text = line.to_string();
-        assert!(text.contains("step 0") && text.contains("img/s") && text.contains("data wait 10.0%"));
+        assert!(
+            text.contains("step 0") && text.contains("img/s") && text.contains("data wait 10.0%")
+        );
     }
 }

@@ -89,7 +89,10 @@ impl AdamW {
         if squares.is_empty() {
             return 0.0;
         }
-        Tensor::stack(&squares, 0).sum(Kind::Float).sqrt().double_value(&[])
+        Tensor::stack(&squares, 0)
+            .sum(Kind::Float)
+            .sqrt()
+            .double_value(&[])
     }
 
     /// Scales gradients so their global norm is at most `max_norm`;
@@ -147,7 +150,10 @@ impl AdamW {
             .flat_map(|p| {
                 [
                     (format!("{}.exp_avg", p.name), p.exp_avg.shallow_clone()),
-                    (format!("{}.exp_avg_sq", p.name), p.exp_avg_sq.shallow_clone()),
+                    (
+                        format!("{}.exp_avg_sq", p.name),
+                        p.exp_avg_sq.shallow_clone(),
+                    ),
                 ]
             })
             .collect();
@@ -159,7 +165,10 @@ impl AdamW {
     pub fn load_state(&mut self, step: u64, tensors: &[(String, Tensor)]) -> Result<(), String> {
         let find = |name: &str| tensors.iter().find(|(n, _)| n == name).map(|(_, t)| t);
         for p in &mut self.params {
-            for (suffix, dst) in [("exp_avg", &mut p.exp_avg), ("exp_avg_sq", &mut p.exp_avg_sq)] {
+            for (suffix, dst) in [
+                ("exp_avg", &mut p.exp_avg),
+                ("exp_avg_sq", &mut p.exp_avg_sq),
+            ] {
                 let key = format!("{}.{suffix}", p.name);
                 let src = find(&key).ok_or_else(|| format!("optimizer state lacks `{key}`"))?;
                 if src.size() != dst.size() {
@@ -183,7 +192,9 @@ mod tests {
     use tch::Device;
 
     fn param(values: &[f32]) -> Tensor {
-        Tensor::from_slice(values).view([1, values.len() as i64]).set_requires_grad(true)
+        Tensor::from_slice(values)
+            .view([1, values.len() as i64])
+            .set_requires_grad(true)
     }
 
     /// Reference AdamW in plain f64 for one scalar.
@@ -208,7 +219,7 @@ mod tests {
         };
         let w = param(&[0.5, -1.5]);
         let mut opt = AdamW::new(vec![("w".into(), w.shallow_clone())], cfg);
-        let mut grads = vec![vec![], vec![]];
+        let mut grads = [vec![], vec![]];
         for step in 0..5 {
             opt.zero_grad();
             // loss = sum(w³) + step·sum(w): gradient 3w² + step.
@@ -222,7 +233,11 @@ mod tests {
         let got = Vec::<f32>::try_from(w.detach().flatten(0, -1)).unwrap();
         for (i, start) in [0.5, -1.5].into_iter().enumerate() {
             let want = reference(start, &grads[i], 0.01, cfg);
-            assert!((got[i] as f64 - want).abs() < 1e-5, "param {i}: {} vs {want}", got[i]);
+            assert!(
+                (got[i] as f64 - want).abs() < 1e-5,
+                "param {i}: {} vs {want}",
+                got[i]
+            );
         }
         assert_eq!(opt.steps_taken(), 5);
     }
@@ -243,7 +258,10 @@ mod tests {
     #[test]
     fn clipping_bounds_the_global_norm() {
         let w = param(&[3.0, 4.0]);
-        let mut opt = AdamW::new(vec![("w".into(), w.shallow_clone())], AdamWConfig::default());
+        let mut opt = AdamW::new(
+            vec![("w".into(), w.shallow_clone())],
+            AdamWConfig::default(),
+        );
         (&w * &w).sum(Kind::Float).backward(); // gradient (6, 8), norm 10
         assert!((opt.clip_grad_norm(1.0) - 10.0).abs() < 1e-5);
         assert!((opt.grad_norm() - 1.0).abs() < 1e-4);
@@ -254,22 +272,33 @@ mod tests {
         let run = |split: Option<u64>| {
             tch::manual_seed(0);
             let w = param(&[0.3, 0.7, -0.2]);
-            let mut opt = AdamW::new(vec![("w".into(), w.shallow_clone())], AdamWConfig::default());
+            let mut opt = AdamW::new(
+                vec![("w".into(), w.shallow_clone())],
+                AdamWConfig::default(),
+            );
             for step in 0..6u64 {
                 if Some(step) == split {
                     // Rebuild the optimizer from its exported state.
                     let (n, state) = opt.state();
                     let state: Vec<_> = state.into_iter().map(|(k, t)| (k, t.copy())).collect();
-                    opt = AdamW::new(vec![("w".into(), w.shallow_clone())], AdamWConfig::default());
+                    opt = AdamW::new(
+                        vec![("w".into(), w.shallow_clone())],
+                        AdamWConfig::default(),
+                    );
                     opt.load_state(n, &state).unwrap();
                 }
                 opt.zero_grad();
-                (w.pow_tensor_scalar(2) * (step + 1) as f64).sum(Kind::Float).backward();
+                (w.pow_tensor_scalar(2) * (step + 1) as f64)
+                    .sum(Kind::Float)
+                    .backward();
                 opt.step(0.05);
             }
             w.detach()
         };
-        assert!(run(None).equal(&run(Some(3))), "bitwise equal after a state round trip");
+        assert!(
+            run(None).equal(&run(Some(3))),
+            "bitwise equal after a state round trip"
+        );
         let mut opt = AdamW::new(vec![("w".into(), param(&[1.0]))], AdamWConfig::default());
         let err = opt.load_state(1, &[]).unwrap_err();
         assert!(err.contains("w.exp_avg"), "{err}");

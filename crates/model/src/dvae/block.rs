@@ -28,7 +28,14 @@ impl ResBlock {
         let res_path = kernels
             .iter()
             .enumerate()
-            .map(|(i, &k)| Conv2d::new(&res / format!("conv_{}", i + 1), widths[i], widths[i + 1], k))
+            .map(|(i, &k)| {
+                Conv2d::new(
+                    &res / format!("conv_{}", i + 1),
+                    widths[i],
+                    widths[i + 1],
+                    k,
+                )
+            })
             .collect();
         Self {
             id_path,

@@ -55,7 +55,9 @@ impl DvaeConfig {
             ("n_init", self.n_init),
         ];
         if let Some((key, v)) = positive.iter().find(|(_, v)| *v <= 0) {
-            return Err(ModelError::Config(format!("dvae.{key} must be positive, got {v}")));
+            return Err(ModelError::Config(format!(
+                "dvae.{key} must be positive, got {v}"
+            )));
         }
         if self.image_size % DOWNSAMPLE != 0 {
             return Err(ModelError::Config(format!(

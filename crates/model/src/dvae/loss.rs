@@ -77,6 +77,8 @@ pub fn codebook_usage(tokens: &Tensor, vocab_size: i64) -> (i64, f64) {
         .to_kind(Kind::Double);
     let distinct = counts.gt(0.0).sum(Kind::Int64).int64_value(&[]);
     let p = &counts / counts.sum(Kind::Double);
-    let entropy = -(&p * p.clamp_min(1e-30).log()).sum(Kind::Double).double_value(&[]);
+    let entropy = -(&p * p.clamp_min(1e-30).log())
+        .sum(Kind::Double)
+        .double_value(&[]);
     (distinct, entropy.exp())
 }

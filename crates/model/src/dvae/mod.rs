@@ -225,7 +225,9 @@ impl Dvae {
         };
         match file.metadata.get(FORMAT_KEY) {
             Some(f) if f == FORMAT => {}
-            Some(other) => return Err(format_err(format!("format `{other}`, expected `{FORMAT}`"))),
+            Some(other) => {
+                return Err(format_err(format!("format `{other}`, expected `{FORMAT}`")));
+            }
             None => {
                 return Err(format_err(format!(
                     "no `{FORMAT_KEY}` metadata: not a dalle-rs dVAE file (OpenAI's converted \

@@ -52,16 +52,31 @@ fn parameter_names_and_shapes_are_openais() {
     let expected: &[(&str, &[i64])] = &[
         ("encoder.blocks.input.w", &[8, 3, 7, 7]),
         ("encoder.blocks.input.b", &[8]),
-        ("encoder.blocks.group_1.block_1.res_path.conv_1.w", &[2, 8, 3, 3]),
-        ("encoder.blocks.group_1.block_1.res_path.conv_4.w", &[8, 2, 1, 1]),
+        (
+            "encoder.blocks.group_1.block_1.res_path.conv_1.w",
+            &[2, 8, 3, 3],
+        ),
+        (
+            "encoder.blocks.group_1.block_1.res_path.conv_4.w",
+            &[8, 2, 1, 1],
+        ),
         ("encoder.blocks.group_2.block_1.id_path.w", &[16, 8, 1, 1]),
-        ("encoder.blocks.group_2.block_1.res_path.conv_2.w", &[4, 4, 3, 3]),
+        (
+            "encoder.blocks.group_2.block_1.res_path.conv_2.w",
+            &[4, 4, 3, 3],
+        ),
         ("encoder.blocks.group_4.block_1.res_path.conv_4.b", &[64]),
         ("encoder.blocks.output.conv.w", &[16, 64, 1, 1]),
         ("decoder.blocks.input.w", &[8, 16, 1, 1]),
         ("decoder.blocks.group_1.block_1.id_path.w", &[64, 8, 1, 1]),
-        ("decoder.blocks.group_1.block_1.res_path.conv_1.w", &[16, 8, 1, 1]),
-        ("decoder.blocks.group_1.block_1.res_path.conv_4.w", &[64, 16, 3, 3]),
+        (
+            "decoder.blocks.group_1.block_1.res_path.conv_1.w",
+            &[16, 8, 1, 1],
+        ),
+        (
+            "decoder.blocks.group_1.block_1.res_path.conv_4.w",
+            &[64, 16, 3, 3],
+        ),
         ("decoder.blocks.group_4.block_1.id_path.w", &[8, 16, 1, 1]),
         ("decoder.blocks.output.conv.w", &[6, 8, 1, 1]),
         ("decoder.blocks.output.conv.b", &[6]),
@@ -92,7 +107,7 @@ fn init_follows_openai() {
     let want = 1.0 / (128.0f64 * 9.0).sqrt();
     let got = w.std(true).double_value(&[]);
     assert!((got / want - 1.0).abs() < 0.05, "std {got} want {want}");
-    assert_eq!(w.mean(Kind::Float).double_value(&[]).abs() < 0.01, true);
+    assert!(w.mean(Kind::Float).double_value(&[]).abs() < 0.01);
     let b = &vars["encoder.blocks.group_4.block_1.res_path.conv_2.b"];
     assert_eq!(b.abs().sum(Kind::Float).double_value(&[]), 0.0);
 }
@@ -105,9 +120,15 @@ fn straight_through_is_exactly_one_hot_and_passes_gradient() {
     let ones = z.eq(1.0).sum(Kind::Int64).int64_value(&[]);
     let zeros = z.eq(0.0).sum(Kind::Int64).int64_value(&[]);
     assert_eq!(ones, 3 * 2 * 2, "one 1 per grid position");
-    assert_eq!(ones + zeros, z.numel() as i64, "every other entry exactly 0");
+    assert_eq!(
+        ones + zeros,
+        z.numel() as i64,
+        "every other entry exactly 0"
+    );
 
-    let step = m.train_forward(&images(3), &objective(Relaxation::StraightThrough)).unwrap();
+    let step = m
+        .train_forward(&images(3), &objective(Relaxation::StraightThrough))
+        .unwrap();
     // Reconstruction only: its gradient reaches the encoder only through z.
     step.recon.backward();
     let g = m.var_store().variables()["encoder.blocks.input.w"].grad();
@@ -145,8 +166,7 @@ fn logit_laplace_nll_is_smallest_at_the_true_logit() {
     let x = Tensor::from_slice(&[0.3f32, 0.6]).view([1, 1, 1, 2]);
     let ln_b = Tensor::zeros([1, 1, 1, 2], (Kind::Float, Device::Cpu));
     let nll = |mu: Tensor| {
-        loss::logit_laplace_nll(&Tensor::cat(&[mu, ln_b.shallow_clone()], 1), &x)
-            .double_value(&[])
+        loss::logit_laplace_nll(&Tensor::cat(&[mu, ln_b.shallow_clone()], 1), &x).double_value(&[])
     };
     let at_truth = nll(x.logit(None::<f64>));
     // ln(2b) + ln(x(1-x)) with b = 1, averaged over the two pixels.
@@ -177,7 +197,12 @@ fn save_then_load_gives_identical_outputs() {
     let logits = m.encoder_logits(&x).unwrap();
     assert!(loaded.encoder_logits(&x).unwrap().equal(&logits));
     let tokens = m.encode(&x).unwrap();
-    assert!(loaded.decode(&tokens).unwrap().equal(&m.decode(&tokens).unwrap()));
+    assert!(
+        loaded
+            .decode(&tokens)
+            .unwrap()
+            .equal(&m.decode(&tokens).unwrap())
+    );
 }
 
 #[test]
@@ -186,21 +211,37 @@ fn loading_names_the_missing_or_misshaped_tensor() {
     let m = model(5);
     let metadata = HashMap::from([
         (FORMAT_KEY.to_string(), FORMAT.to_string()),
-        (CONFIG_KEY.to_string(), serde_json::to_string(m.config()).unwrap()),
+        (
+            CONFIG_KEY.to_string(),
+            serde_json::to_string(m.config()).unwrap(),
+        ),
     ]);
     let victim = "decoder.blocks.group_2.block_1.res_path.conv_3.w";
 
-    let missing: Vec<_> = m.named_parameters().into_iter().filter(|(n, _)| n != victim).collect();
+    let missing: Vec<_> = m
+        .named_parameters()
+        .into_iter()
+        .filter(|(n, _)| n != victim)
+        .collect();
     let path = dir.path().join("missing.safetensors");
     weights::save(&path, &missing, metadata.clone()).unwrap();
     let err = Dvae::load(&path, Device::Cpu).err().unwrap();
-    assert!(matches!(err, ModelError::MissingTensor { ref name, .. } if name == victim), "{err}");
+    assert!(
+        matches!(err, ModelError::MissingTensor { ref name, .. } if name == victim),
+        "{err}"
+    );
     assert!(err.to_string().contains(victim) && err.to_string().contains("missing.safetensors"));
 
     let misshaped: Vec<_> = m
         .named_parameters()
         .into_iter()
-        .map(|(n, t)| if n == victim { (n, t.narrow(0, 0, 1)) } else { (n, t) })
+        .map(|(n, t)| {
+            if n == victim {
+                (n, t.narrow(0, 0, 1))
+            } else {
+                (n, t)
+            }
+        })
         .collect();
     let path = dir.path().join("misshaped.safetensors");
     weights::save(&path, &misshaped, metadata).unwrap();
@@ -215,7 +256,9 @@ fn loading_rejects_a_file_that_is_not_safetensors() {
     std::fs::write(&path, b"not a weights file").unwrap();
     let err = Dvae::load(&path, Device::Cpu).err().unwrap().to_string();
     assert!(err.contains("junk.safetensors"), "{err}");
-    let err = Dvae::load(&dir.path().join("absent.safetensors"), Device::Cpu).err().unwrap();
+    let err = Dvae::load(&dir.path().join("absent.safetensors"), Device::Cpu)
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("absent.safetensors"), "{err}");
 }
 
@@ -229,13 +272,21 @@ fn openai_layout_files_load_unprefixed() {
             .filter_map(|(n, t)| n.strip_prefix(prefix).map(|s| (s.to_string(), t)))
             .collect()
     };
-    let (enc, dec) = (dir.path().join("encoder.safetensors"), dir.path().join("decoder.safetensors"));
+    let (enc, dec) = (
+        dir.path().join("encoder.safetensors"),
+        dir.path().join("decoder.safetensors"),
+    );
     weights::save(&enc, &split("encoder."), HashMap::new()).unwrap();
     weights::save(&dec, &split("decoder."), HashMap::new()).unwrap();
     let loaded = Dvae::load_openai(&enc, &dec, 16, Device::Cpu).unwrap();
     assert_eq!(loaded.config(), m.config());
     let x = images(1);
-    assert!(loaded.encoder_logits(&x).unwrap().equal(&m.encoder_logits(&x).unwrap()));
+    assert!(
+        loaded
+            .encoder_logits(&x)
+            .unwrap()
+            .equal(&m.encoder_logits(&x).unwrap())
+    );
 }
 
 #[test]
@@ -243,14 +294,35 @@ fn bad_inputs_are_rejected_with_what_was_expected() {
     let m = model(7);
     let wrong_size = Tensor::rand([1, 3, 24, 24], (Kind::Float, Device::Cpu));
     let err = m.encode(&wrong_size).err().unwrap().to_string();
-    assert!(err.contains("(N, 3, 16, 16)") && err.contains("24"), "{err}");
+    assert!(
+        err.contains("(N, 3, 16, 16)") && err.contains("24"),
+        "{err}"
+    );
     let wrong_channels = Tensor::rand([1, 4, 16, 16], (Kind::Float, Device::Cpu));
-    assert!(m.encode(&wrong_channels).err().unwrap().to_string().contains("[1, 4, 16, 16]"));
+    assert!(
+        m.encode(&wrong_channels)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("[1, 4, 16, 16]")
+    );
     let bad_tokens = Tensor::from_slice(&[0i64, 1, 2, 99]).view([1, 2, 2]);
-    assert!(m.decode(&bad_tokens).err().unwrap().to_string().contains("99"));
+    assert!(
+        m.decode(&bad_tokens)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("99")
+    );
     let bad_cfg = DvaeConfig {
         image_size: 20,
         ..tiny()
     };
-    assert!(Dvae::new(bad_cfg, Device::Cpu).err().unwrap().to_string().contains("dvae.image_size"));
+    assert!(
+        Dvae::new(bad_cfg, Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("dvae.image_size")
+    );
 }
