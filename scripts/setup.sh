@@ -45,6 +45,15 @@ if [ "$(installed_version)" != "$TORCH_VERSION" ]; then
   [ "$(installed_version)" = "$TORCH_VERSION" ] || { log "torch install failed"; exit 1; }
 fi
 
+# OpenAI's released dVAE code, which tests load our weights into
+# (scripts/check_openai_compat.py). Importing it needs only attrs and
+# requests, not the heavy dependencies it declares.
+if ! "$venv/bin/python" -c 'import dall_e' 2>/dev/null; then
+  log "installing OpenAI's dall_e package (compatibility checks)"
+  "$venv/bin/python" -m pip install --quiet --progress-bar off attrs requests
+  "$venv/bin/python" -m pip install --quiet --progress-bar off --no-deps "DALL-E==0.1"
+fi
+
 tdir=$(torch_dir)
 [ -f "$tdir/lib/libtorch_cpu.so" ] || { log "libtorch_cpu.so missing under $tdir/lib"; exit 1; }
 ln -sfn "$tdir" "$repo/.libtorch"

@@ -24,19 +24,9 @@ pub const SHAPES: &[&str] = &[
     "circle", "square", "triangle", "diamond", "cross", "ring", "hexagon", "star",
 ];
 
-pub const COLORS: &[(&str, [u8; 3])] = &[
-    ("red", [220, 40, 40]),
-    ("green", [40, 180, 60]),
-    ("blue", [40, 70, 220]),
-    ("yellow", [240, 220, 40]),
-    ("purple", [140, 50, 190]),
-    ("cyan", [40, 200, 220]),
-    ("orange", [245, 140, 30]),
-    ("white", [245, 245, 245]),
-];
-
-/// Backgrounds: the shape colours plus black and gray; never the shape's own.
-pub const BACKGROUNDS: &[(&str, [u8; 3])] = &[
+/// Every colour of the dataset: shapes take the first eight, backgrounds
+/// all ten (never the shape's own).
+const PALETTE: &[(&str, [u8; 3])] = &[
     ("red", [220, 40, 40]),
     ("green", [40, 180, 60]),
     ("blue", [40, 70, 220]),
@@ -48,6 +38,9 @@ pub const BACKGROUNDS: &[(&str, [u8; 3])] = &[
     ("black", [15, 15, 15]),
     ("gray", [128, 128, 128]),
 ];
+
+pub const COLORS: &[(&str, [u8; 3])] = PALETTE.split_at(8).0;
+pub const BACKGROUNDS: &[(&str, [u8; 3])] = PALETTE;
 
 /// Shape radius as a fraction of the image side.
 pub const SIZES: &[(&str, f64)] = &[("small", 0.14), ("medium", 0.24), ("large", 0.34)];
