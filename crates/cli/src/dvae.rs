@@ -5,7 +5,6 @@ use crate::progress;
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use dalle_data::image_ops::{Crop, Preprocess};
-use dalle_data::loader::Batch;
 use dalle_model::device::parse_device;
 use dalle_model::dvae::Dvae;
 use dalle_model::images::{grid, to_rgb_images};
@@ -254,19 +253,7 @@ fn reconstruct(
         inputs.to_vec()
     };
     let images = read_inputs(model, job, &inputs, Some(count))?;
-    let size = model.config().image_size as u32;
-    let as_batches = images.chunks(64).map(|chunk| {
-        Ok(Batch {
-            epoch: 0,
-            keys: chunk.iter().map(|i| i.key.clone()).collect(),
-            captions: vec![String::new(); chunk.len()],
-            pixels: chunk
-                .iter()
-                .flat_map(|i| i.pixels.iter().copied())
-                .collect(),
-            size,
-        })
-    });
+    let as_batches = batches(model, &images, 64).map(|(_, x)| Ok(x));
     let report = dalle_train::eval::reconstruct(model, as_batches, count)?;
     let originals = to_rgb_images(&report.originals)?;
     let recons = to_rgb_images(&report.reconstructions)?;

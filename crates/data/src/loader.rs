@@ -1,28 +1,33 @@
-//! A background loader of training batches.
+//! A background loader of training batches in the order of [`crate::order`].
 //!
-//! A thread reads row groups in a seeded, per-epoch random order, shuffles
-//! the samples of a window of row groups together, decodes them on a thread
-//! pool and queues ready batches (bounded, so memory stays flat). Bad
-//! samples are skipped, counted per reason and logged with their file, row
-//! group and key; past `max_bad_fraction` the loader stops with an error.
-//! Epochs run back to back; a batch may straddle an epoch boundary.
+//! A thread walks the global order from a [`Cursor`], takes this rank's
+//! slice of each global batch, reads the row groups those samples live in
+//! (keeping the current window's row groups cached), decodes the samples on
+//! a thread pool and queues ready batches (bounded, so memory stays flat).
+//! Each batch carries the cursor after it: saving that cursor with the model
+//! and starting a loader from it resumes exactly, on any world size.
+//!
+//! Bad samples are skipped, counted per reason and logged with their file,
+//! row group and key; the batch is then smaller by that many samples (the
+//! same on every run, so ledgers stay reproducible). Past
+//! `max_bad_fraction` the loader stops with an error.
 
 use crate::columns::ColumnConfig;
 use crate::image_ops::Preprocess;
+use crate::order::{Cursor, EpochOrder, Sharding};
 use crate::parquet_source::{self, RawSample, Unit};
 use crate::{DataError, Result};
 use crossbeam_channel::{Receiver, Sender, bounded};
-use rand::SeedableRng;
-use rand::seq::SliceRandom;
-use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 #[derive(Clone, Debug)]
 pub struct LoaderConfig {
-    pub batch_size: usize,
-    pub seed: u64,
+    /// Global batch and this process's share of it.
+    pub sharding: Sharding,
     /// Row groups whose samples are shuffled together.
     pub shuffle_window: usize,
     /// Decoded batches queued ahead of the training loop.
@@ -38,6 +43,8 @@ pub struct LoaderConfig {
 #[derive(Clone, Debug)]
 pub struct Batch {
     pub epoch: u64,
+    /// Where the loader stands after this batch.
+    pub cursor: Cursor,
     pub keys: Vec<String>,
     pub captions: Vec<String>,
     pub pixels: Vec<f32>,
@@ -82,14 +89,21 @@ impl ImageLoader {
     /// Plans the dataset at `location` (a Parquet file or a directory of
     /// them) and starts loading. Errors in the plan (no files, a file that
     /// is not Parquet, missing columns) are reported here, before training.
-    pub fn start(location: &std::path::Path, config: LoaderConfig) -> Result<Self> {
-        if config.batch_size == 0 {
-            return Err(DataError::Config("batch_size must be positive".into()));
-        }
+    /// Loading begins at `cursor` (use [`Cursor::start`] for a new run).
+    pub fn start(location: &std::path::Path, config: LoaderConfig, cursor: Cursor) -> Result<Self> {
+        config.sharding.validate().map_err(DataError::Config)?;
         let files: Vec<PathBuf> = parquet_source::list_files(location)?;
         let units = parquet_source::plan_units(&files, &config.columns)?;
-        if units.iter().all(|u| u.rows == 0) {
+        let samples: usize = units.iter().map(|u| u.rows).sum();
+        if samples == 0 {
             return Err(DataError::EmptyDataset(location.to_path_buf()));
+        }
+        if samples < config.sharding.global_batch {
+            return Err(DataError::Config(format!(
+                "{} holds {samples} samples, fewer than one global batch of {}",
+                location.display(),
+                config.sharding.global_batch
+            )));
         }
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(config.decode_threads.max(1))
@@ -101,6 +115,7 @@ impl ImageLoader {
         let n_units = units.len();
         let worker = Worker {
             config,
+            cursor,
             units,
             stats: stats.clone(),
             pool,
@@ -135,8 +150,18 @@ impl Iterator for ImageLoader {
     }
 }
 
+/// The random crop of a sample depends on where it is read, never on the
+/// world size or on what was read before.
+fn crop_seed(cursor: Cursor, unit: usize, row: usize) -> u64 {
+    let mix = |h: u64, v: u64| (h ^ v).wrapping_mul(0x100_0000_01B3).rotate_left(29);
+    [cursor.epoch, unit as u64, row as u64]
+        .into_iter()
+        .fold(cursor.seed ^ 0xCBF2_9CE4_8422_2325, mix)
+}
+
 struct Worker {
     config: LoaderConfig,
+    cursor: Cursor,
     units: Vec<Unit>,
     stats: Arc<Mutex<LoaderStats>>,
     pool: rayon::ThreadPool,
@@ -159,48 +184,66 @@ impl Worker {
 
     /// Fills the queue until the receiver goes away.
     fn produce(&self) -> Result<()> {
-        let mut pending: Vec<Decoded> = Vec::new();
-        let mut batch_epoch = 0;
-        for epoch in 0u64.. {
-            let mut rng = ChaCha8Rng::seed_from_u64(
-                self.config.seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15),
-            );
-            let mut order: Vec<&Unit> = self.units.iter().collect();
-            order.shuffle(&mut rng);
-            for window in order.chunks(self.config.shuffle_window.max(1)) {
-                let mut raw = Vec::new();
-                for unit in window {
-                    raw.extend(
-                        parquet_source::read_unit(unit, &self.config.columns)?
-                            .into_iter()
-                            .map(|s| (s, (*unit).clone())),
-                    );
-                }
-                raw.shuffle(&mut rng);
-                let crop_seeds: Vec<u64> =
-                    raw.iter().map(|_| rand::Rng::random(&mut rng)).collect();
-                let decoded: Vec<Option<Decoded>> = self.pool.install(|| {
-                    raw.into_par_iter()
-                        .zip(crop_seeds)
-                        .map(|((sample, unit), seed)| self.decode(sample, &unit, seed))
-                        .collect()
-                });
-                self.check_bad_share()?;
-                for sample in decoded.into_iter().flatten() {
-                    if pending.is_empty() {
-                        batch_epoch = epoch;
-                    }
-                    pending.push(sample);
-                    if pending.len() == self.config.batch_size {
-                        let batch = self.assemble(batch_epoch, std::mem::take(&mut pending));
-                        if self.tx.send(Ok(batch)).is_err() {
-                            return Ok(()); // the training loop is done
-                        }
-                    }
+        let rows: Vec<usize> = self.units.iter().map(|u| u.rows).collect();
+        let sharding = self.config.sharding;
+        let global = sharding.global_batch as u64;
+        let mut cursor = self.cursor;
+        let mut order =
+            EpochOrder::new(&rows, cursor.seed, cursor.epoch, self.config.shuffle_window);
+        // Row groups read so far in this window, by unit index.
+        let mut cache: HashMap<usize, Arc<Vec<RawSample>>> = HashMap::new();
+        loop {
+            if cursor.offset + global > order.len() {
+                // Drop-last: the epoch's remaining partial batch is not used.
+                cursor.epoch += 1;
+                cursor.offset = 0;
+                order =
+                    EpochOrder::new(&rows, cursor.seed, cursor.epoch, self.config.shuffle_window);
+                cache.clear();
+            }
+            let range = sharding.local_range(cursor.offset);
+            let addresses = order.addresses(range.clone());
+            let needed = order.units_of(range.clone());
+            let keep = order.window_units(range);
+            cache.retain(|unit, _| keep.contains(unit));
+            for &unit in &needed {
+                if let Entry::Vacant(slot) = cache.entry(unit) {
+                    let samples =
+                        parquet_source::read_unit(&self.units[unit], &self.config.columns)?;
+                    slot.insert(Arc::new(samples));
                 }
             }
+            let picked: Vec<(RawSample, &Unit, u64)> = addresses
+                .iter()
+                .map(|&(unit, row)| {
+                    let sample =
+                        cache[&unit]
+                            .get(row)
+                            .cloned()
+                            .ok_or_else(|| DataError::Parquet {
+                                path: self.units[unit].file.clone(),
+                                reason: format!(
+                                    "row group {} has fewer rows than its metadata says",
+                                    self.units[unit].row_group
+                                ),
+                            })?;
+                    Ok((sample, &self.units[unit], crop_seed(cursor, unit, row)))
+                })
+                .collect::<Result<_>>()?;
+            let decoded: Vec<Option<Decoded>> = self.pool.install(|| {
+                picked
+                    .into_par_iter()
+                    .map(|(sample, unit, seed)| self.decode(sample, unit, seed))
+                    .collect()
+            });
+            self.check_bad_share()?;
+            let epoch = cursor.epoch;
+            cursor.offset += global;
+            let batch = self.assemble(epoch, cursor, decoded.into_iter().flatten().collect());
+            if self.tx.send(Ok(batch)).is_err() {
+                return Ok(()); // the training loop is done
+            }
         }
-        Ok(())
     }
 
     fn decode(&self, sample: RawSample, unit: &Unit, crop_seed: u64) -> Option<Decoded> {
@@ -258,9 +301,10 @@ impl Worker {
         Ok(())
     }
 
-    fn assemble(&self, epoch: u64, samples: Vec<Decoded>) -> Batch {
+    fn assemble(&self, epoch: u64, cursor: Cursor, samples: Vec<Decoded>) -> Batch {
         let mut batch = Batch {
             epoch,
+            cursor,
             keys: Vec::with_capacity(samples.len()),
             captions: Vec::with_capacity(samples.len()),
             pixels: Vec::with_capacity(samples.iter().map(|s| s.pixels.len()).sum()),

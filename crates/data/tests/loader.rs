@@ -5,6 +5,7 @@ use arrow_schema::{DataType, Field, Schema};
 use dalle_data::columns::ColumnConfig;
 use dalle_data::image_ops::{Crop, Preprocess};
 use dalle_data::loader::{ImageLoader, LoaderConfig};
+use dalle_data::order::{Cursor, Sharding};
 use dalle_data::synth::{self, SynthConfig};
 use std::collections::HashMap;
 use std::path::Path;
@@ -12,8 +13,7 @@ use std::sync::Arc;
 
 fn config(batch_size: usize) -> LoaderConfig {
     LoaderConfig {
-        batch_size,
-        seed: 5,
+        sharding: Sharding::single(batch_size),
         shuffle_window: 2,
         prefetch_batches: 2,
         decode_threads: 2,
@@ -70,7 +70,7 @@ fn every_sample_once_per_epoch_in_a_seeded_order() {
     let dir = tempfile::tempdir().unwrap();
     synth(dir.path(), 120);
     let epoch_keys = |seed| {
-        let loader = ImageLoader::start(dir.path(), LoaderConfig { seed, ..config(8) }).unwrap();
+        let loader = ImageLoader::start(dir.path(), config(8), Cursor::start(seed)).unwrap();
         assert_eq!(loader.units(), 12, "3 files × 4 row groups");
         let mut keys = Vec::new();
         for batch in loader.take(15) {
@@ -125,8 +125,10 @@ fn bad_rows_are_skipped_counted_and_do_not_stop_loading() {
             ("caption", Arc::new(StringArray::from(captions))),
         ],
     );
-    let mut loader = ImageLoader::start(dir.path(), config(66)).unwrap();
+    let mut loader = ImageLoader::start(dir.path(), config(70), Cursor::start(5)).unwrap();
+    // One global batch of all 70 rows: the 4 bad ones are left out.
     let batch = loader.next().unwrap().unwrap();
+    assert_eq!(batch.len(), 66);
     for bad in ["k3", "k4", "k5", "k6"] {
         assert!(
             !batch.keys.contains(&bad.to_string()),
@@ -160,8 +162,13 @@ fn too_many_bad_samples_stop_with_a_clear_error() {
             ),
         ],
     );
-    let mut loader = ImageLoader::start(dir.path(), config(4)).unwrap();
-    let err = loader.next().unwrap().unwrap_err().to_string();
+    let loader = ImageLoader::start(dir.path(), config(4), Cursor::start(5)).unwrap();
+    // Batches come empty (every sample bad) until enough were seen to judge.
+    let err = loader
+        .take(20)
+        .find_map(Result::err)
+        .expect("the loader must stop with an error")
+        .to_string();
     assert!(err.contains("too many bad samples"), "{err}");
 }
 
@@ -192,7 +199,7 @@ fn hugging_face_layout_is_detected() {
             ),
         ],
     );
-    let batch = ImageLoader::start(dir.path(), config(4))
+    let batch = ImageLoader::start(dir.path(), config(4), Cursor::start(5))
         .unwrap()
         .next()
         .unwrap()
@@ -212,21 +219,21 @@ fn hugging_face_layout_is_detected() {
 #[test]
 fn bad_datasets_are_clear_errors_naming_the_culprit() {
     let dir = tempfile::tempdir().unwrap();
-    let err = ImageLoader::start(dir.path(), config(4))
+    let err = ImageLoader::start(dir.path(), config(4), Cursor::start(5))
         .err()
         .unwrap()
         .to_string();
     assert!(err.contains("no Parquet files"), "{err}");
 
     let missing = dir.path().join("nope");
-    let err = ImageLoader::start(&missing, config(4))
+    let err = ImageLoader::start(&missing, config(4), Cursor::start(5))
         .err()
         .unwrap()
         .to_string();
     assert!(err.contains("nope"), "{err}");
 
     std::fs::write(dir.path().join("fake.parquet"), b"this is not parquet").unwrap();
-    let err = ImageLoader::start(dir.path(), config(4))
+    let err = ImageLoader::start(dir.path(), config(4), Cursor::start(5))
         .err()
         .unwrap()
         .to_string();
@@ -243,7 +250,7 @@ fn bad_datasets_are_clear_errors_naming_the_culprit() {
             ("title", Arc::new(StringArray::from_iter_values(["x"]))),
         ],
     );
-    let err = ImageLoader::start(dir.path(), config(4))
+    let err = ImageLoader::start(dir.path(), config(4), Cursor::start(5))
         .err()
         .unwrap()
         .to_string();

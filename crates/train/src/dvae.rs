@@ -9,6 +9,7 @@ use crate::optim::AdamW;
 use crate::{Result, TrainError};
 use dalle_data::image_ops::Preprocess;
 use dalle_data::loader::{Batch, ImageLoader, LoaderConfig};
+use dalle_data::order::{Cursor, Sharding};
 use dalle_model::dvae::{Dvae, Objective, loss};
 use std::io::Write;
 use std::path::PathBuf;
@@ -18,8 +19,7 @@ use tch::{Device, Kind, Tensor};
 /// The loader settings of a job for images of `image_size`.
 pub fn loader_config(job: &JobConfig, batch_size: usize) -> LoaderConfig {
     LoaderConfig {
-        batch_size,
-        seed: job.run.seed,
+        sharding: Sharding::single(batch_size),
         shuffle_window: job.data.shuffle_window,
         prefetch_batches: job.data.prefetch_batches,
         decode_threads: job.data.decode_threads,
@@ -41,6 +41,18 @@ pub fn batch_tensor(batch: &Batch, device: Device) -> Tensor {
         .to_device(device)
 }
 
+/// The next batch with at least one sample (a slice of only bad samples is
+/// skipped; the loader has logged each of them).
+fn next_nonempty(loader: &mut ImageLoader, step: u64) -> Result<Batch> {
+    loop {
+        let batch = loader.next().ok_or(TrainError::DataExhausted(step))??;
+        if !batch.is_empty() {
+            return Ok(batch);
+        }
+        tracing::warn!(step, cursor = ?batch.cursor, "every sample of a batch was bad; taking the next batch");
+    }
+}
+
 /// Applies the run's thread count and device choice.
 pub fn runtime_device(job: &JobConfig) -> Result<Device> {
     if job.run.threads > 0 {
@@ -60,7 +72,11 @@ pub fn train(job: &JobConfig, mut on_log: impl FnMut(&DvaeLog)) -> Result<TrainR
     let cfg = &job.dvae.train;
     let device = runtime_device(job)?;
     let data = job.data_path();
-    let mut loader = ImageLoader::start(&data, loader_config(job, cfg.batch_size))?;
+    let mut loader = ImageLoader::start(
+        &data,
+        loader_config(job, cfg.batch_size),
+        Cursor::start(job.run.seed),
+    )?;
     tracing::info!(
         data = %data.display(), row_groups = loader.units(), ?device,
         "training dVAE for {} steps at batch {}", cfg.steps, cfg.batch_size
@@ -86,7 +102,7 @@ pub fn train(job: &JobConfig, mut on_log: impl FnMut(&DvaeLog)) -> Result<TrainR
 
     for step in 0..cfg.steps {
         let started = Instant::now();
-        let batch = loader.next().ok_or(TrainError::DataExhausted(step))??;
+        let batch = next_nonempty(&mut loader, step)?;
         let data_wait = started.elapsed();
 
         let objective = Objective {

@@ -4,7 +4,6 @@
 //! mean colour (three numbers of information per image).
 
 use crate::Result;
-use dalle_data::loader::Batch;
 use dalle_model::dvae::{Dvae, loss::psnr};
 use tch::{Kind, Tensor};
 
@@ -21,16 +20,17 @@ pub struct ReconReport {
     pub reconstructions: Tensor,
 }
 
-/// Reconstructs the images of `batches` until `count` are done.
+/// Reconstructs the `(N, 3, S, S)` image batches of `batches` until
+/// `count` images are done.
 pub fn reconstruct(
     model: &Dvae,
-    batches: impl Iterator<Item = dalle_data::Result<Batch>>,
+    batches: impl Iterator<Item = Result<Tensor>>,
     count: usize,
 ) -> Result<ReconReport> {
     let (mut originals, mut recons) = (Vec::new(), Vec::new());
     let mut done = 0;
     for batch in batches {
-        let x = crate::dvae::batch_tensor(&batch?, tch::Device::Cpu);
+        let x = batch?.to_device(tch::Device::Cpu);
         let take = (count - done).min(x.size()[0] as usize) as i64;
         let x = x.narrow(0, 0, take);
         recons.push(model.reconstruct(&x)?.to_device(tch::Device::Cpu));

@@ -4,6 +4,7 @@
 //! own mean colour takes longer runs (the demo's); see BENCHMARKS.md.
 
 use dalle_data::loader::ImageLoader;
+use dalle_data::order::Cursor;
 use dalle_data::synth::{self, SynthConfig};
 use dalle_model::device::parse_device;
 use dalle_model::dvae::{Dvae, DvaeConfig};
@@ -53,9 +54,14 @@ fn short_training_run_learns_to_reconstruct() {
     assert_eq!(report.loader.skipped(), 0);
 
     let model = Dvae::load(&report.weights, parse_device("cpu").unwrap()).unwrap();
-    let batches =
-        ImageLoader::start(&job.data_path(), dalle_train::dvae::loader_config(&job, 32)).unwrap();
-    let eval = dalle_train::eval::reconstruct(&model, batches, 64).unwrap();
+    let batches = ImageLoader::start(
+        &job.data_path(),
+        dalle_train::dvae::loader_config(&job, 32),
+        Cursor::start(0),
+    )
+    .unwrap();
+    let tensors = batches.map(|b| Ok(dalle_train::dvae::batch_tensor(&b?, tch::Device::Cpu)));
+    let eval = dalle_train::eval::reconstruct(&model, tensors, 64).unwrap();
     assert_eq!(eval.images, 64);
     assert!(
         eval.psnr > eval.blind_psnr + 3.0,
