@@ -182,7 +182,7 @@ def train_tiny_model(dalle: Path, work: Path) -> Path:
     run_dir = work / "run"
     overrides = [
         f"run.dir={run_dir}",
-        f"data.path={run_dir / 'data'}",
+        f"data.url={run_dir / 'data'}",
         "synth.count=64",
         "synth.rows_per_file=64",
         "synth.rows_per_group=16",

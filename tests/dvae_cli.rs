@@ -217,6 +217,6 @@ fn bad_input_gives_errors_naming_the_culprit() {
     let err = job.fails(&["dvae", "train", "--set", "dvae.train.stepz=3"]);
     assert!(err.contains("stepz"), "{err}");
 
-    let err = job.fails(&["dvae", "train", "--set", "data.path=/does/not/exist"]);
+    let err = job.fails(&["dvae", "train", "--set", "data.url=/does/not/exist"]);
     assert!(err.contains("/does/not/exist"), "{err}");
 }

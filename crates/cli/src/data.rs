@@ -20,7 +20,10 @@ pub enum DataCommand {
 pub fn run(cmd: DataCommand, job: &JobConfig) -> Result<()> {
     match cmd {
         DataCommand::Synth { out } => {
-            let dir = out.unwrap_or_else(|| job.data_path());
+            let dir = match out {
+                Some(dir) => dir,
+                None => job.data_dir()?,
+            };
             let cfg = &job.synth;
             let bar = progress::bar(cfg.count.div_ceil(cfg.rows_per_file.max(1)) as u64, "files");
             let files = synth::write_dataset(&dir, cfg, |_| bar.inc(1))

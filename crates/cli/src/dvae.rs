@@ -29,8 +29,9 @@ pub enum DvaeCommand {
         /// Encode at most this many images.
         #[arg(long)]
         limit: Option<usize>,
+        /// Image files, or datasets (Parquet file, directory, prefix or glob; path or URL).
         #[arg(required = true)]
-        inputs: Vec<PathBuf>,
+        inputs: Vec<String>,
     },
     /// Token grids (JSON lines from `encode`) → a PNG grid of images.
     Decode {
@@ -45,8 +46,8 @@ pub enum DvaeCommand {
     Reconstruct {
         #[arg(long)]
         weights: Option<PathBuf>,
-        /// Images or Parquet; defaults to the job's dataset.
-        inputs: Vec<PathBuf>,
+        /// Image files or datasets (paths or URLs); defaults to the job's dataset.
+        inputs: Vec<String>,
         /// Number of images.
         #[arg(long, default_value_t = 16)]
         count: usize,
@@ -147,10 +148,16 @@ fn preprocess(model: &Dvae, job: &JobConfig) -> Preprocess {
 fn read_inputs(
     model: &Dvae,
     job: &JobConfig,
-    inputs: &[PathBuf],
+    inputs: &[String],
     limit: Option<usize>,
 ) -> Result<Vec<InputImage>> {
-    let images = inputs::read_images(inputs, &preprocess(model, job), &job.data.columns, limit)?;
+    let images = inputs::read_images(
+        inputs,
+        &preprocess(model, job),
+        &job.data.columns,
+        &job.store,
+        limit,
+    )?;
     if images.is_empty() {
         bail!("no decodable images in {inputs:?}");
     }
@@ -179,7 +186,7 @@ fn batches<'a>(
 fn encode(
     model: &Dvae,
     job: &JobConfig,
-    inputs: &[PathBuf],
+    inputs: &[String],
     limit: Option<usize>,
     out: &Path,
 ) -> Result<()> {
@@ -243,12 +250,12 @@ fn decode(model: &Dvae, tokens: &Path, out: &Path) -> Result<()> {
 fn reconstruct(
     model: &Dvae,
     job: &JobConfig,
-    inputs: &[PathBuf],
+    inputs: &[String],
     count: usize,
     out: &Path,
 ) -> Result<()> {
     let inputs = if inputs.is_empty() {
-        vec![job.data_path()]
+        vec![job.data_url()]
     } else {
         inputs.to_vec()
     };

@@ -1,11 +1,13 @@
-//! Images given on the command line: image files, or Parquet files and
-//! directories of them, read in order, each sample once.
+//! Images given on the command line: image files, or datasets (Parquet
+//! files, directories, prefixes, globs, on any store URL), read in order,
+//! each sample once.
 
 use anyhow::{Context, Result, bail};
 use dalle_data::columns::ColumnConfig;
 use dalle_data::image_ops::Preprocess;
 use dalle_data::parquet_source;
-use std::path::{Path, PathBuf};
+use dalle_store::{Location, StoreConfig};
+use std::path::Path;
 
 /// A decoded input image, CHW floats in [0, 1].
 pub struct InputImage {
@@ -13,26 +15,35 @@ pub struct InputImage {
     pub pixels: Vec<f32>,
 }
 
-fn is_parquet(path: &Path) -> bool {
-    path.is_dir() || path.extension().is_some_and(|e| e == "parquet")
+/// A dataset rather than one image file: a URL, a directory, Parquet, a glob.
+fn is_dataset(input: &str) -> bool {
+    input.contains("://")
+        || input.contains('*')
+        || input.ends_with(".parquet")
+        || Path::new(input).is_dir()
 }
 
 /// Reads every input, in the order given. Undecodable images in Parquet
 /// are skipped with a warning naming them; an image file given by name
 /// that does not decode is an error.
 pub fn read_images(
-    inputs: &[PathBuf],
+    inputs: &[String],
     preprocess: &Preprocess,
     columns: &ColumnConfig,
+    store: &StoreConfig,
     limit: Option<usize>,
 ) -> Result<Vec<InputImage>> {
     let mut out = Vec::new();
     let full = |out: &Vec<InputImage>| limit.is_some_and(|l| out.len() >= l);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     for input in inputs {
-        if !input.exists() {
-            bail!("input {} does not exist", input.display());
-        }
-        if !is_parquet(input) {
+        if !is_dataset(input) {
+            let input = Path::new(input);
+            if !input.exists() {
+                bail!("input {} does not exist", input.display());
+            }
             let bytes =
                 std::fs::read(input).with_context(|| format!("reading {}", input.display()))?;
             let key = input.display().to_string();
@@ -43,14 +54,14 @@ pub fn read_images(
             out.push(InputImage { key, pixels });
             continue;
         }
-        let files = parquet_source::list_files(input)?;
-        for unit in parquet_source::plan_units(&files, columns)? {
-            for sample in parquet_source::read_unit(&unit, columns)? {
+        let location = Location::parse(input, store)?;
+        for unit in runtime.block_on(parquet_source::plan_units(&location, columns))? {
+            for sample in runtime.block_on(parquet_source::read_unit(&unit))? {
                 if full(&out) {
                     return Ok(out);
                 }
                 let Some(bytes) = sample.image.as_deref() else {
-                    tracing::warn!(file = %unit.file.display(), key = %sample.key, "skipping null image");
+                    tracing::warn!(file = %unit.file.url, key = %sample.key, "skipping null image");
                     continue;
                 };
                 let mut pixels = Vec::new();
@@ -59,7 +70,7 @@ pub fn read_images(
                         key: sample.key,
                         pixels,
                     }),
-                    Err(e) => tracing::warn!(file = %unit.file.display(), "skipping: {e}"),
+                    Err(e) => tracing::warn!(file = %unit.file.url, "skipping: {e}"),
                 }
             }
         }

@@ -10,7 +10,6 @@ use arrow_array::cast::AsArray;
 use arrow_array::{Array, ArrayRef};
 use arrow_schema::{DataType, Schema};
 use serde::{Deserialize, Serialize};
-use std::path::Path;
 
 const IMAGE_CANDIDATES: &[&str] = &["jpg", "png", "webp", "jpeg", "image"];
 const CAPTION_CANDIDATES: &[&str] = &["caption", "text", "txt"];
@@ -35,7 +34,7 @@ pub struct Columns {
 }
 
 impl ColumnConfig {
-    pub fn resolve(&self, schema: &Schema, path: &Path) -> Result<Columns> {
+    pub fn resolve(&self, schema: &Schema, file: &str) -> Result<Columns> {
         let present: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
         let pick = |configured: &Option<String>, candidates: &[&str], what: &str| {
             let found = match configured {
@@ -46,7 +45,7 @@ impl ColumnConfig {
                     .map(|c| c.to_string()),
             };
             found.ok_or_else(|| DataError::MissingColumn {
-                path: path.to_path_buf(),
+                file: file.to_string(),
                 wanted: match configured {
                     Some(name) => format!("{what} column `{name}`"),
                     None => format!("{what} column (looked for {})", candidates.join(", ")),
@@ -81,7 +80,7 @@ impl ColumnConfig {
                 .expect("resolved from the schema");
             if !check(field.data_type()) {
                 return Err(DataError::ColumnType {
-                    path: path.to_path_buf(),
+                    file: file.to_string(),
                     column: name.clone(),
                     found: field.data_type().to_string(),
                     expected: if name == &columns.image {

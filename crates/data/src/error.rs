@@ -12,23 +12,25 @@ pub enum DataError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path} is not a readable Parquet file: {reason}")]
-    Parquet { path: PathBuf, reason: String },
-    #[error("{path}: no {wanted} column; columns present: {present}")]
+    #[error("{file} is not a readable Parquet file: {reason}")]
+    Parquet { file: String, reason: String },
+    #[error("{file}: no {wanted} column; columns present: {present}")]
     MissingColumn {
-        path: PathBuf,
+        file: String,
         wanted: String,
         present: String,
     },
-    #[error("{path}: column `{column}` has type {found}, expected {expected}")]
+    #[error("{file}: column `{column}` has type {found}, expected {expected}")]
     ColumnType {
-        path: PathBuf,
+        file: String,
         column: String,
         found: String,
         expected: &'static str,
     },
     #[error("no Parquet files found at {0}")]
-    EmptyDataset(PathBuf),
+    EmptyDataset(String),
+    #[error(transparent)]
+    Store(#[from] dalle_store::StoreError),
     #[error("image {key}: {reason}")]
     Image { key: String, reason: String },
     #[error("too many bad samples: {bad} of {seen} ({share:.1}%) exceed the limit of {limit:.1}%")]
@@ -49,11 +51,11 @@ impl DataError {
     }
 
     pub(crate) fn parquet(
-        path: impl Into<PathBuf>,
+        file: impl Into<String>,
     ) -> impl FnOnce(parquet::errors::ParquetError) -> Self {
-        let path = path.into();
+        let file = file.into();
         move |e| Self::Parquet {
-            path,
+            file,
             reason: e.to_string(),
         }
     }

@@ -6,6 +6,7 @@ pub mod columns;
 pub mod error;
 pub mod image_ops;
 pub mod loader;
+mod object_reader;
 pub mod order;
 pub mod parquet_source;
 pub mod synth;

@@ -18,10 +18,10 @@ use crate::order::{Cursor, EpochOrder, Sharding};
 use crate::parquet_source::{self, RawSample, Unit};
 use crate::{DataError, Result};
 use crossbeam_channel::{Receiver, Sender, bounded};
+use dalle_store::Location;
+use futures::{StreamExt, TryStreamExt};
 use rayon::prelude::*;
 use std::collections::HashMap;
-use std::collections::hash_map::Entry;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 #[derive(Clone, Debug)]
@@ -33,6 +33,8 @@ pub struct LoaderConfig {
     /// Decoded batches queued ahead of the training loop.
     pub prefetch_batches: usize,
     pub decode_threads: usize,
+    /// Bytes of row groups read at once from storage (bounded read-ahead).
+    pub read_ahead_bytes: u64,
     /// Share of bad samples (0..1) above which loading stops.
     pub max_bad_fraction: f64,
     pub preprocess: Preprocess,
@@ -49,6 +51,8 @@ pub struct Batch {
     pub captions: Vec<String>,
     pub pixels: Vec<f32>,
     pub size: u32,
+    /// This batch's share of the samples read and skipped.
+    pub skipped: LoaderStats,
 }
 
 impl Batch {
@@ -74,6 +78,21 @@ impl LoaderStats {
     pub fn skipped(&self) -> u64 {
         self.null_image + self.empty_caption + self.undecodable
     }
+
+    pub fn add(&mut self, other: &Self) {
+        self.seen += other.seen;
+        self.null_image += other.null_image;
+        self.empty_caption += other.empty_caption;
+        self.undecodable += other.undecodable;
+    }
+}
+
+/// Why a sample was skipped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Skip {
+    NullImage,
+    EmptyCaption,
+    Undecodable,
 }
 
 /// Below this many samples the bad-sample share is too noisy to act on.
@@ -86,23 +105,26 @@ pub struct ImageLoader {
 }
 
 impl ImageLoader {
-    /// Plans the dataset at `location` (a Parquet file or a directory of
-    /// them) and starts loading. Errors in the plan (no files, a file that
-    /// is not Parquet, missing columns) are reported here, before training.
+    /// Plans the dataset at `location` (a Parquet file, or every Parquet
+    /// file under a prefix or matching a glob) and starts loading. Errors in
+    /// the plan (nothing there, unreachable store, a file that is not
+    /// Parquet, missing columns) are reported here, before training.
     /// Loading begins at `cursor` (use [`Cursor::start`] for a new run).
-    pub fn start(location: &std::path::Path, config: LoaderConfig, cursor: Cursor) -> Result<Self> {
+    pub fn start(location: &Location, config: LoaderConfig, cursor: Cursor) -> Result<Self> {
         config.sharding.validate().map_err(DataError::Config)?;
-        let files: Vec<PathBuf> = parquet_source::list_files(location)?;
-        let units = parquet_source::plan_units(&files, &config.columns)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(DataError::io("loader runtime"))?;
+        let units = runtime.block_on(parquet_source::plan_units(location, &config.columns))?;
         let samples: usize = units.iter().map(|u| u.rows).sum();
         if samples == 0 {
-            return Err(DataError::EmptyDataset(location.to_path_buf()));
+            return Err(DataError::EmptyDataset(location.url.clone()));
         }
         if samples < config.sharding.global_batch {
             return Err(DataError::Config(format!(
                 "{} holds {samples} samples, fewer than one global batch of {}",
-                location.display(),
-                config.sharding.global_batch
+                location.url, config.sharding.global_batch
             )));
         }
         let pool = rayon::ThreadPoolBuilder::new()
@@ -116,6 +138,7 @@ impl ImageLoader {
         let worker = Worker {
             config,
             cursor,
+            runtime,
             units,
             stats: stats.clone(),
             pool,
@@ -162,6 +185,8 @@ fn crop_seed(cursor: Cursor, unit: usize, row: usize) -> u64 {
 struct Worker {
     config: LoaderConfig,
     cursor: Cursor,
+    /// Drives the object-store reads of this thread.
+    runtime: tokio::runtime::Runtime,
     units: Vec<Unit>,
     stats: Arc<Mutex<LoaderStats>>,
     pool: rayon::ThreadPool,
@@ -206,12 +231,12 @@ impl Worker {
             let needed = order.units_of(range.clone());
             let keep = order.window_units(range);
             cache.retain(|unit, _| keep.contains(unit));
-            for &unit in &needed {
-                if let Entry::Vacant(slot) = cache.entry(unit) {
-                    let samples =
-                        parquet_source::read_unit(&self.units[unit], &self.config.columns)?;
-                    slot.insert(Arc::new(samples));
-                }
+            let missing: Vec<usize> = needed
+                .into_iter()
+                .filter(|u| !cache.contains_key(u))
+                .collect();
+            for (unit, samples) in missing.iter().zip(self.read_units(&missing)?) {
+                cache.insert(*unit, Arc::new(samples));
             }
             let picked: Vec<(RawSample, &Unit, u64)> = addresses
                 .iter()
@@ -221,7 +246,7 @@ impl Worker {
                             .get(row)
                             .cloned()
                             .ok_or_else(|| DataError::Parquet {
-                                path: self.units[unit].file.clone(),
+                                file: self.units[unit].file.url.clone(),
                                 reason: format!(
                                     "row group {} has fewer rows than its metadata says",
                                     self.units[unit].row_group
@@ -230,45 +255,73 @@ impl Worker {
                     Ok((sample, &self.units[unit], crop_seed(cursor, unit, row)))
                 })
                 .collect::<Result<_>>()?;
-            let decoded: Vec<Option<Decoded>> = self.pool.install(|| {
+            let decoded: Vec<Result<Decoded, Skip>> = self.pool.install(|| {
                 picked
                     .into_par_iter()
                     .map(|(sample, unit, seed)| self.decode(sample, unit, seed))
                     .collect()
             });
+            let mut counts = LoaderStats::default();
+            let mut good = Vec::with_capacity(decoded.len());
+            for d in decoded {
+                counts.seen += 1;
+                match d {
+                    Ok(sample) => good.push(sample),
+                    Err(Skip::NullImage) => counts.null_image += 1,
+                    Err(Skip::EmptyCaption) => counts.empty_caption += 1,
+                    Err(Skip::Undecodable) => counts.undecodable += 1,
+                }
+            }
+            self.stats.lock().expect("stats lock").add(&counts);
             self.check_bad_share()?;
             let epoch = cursor.epoch;
             cursor.offset += global;
-            let batch = self.assemble(epoch, cursor, decoded.into_iter().flatten().collect());
+            let mut batch = self.assemble(epoch, cursor, good);
+            batch.skipped = counts;
             if self.tx.send(Ok(batch)).is_err() {
                 return Ok(()); // the training loop is done
             }
         }
     }
 
-    fn decode(&self, sample: RawSample, unit: &Unit, crop_seed: u64) -> Option<Decoded> {
-        let skip = |reason: &str, detail: &dyn std::fmt::Display| {
+    /// Reads row groups concurrently, as many at a time as fit in the
+    /// read-ahead budget (at least one).
+    fn read_units(&self, units: &[usize]) -> Result<Vec<Vec<RawSample>>> {
+        let largest = units
+            .iter()
+            .map(|&u| self.units[u].bytes)
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let concurrency = (self.config.read_ahead_bytes / largest).clamp(1, 64) as usize;
+        self.runtime.block_on(
+            futures::stream::iter(
+                units
+                    .iter()
+                    .map(|&u| parquet_source::read_unit(&self.units[u])),
+            )
+            .buffered(concurrency)
+            .try_collect(),
+        )
+    }
+
+    /// Decodes one sample, or says why it is skipped (and logs it).
+    fn decode(&self, sample: RawSample, unit: &Unit, crop_seed: u64) -> Result<Decoded, Skip> {
+        let skip = |reason: Skip, detail: &dyn std::fmt::Display| {
             tracing::warn!(
-                file = %unit.file.display(),
+                file = %unit.file.url,
                 row_group = unit.row_group,
                 key = %sample.key,
-                "skipping sample: {reason}: {detail}"
+                "skipping sample: {reason:?}{detail}"
             );
+            reason
         };
-        let count = |f: fn(&mut LoaderStats)| f(&mut self.stats.lock().expect("stats lock"));
-        count(|s| s.seen += 1);
         let Some(image) = sample.image.as_deref() else {
-            skip("null image", &"");
-            count(|s| s.null_image += 1);
-            return None;
+            return Err(skip(Skip::NullImage, &""));
         };
         let caption = match sample.caption.as_deref().map(str::trim) {
             Some(c) if !c.is_empty() => c.to_string(),
-            _ => {
-                skip("empty or null caption", &"");
-                count(|s| s.empty_caption += 1);
-                return None;
-            }
+            _ => return Err(skip(Skip::EmptyCaption, &"")),
         };
         let mut pixels = Vec::new();
         if let Err(e) = self
@@ -276,11 +329,9 @@ impl Worker {
             .preprocess
             .apply(image, &sample.key, crop_seed, &mut pixels)
         {
-            skip("undecodable image", &e);
-            count(|s| s.undecodable += 1);
-            return None;
+            return Err(skip(Skip::Undecodable, &format_args!(": {e}")));
         }
-        Some(Decoded {
+        Ok(Decoded {
             key: sample.key,
             caption,
             pixels,
@@ -309,6 +360,7 @@ impl Worker {
             captions: Vec::with_capacity(samples.len()),
             pixels: Vec::with_capacity(samples.iter().map(|s| s.pixels.len()).sum()),
             size: self.config.preprocess.size,
+            skipped: LoaderStats::default(),
         };
         for s in samples {
             batch.keys.push(s.key);

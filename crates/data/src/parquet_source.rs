@@ -1,12 +1,23 @@
-//! Reading image–caption samples from local Parquet files, one row group at
-//! a time and only the needed columns.
+//! Reading image–caption samples from Parquet files wherever they lie
+//! (local disk, S3-compatible storage, memory), through object_store and
+//! the parquet async reader: the footer once per file, then only the row
+//! groups and columns needed, by range requests. Whole files are never
+//! downloaded.
 
 use crate::columns::{self, ColumnConfig, Columns};
+use crate::object_reader::StoreReader;
 use crate::{DataError, Result};
+use dalle_store::Location;
+use dalle_store::object_store::ObjectStore;
+use dalle_store::object_store::path::Path as ObjectPath;
+use futures::{StreamExt, TryStreamExt};
 use parquet::arrow::ProjectionMask;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use std::fs::File;
-use std::path::{Path, PathBuf};
+use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
+use parquet::arrow::async_reader::ParquetRecordBatchStreamBuilder;
+use std::sync::Arc;
+
+/// Files whose footers are read at once while planning.
+const FOOTER_CONCURRENCY: usize = 16;
 
 /// One sample as stored: its bytes are decoded later, off the reading thread.
 #[derive(Clone, Debug)]
@@ -16,67 +27,91 @@ pub struct RawSample {
     pub caption: Option<String>,
 }
 
+/// A Parquet file with its footer and resolved columns.
+#[derive(Debug)]
+pub struct SourceFile {
+    store: Arc<dyn ObjectStore>,
+    path: ObjectPath,
+    size: u64,
+    /// The file's URL, for messages.
+    pub url: String,
+    metadata: ArrowReaderMetadata,
+    columns: Columns,
+}
+
 /// A unit of work: one row group of one file.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct Unit {
-    pub file: PathBuf,
+    pub file: Arc<SourceFile>,
     pub row_group: usize,
     pub rows: usize,
+    /// Compressed bytes of the row group (all columns): what reading it
+    /// costs at most.
+    pub bytes: u64,
 }
 
-/// The Parquet files of a dataset: a single file, or every `*.parquet` in a
-/// directory (sorted by name, so the order does not depend on the file system).
-pub fn list_files(location: &Path) -> Result<Vec<PathBuf>> {
-    if location.is_file() {
-        return Ok(vec![location.to_path_buf()]);
+impl SourceFile {
+    async fn open(
+        location: &Location,
+        path: ObjectPath,
+        size: u64,
+        columns: &ColumnConfig,
+    ) -> Result<Self> {
+        let url = location.describe(&path);
+        let mut reader = StoreReader::new(location.store.clone(), path.clone(), size);
+        let metadata = ArrowReaderMetadata::load_async(&mut reader, ArrowReaderOptions::new())
+            .await
+            .map_err(DataError::parquet(url.clone()))?;
+        let columns = columns.resolve(metadata.schema(), &url)?;
+        Ok(Self {
+            store: location.store.clone(),
+            path,
+            size,
+            url,
+            metadata,
+            columns,
+        })
     }
-    let entries = std::fs::read_dir(location).map_err(DataError::io(location))?;
-    let mut files = Vec::new();
-    for entry in entries {
-        let path = entry.map_err(DataError::io(location))?.path();
-        if path.extension().is_some_and(|e| e == "parquet") {
-            files.push(path);
-        }
-    }
-    files.sort();
-    if files.is_empty() {
-        return Err(DataError::EmptyDataset(location.to_path_buf()));
-    }
-    Ok(files)
 }
 
-fn open(path: &Path) -> Result<ParquetRecordBatchReaderBuilder<File>> {
-    let file = File::open(path).map_err(DataError::io(path))?;
-    ParquetRecordBatchReaderBuilder::try_new(file).map_err(DataError::parquet(path))
-}
-
-/// The row groups of every file, in file order, with their columns checked.
-pub fn plan_units(files: &[PathBuf], columns: &ColumnConfig) -> Result<Vec<Unit>> {
+/// Lists the dataset's Parquet files and reads their footers: the row
+/// groups of every file, in key order, with their columns checked.
+pub async fn plan_units(location: &Location, columns: &ColumnConfig) -> Result<Vec<Unit>> {
+    let objects = location.list(".parquet").await?;
+    if objects.is_empty() {
+        return Err(DataError::EmptyDataset(location.url.clone()));
+    }
+    let files: Vec<SourceFile> = futures::stream::iter(objects)
+        .map(|o| SourceFile::open(location, o.location, o.size, columns))
+        .buffered(FOOTER_CONCURRENCY)
+        .try_collect()
+        .await?;
     let mut units = Vec::new();
-    for file in files {
-        let builder = open(file)?;
-        columns.resolve(builder.schema(), file)?;
-        for (row_group, meta) in builder.metadata().row_groups().iter().enumerate() {
+    for file in files.into_iter().map(Arc::new) {
+        for (row_group, meta) in file.metadata.metadata().row_groups().iter().enumerate() {
             units.push(Unit {
                 file: file.clone(),
                 row_group,
                 rows: meta.num_rows() as usize,
+                bytes: meta.compressed_size() as u64,
             });
         }
     }
     Ok(units)
 }
 
-/// Reads the samples of one row group.
-pub fn read_unit(unit: &Unit, columns: &ColumnConfig) -> Result<Vec<RawSample>> {
-    let builder = open(&unit.file)?;
-    let cols: Columns = columns.resolve(builder.schema(), &unit.file)?;
+/// Reads the samples of one row group: only the key, image and caption
+/// columns, by range requests.
+pub async fn read_unit(unit: &Unit) -> Result<Vec<RawSample>> {
+    let file = &unit.file;
+    let cols = &file.columns;
     let wanted: Vec<&str> = [Some(&cols.image), Some(&cols.caption), cols.key.as_ref()]
         .into_iter()
         .flatten()
         .map(String::as_str)
         .collect();
-    let roots: Vec<usize> = builder
+    let roots: Vec<usize> = file
+        .metadata
         .schema()
         .fields()
         .iter()
@@ -84,19 +119,21 @@ pub fn read_unit(unit: &Unit, columns: &ColumnConfig) -> Result<Vec<RawSample>> 
         .filter(|(_, f)| wanted.contains(&f.name().as_str()))
         .map(|(i, _)| i)
         .collect();
-    let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
-    let reader = builder
-        .with_row_groups(vec![unit.row_group])
-        .with_projection(mask)
-        .build()
-        .map_err(DataError::parquet(&unit.file))?;
-    let file_name = unit.file.file_name().unwrap_or_default().to_string_lossy();
+    let mask = ProjectionMask::roots(file.metadata.parquet_schema(), roots);
+    let reader = StoreReader::new(file.store.clone(), file.path.clone(), file.size);
+    let mut stream =
+        ParquetRecordBatchStreamBuilder::new_with_metadata(reader, file.metadata.clone())
+            .with_row_groups(vec![unit.row_group])
+            .with_projection(mask)
+            .build()
+            .map_err(DataError::parquet(file.url.clone()))?;
+    let file_name = file.path.filename().unwrap_or_default().to_string();
     let mut samples = Vec::with_capacity(unit.rows);
-    for batch in reader {
-        let batch = batch.map_err(|e| DataError::Parquet {
-            path: unit.file.clone(),
-            reason: e.to_string(),
-        })?;
+    while let Some(batch) = stream
+        .try_next()
+        .await
+        .map_err(DataError::parquet(file.url.clone()))?
+    {
         let column = |name: &str| batch.column_by_name(name).expect("projected");
         let images = columns::binary_values(column(&cols.image));
         let captions = columns::string_values(column(&cols.caption));

@@ -232,9 +232,13 @@ fn write_file(path: &Path, range: std::ops::Range<usize>, cfg: &SynthConfig) -> 
     let tmp = path.with_extension("parquet.partial");
     let file = std::fs::File::create(&tmp).map_err(DataError::io(&tmp))?;
     let mut writer = ArrowWriter::try_new(file, batch.schema(), Some(props))
-        .map_err(DataError::parquet(&tmp))?;
-    writer.write(&batch).map_err(DataError::parquet(&tmp))?;
-    writer.close().map_err(DataError::parquet(&tmp))?;
+        .map_err(DataError::parquet(tmp.display().to_string()))?;
+    writer
+        .write(&batch)
+        .map_err(DataError::parquet(tmp.display().to_string()))?;
+    writer
+        .close()
+        .map_err(DataError::parquet(tmp.display().to_string()))?;
     std::fs::rename(&tmp, path).map_err(DataError::io(path))
 }
 

@@ -7,6 +7,7 @@ use dalle_data::image_ops::{Crop, Preprocess};
 use dalle_data::loader::{ImageLoader, LoaderConfig};
 use dalle_data::order::{Cursor, Sharding};
 use dalle_data::synth::{self, SynthConfig};
+use dalle_store::{Location, StoreConfig};
 use std::collections::HashSet;
 use std::path::Path;
 
@@ -25,6 +26,10 @@ fn dataset(dir: &Path) {
     synth::write_dataset(dir, &cfg, |_| {}).unwrap();
 }
 
+fn loc(path: &Path) -> Location {
+    Location::parse(path.to_str().unwrap(), &StoreConfig::default()).unwrap()
+}
+
 fn config(rank: usize, world: usize) -> LoaderConfig {
     LoaderConfig {
         sharding: Sharding {
@@ -35,6 +40,7 @@ fn config(rank: usize, world: usize) -> LoaderConfig {
         shuffle_window: 3,
         prefetch_batches: 2,
         decode_threads: 1,
+        read_ahead_bytes: 1 << 20,
         max_bad_fraction: 0.0,
         preprocess: Preprocess {
             size: 8,
@@ -55,7 +61,7 @@ fn run(
     steps: usize,
 ) -> (Vec<Vec<String>>, Vec<u64>, Cursor) {
     let mut loaders: Vec<ImageLoader> = (0..world)
-        .map(|rank| ImageLoader::start(dir, config(rank, world), cursor).unwrap())
+        .map(|rank| ImageLoader::start(&loc(dir), config(rank, world), cursor).unwrap())
         .collect();
     let (mut ledger, mut epochs, mut last) = (Vec::new(), Vec::new(), cursor);
     for _ in 0..steps {
@@ -121,7 +127,7 @@ fn resumed_runs_match_an_uninterrupted_one_at_any_world_size() {
 fn world_size_must_divide_the_global_batch() {
     let dir = tempfile::tempdir().unwrap();
     dataset(dir.path());
-    let err = ImageLoader::start(dir.path(), config(0, 3), Cursor::start(0))
+    let err = ImageLoader::start(&loc(dir.path()), config(0, 3), Cursor::start(0))
         .err()
         .unwrap();
     assert!(

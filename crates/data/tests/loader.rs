@@ -7,9 +7,14 @@ use dalle_data::image_ops::{Crop, Preprocess};
 use dalle_data::loader::{ImageLoader, LoaderConfig};
 use dalle_data::order::{Cursor, Sharding};
 use dalle_data::synth::{self, SynthConfig};
+use dalle_store::{Location, StoreConfig};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
+
+fn loc(path: &Path) -> Location {
+    Location::parse(path.to_str().unwrap(), &StoreConfig::default()).unwrap()
+}
 
 fn config(batch_size: usize) -> LoaderConfig {
     LoaderConfig {
@@ -17,6 +22,7 @@ fn config(batch_size: usize) -> LoaderConfig {
         shuffle_window: 2,
         prefetch_batches: 2,
         decode_threads: 2,
+        read_ahead_bytes: 1 << 20,
         max_bad_fraction: 0.5,
         preprocess: Preprocess {
             size: 16,
@@ -70,7 +76,7 @@ fn every_sample_once_per_epoch_in_a_seeded_order() {
     let dir = tempfile::tempdir().unwrap();
     synth(dir.path(), 120);
     let epoch_keys = |seed| {
-        let loader = ImageLoader::start(dir.path(), config(8), Cursor::start(seed)).unwrap();
+        let loader = ImageLoader::start(&loc(dir.path()), config(8), Cursor::start(seed)).unwrap();
         assert_eq!(loader.units(), 12, "3 files × 4 row groups");
         let mut keys = Vec::new();
         for batch in loader.take(15) {
@@ -125,7 +131,7 @@ fn bad_rows_are_skipped_counted_and_do_not_stop_loading() {
             ("caption", Arc::new(StringArray::from(captions))),
         ],
     );
-    let mut loader = ImageLoader::start(dir.path(), config(70), Cursor::start(5)).unwrap();
+    let mut loader = ImageLoader::start(&loc(dir.path()), config(70), Cursor::start(5)).unwrap();
     // One global batch of all 70 rows: the 4 bad ones are left out.
     let batch = loader.next().unwrap().unwrap();
     assert_eq!(batch.len(), 66);
@@ -162,7 +168,7 @@ fn too_many_bad_samples_stop_with_a_clear_error() {
             ),
         ],
     );
-    let loader = ImageLoader::start(dir.path(), config(4), Cursor::start(5)).unwrap();
+    let loader = ImageLoader::start(&loc(dir.path()), config(4), Cursor::start(5)).unwrap();
     // Batches come empty (every sample bad) until enough were seen to judge.
     let err = loader
         .take(20)
@@ -199,7 +205,7 @@ fn hugging_face_layout_is_detected() {
             ),
         ],
     );
-    let batch = ImageLoader::start(dir.path(), config(4), Cursor::start(5))
+    let batch = ImageLoader::start(&loc(dir.path()), config(4), Cursor::start(5))
         .unwrap()
         .next()
         .unwrap()
@@ -219,21 +225,21 @@ fn hugging_face_layout_is_detected() {
 #[test]
 fn bad_datasets_are_clear_errors_naming_the_culprit() {
     let dir = tempfile::tempdir().unwrap();
-    let err = ImageLoader::start(dir.path(), config(4), Cursor::start(5))
+    let err = ImageLoader::start(&loc(dir.path()), config(4), Cursor::start(5))
         .err()
         .unwrap()
         .to_string();
     assert!(err.contains("no Parquet files"), "{err}");
 
     let missing = dir.path().join("nope");
-    let err = ImageLoader::start(&missing, config(4), Cursor::start(5))
+    let err = ImageLoader::start(&loc(&missing), config(4), Cursor::start(5))
         .err()
         .unwrap()
         .to_string();
     assert!(err.contains("nope"), "{err}");
 
     std::fs::write(dir.path().join("fake.parquet"), b"this is not parquet").unwrap();
-    let err = ImageLoader::start(dir.path(), config(4), Cursor::start(5))
+    let err = ImageLoader::start(&loc(dir.path()), config(4), Cursor::start(5))
         .err()
         .unwrap()
         .to_string();
@@ -250,7 +256,7 @@ fn bad_datasets_are_clear_errors_naming_the_culprit() {
             ("title", Arc::new(StringArray::from_iter_values(["x"]))),
         ],
     );
-    let err = ImageLoader::start(dir.path(), config(4), Cursor::start(5))
+    let err = ImageLoader::start(&loc(dir.path()), config(4), Cursor::start(5))
         .err()
         .unwrap()
         .to_string();

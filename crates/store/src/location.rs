@@ -102,32 +102,35 @@ impl Location {
             }
             None => (url.to_string(), None),
         };
-        let (store, prefix): (Arc<dyn ObjectStore>, String) = if let Some(rest) =
-            pattern_base.strip_prefix("s3://")
-        {
-            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-            if bucket.is_empty() {
-                return Err(bad("no bucket name".into()));
-            }
-            (
-                Arc::new(s3_store(bucket, config).map_err(|e| bad(e.to_string()))?),
-                prefix.to_string(),
-            )
-        } else if let Some(rest) = pattern_base.strip_prefix("memory://") {
-            let (name, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-            (memory_store(name), prefix.to_string())
-        } else if pattern_base.contains("://") && !pattern_base.starts_with("file://") {
-            return Err(bad(
-                "supported schemes are file://, s3:// and memory://".into()
-            ));
-        } else {
-            let path = match pattern_base.strip_prefix("file://") {
-                Some(p) => std::path::PathBuf::from(p),
-                None => std::path::absolute(&pattern_base).map_err(|e| bad(e.to_string()))?,
+        let (store, prefix): (Arc<dyn ObjectStore>, String) =
+            if let Some(rest) = pattern_base.strip_prefix("s3://") {
+                let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+                if bucket.is_empty() {
+                    return Err(bad("no bucket name".into()));
+                }
+                (
+                    Arc::new(s3_store(bucket, config).map_err(|e| bad(e.to_string()))?),
+                    prefix.to_string(),
+                )
+            } else if let Some(rest) = pattern_base.strip_prefix("memory://") {
+                let (name, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+                (memory_store(name), prefix.to_string())
+            } else if pattern_base.contains("://") && !pattern_base.starts_with("file://") {
+                return Err(bad(
+                    "supported schemes are file://, s3:// and memory://".into()
+                ));
+            } else {
+                let path = match pattern_base.strip_prefix("file://") {
+                    Some(p) => std::path::PathBuf::from(p),
+                    None => std::path::absolute(&pattern_base).map_err(|e| bad(e.to_string()))?,
+                };
+                // Not canonicalised: a place that does not exist yet is a
+                // valid location (to write to, or to report as empty).
+                (
+                    Arc::new(LocalFileSystem::new()),
+                    path.to_string_lossy().into_owned(),
+                )
             };
-            let prefix = ObjectPath::from_filesystem_path(&path).map_err(|e| bad(e.to_string()))?;
-            (Arc::new(LocalFileSystem::new()), prefix.to_string())
-        };
         // A glob keeps matching against the full key below the bucket.
         let pattern = pattern.map(|p| match url.strip_prefix("file://") {
             Some(_) => p.trim_start_matches('/').to_string(),
@@ -169,10 +172,11 @@ impl Location {
     /// any) whose names end with `suffix`, sorted by key so every process
     /// sees the same order. A single object URL lists itself.
     pub async fn list(&self, suffix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
-        if self.pattern.is_none() && self.prefix.as_ref().ends_with(suffix) {
-            if let Ok(meta) = self.store.head(&self.prefix).await {
-                return Ok(vec![meta]);
-            }
+        if self.pattern.is_none()
+            && self.prefix.as_ref().ends_with(suffix)
+            && let Ok(meta) = self.store.head(&self.prefix).await
+        {
+            return Ok(vec![meta]);
         }
         let mut objects: Vec<ObjectMeta> = self
             .store

@@ -15,6 +15,7 @@ use dalle_data::columns::ColumnConfig;
 use dalle_data::image_ops::Crop;
 use dalle_data::synth::SynthConfig;
 use dalle_model::dvae::{DvaeConfig, ReconLoss, Relaxation};
+use dalle_store::{Location, StoreConfig};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -32,6 +33,8 @@ const ENV_SEPARATOR: &str = "__";
 pub struct JobConfig {
     pub run: RunConfig,
     pub data: DataConfig,
+    /// How to reach S3-compatible storage for `s3://` URLs.
+    pub store: StoreConfig,
     pub synth: SynthConfig,
     pub dvae: DvaeStage,
 }
@@ -62,9 +65,13 @@ impl Default for RunConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
-    /// A Parquet file or a directory of them; defaults to `<run.dir>/data`.
-    pub path: Option<PathBuf>,
+    /// The dataset: a Parquet file, a prefix (directory) holding Parquet
+    /// files, or a glob, as a path or a `file://`, `s3://` or `memory://`
+    /// URL. Defaults to `<run.dir>/data`.
+    pub url: Option<String>,
     pub decode_threads: usize,
+    /// Bytes of row groups read from storage at once (bounded read-ahead).
+    pub read_ahead_bytes: u64,
     /// Row groups whose samples are shuffled together.
     pub shuffle_window: usize,
     pub prefetch_batches: usize,
@@ -79,8 +86,9 @@ pub struct DataConfig {
 impl Default for DataConfig {
     fn default() -> Self {
         Self {
-            path: None,
+            url: None,
             decode_threads: 2,
+            read_ahead_bytes: 256 * 1024 * 1024,
             shuffle_window: 4,
             prefetch_batches: 4,
             max_bad_fraction: 0.01,
@@ -221,11 +229,31 @@ impl JobConfig {
         }
     }
 
-    pub fn data_path(&self) -> PathBuf {
+    /// The dataset's URL (or path).
+    pub fn data_url(&self) -> String {
         self.data
-            .path
+            .url
             .clone()
-            .unwrap_or_else(|| self.run.dir.join("data"))
+            .unwrap_or_else(|| self.run.dir.join("data").display().to_string())
+    }
+
+    /// The dataset as a location on its store.
+    pub fn data_location(&self) -> Result<Location> {
+        Location::parse(&self.data_url(), &self.store)
+            .map_err(|e| TrainError::Config(e.to_string()))
+    }
+
+    /// The dataset's local directory, for commands that write it with the
+    /// file system (`dalle data synth`).
+    pub fn data_dir(&self) -> Result<PathBuf> {
+        let url = self.data_url();
+        match url.split_once("://") {
+            None => Ok(PathBuf::from(url)),
+            Some(("file", path)) => Ok(PathBuf::from(path)),
+            Some(_) => Err(TrainError::Config(format!(
+                "data.url {url} is not a local directory; give one with --out"
+            ))),
+        }
     }
 
     pub fn dvae_weights_path(&self) -> PathBuf {

@@ -23,6 +23,7 @@ pub fn loader_config(job: &JobConfig, batch_size: usize) -> LoaderConfig {
         shuffle_window: job.data.shuffle_window,
         prefetch_batches: job.data.prefetch_batches,
         decode_threads: job.data.decode_threads,
+        read_ahead_bytes: job.data.read_ahead_bytes,
         max_bad_fraction: job.data.max_bad_fraction,
         preprocess: Preprocess {
             size: job.dvae.model.image_size as u32,
@@ -71,14 +72,14 @@ pub struct TrainReport {
 pub fn train(job: &JobConfig, mut on_log: impl FnMut(&DvaeLog)) -> Result<TrainReport> {
     let cfg = &job.dvae.train;
     let device = runtime_device(job)?;
-    let data = job.data_path();
+    let data = job.data_location()?;
     let mut loader = ImageLoader::start(
         &data,
         loader_config(job, cfg.batch_size),
         Cursor::start(job.run.seed),
     )?;
     tracing::info!(
-        data = %data.display(), row_groups = loader.units(), ?device,
+        data = %data.url, row_groups = loader.units(), ?device,
         "training dVAE for {} steps at batch {}", cfg.steps, cfg.batch_size
     );
 

@@ -42,7 +42,7 @@ fn short_training_run_learns_to_reconstruct() {
     t.tau = Cosine::new(1.0, 1.0 / 16.0, steps);
     t.beta = Cosine::new(0.0, 6.6, 100);
     job.validate().unwrap();
-    synth::write_dataset(&job.data_path(), &job.synth, |_| {}).unwrap();
+    synth::write_dataset(&job.data_dir().unwrap(), &job.synth, |_| {}).unwrap();
 
     let report = dalle_train::dvae::train(&job, |_| {}).unwrap();
     let (first, last) = (&report.logs[0], report.logs.last().unwrap());
@@ -55,7 +55,7 @@ fn short_training_run_learns_to_reconstruct() {
 
     let model = Dvae::load(&report.weights, parse_device("cpu").unwrap()).unwrap();
     let batches = ImageLoader::start(
-        &job.data_path(),
+        &job.data_location().unwrap(),
         dalle_train::dvae::loader_config(&job, 32),
         Cursor::start(0),
     )
