@@ -8,7 +8,7 @@ use crate::metrics::{DvaeLog, DvaeStepMetrics, Window};
 use crate::optim::AdamW;
 use crate::{Result, TrainError};
 use dalle_data::image_ops::Preprocess;
-use dalle_data::loader::{Batch, ImageLoader, LoaderConfig};
+use dalle_data::loader::{Batch, ImageLoader, LoaderConfig, LoaderStats};
 use dalle_data::order::{Cursor, Sharding};
 use dalle_model::dvae::{Dvae, Objective, loss};
 use std::io::Write;
@@ -42,11 +42,42 @@ pub fn batch_tensor(batch: &Batch, device: Device) -> Tensor {
         .to_device(device)
 }
 
+/// Samples read and skipped in the current epoch, logged when it ends.
+#[derive(Default)]
+struct EpochSummary {
+    epoch: u64,
+    counts: LoaderStats,
+}
+
+impl EpochSummary {
+    fn record(&mut self, batch: &Batch) {
+        if batch.epoch != self.epoch {
+            let c = &self.counts;
+            tracing::info!(
+                epoch = self.epoch,
+                seen = c.seen,
+                skipped = c.skipped(),
+                null_image = c.null_image,
+                empty_caption = c.empty_caption,
+                undecodable = c.undecodable,
+                "epoch {} done",
+                self.epoch
+            );
+            *self = Self {
+                epoch: batch.epoch,
+                counts: LoaderStats::default(),
+            };
+        }
+        self.counts.add(&batch.skipped);
+    }
+}
+
 /// The next batch with at least one sample (a slice of only bad samples is
 /// skipped; the loader has logged each of them).
-fn next_nonempty(loader: &mut ImageLoader, step: u64) -> Result<Batch> {
+fn next_nonempty(loader: &mut ImageLoader, step: u64, epoch: &mut EpochSummary) -> Result<Batch> {
     loop {
         let batch = loader.next().ok_or(TrainError::DataExhausted(step))??;
+        epoch.record(&batch);
         if !batch.is_empty() {
             return Ok(batch);
         }
@@ -99,11 +130,12 @@ pub fn train(job: &JobConfig, mut on_log: impl FnMut(&DvaeLog)) -> Result<TrainR
         })?;
     let grid = job.dvae.model.grid_size();
     let mut window = Window::default();
+    let mut epoch = EpochSummary::default();
     let mut logs = Vec::new();
 
     for step in 0..cfg.steps {
         let started = Instant::now();
-        let batch = next_nonempty(&mut loader, step)?;
+        let batch = next_nonempty(&mut loader, step, &mut epoch)?;
         let data_wait = started.elapsed();
 
         let objective = Objective {

@@ -1,0 +1,3 @@
+//! Helpers shared by the tests that run real processes.
+
+pub mod garage;
