@@ -11,6 +11,18 @@ use tch::{Kind, Tensor};
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
+    /// Image decode + resize (shorter side) + centre crop to CHW floats, on
+    /// this thread only: images/s per core, for every `.jpg`/`.png`/`.webp`
+    /// file of a directory (read into memory first, so disk is not timed).
+    Decode {
+        #[arg(long)]
+        images: std::path::PathBuf,
+        #[arg(long, default_value_t = 256)]
+        size: u32,
+        /// Passes over the images.
+        #[arg(long, default_value_t = 3)]
+        passes: usize,
+    },
     /// dVAE training steps on a fixed random batch (model compute only,
     /// no data loading): images/s and peak resident memory.
     Dvae {
@@ -29,8 +41,52 @@ fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+fn bench_decode(dir: &std::path::Path, size: u32, passes: usize) -> Result<()> {
+    use anyhow::Context;
+    use dalle_data::image_ops::{Crop, Preprocess};
+    let mut files: Vec<Vec<u8>> = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "jpg" || e == "png" || e == "webp") {
+            files.push(std::fs::read(&path)?);
+        }
+    }
+    anyhow::ensure!(!files.is_empty(), "no images in {}", dir.display());
+    let preprocess = Preprocess {
+        size,
+        max_pixels: u64::MAX,
+        crop: Crop::Center,
+    };
+    let mut out = Vec::with_capacity((3 * size * size) as usize);
+    let started = Instant::now();
+    for _ in 0..passes {
+        for bytes in &files {
+            out.clear();
+            preprocess.apply(bytes, "bench", 0, &mut out)?;
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let n = files.len() * passes;
+    println!(
+        "{}",
+        serde_json::json!({
+            "impl": "dalle-rs",
+            "images": n,
+            "size": size,
+            "seconds": seconds,
+            "images_per_s_per_core": n as f64 / seconds,
+        })
+    );
+    Ok(())
+}
+
 pub fn run(cmd: BenchCommand, job: &JobConfig) -> Result<()> {
     match cmd {
+        BenchCommand::Decode {
+            images,
+            size,
+            passes,
+        } => bench_decode(&images, size, passes),
         BenchCommand::Dvae { warmup, steps } => {
             let device = dalle_train::dvae::runtime_device(job)?;
             let cfg = &job.dvae.model;
