@@ -159,6 +159,40 @@ fn synth_train_reconstruct_encode_decode() {
     assert_eq!(ids.len(), 16, "a 4×4 grid for 32×32 images");
     assert!(ids.iter().all(|t| (0..32).contains(&t.as_i64().unwrap())));
 
+    // Pre-tokenization: every sample, same tokens as `encode`, per input file.
+    let out = job.ok(&[
+        "data",
+        "tokenize",
+        "--out",
+        job.path("tokens").to_str().unwrap(),
+    ]);
+    assert!(out.contains("tokenized 96 samples into 2 files"), "{out}");
+    let file = std::fs::File::open(job.path("tokens/part-00000.parquet")).unwrap();
+    let reader =
+        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap();
+    let batch = reader.build().unwrap().next().unwrap().unwrap();
+    use arrow_array::cast::AsArray;
+    let keys = batch.column_by_name("key").unwrap().as_string::<i32>();
+    let lists = batch.column_by_name("tokens").unwrap().as_fixed_size_list();
+    assert_eq!(lists.value_length(), 16);
+    for (i, grid) in grids.iter().enumerate() {
+        assert_eq!(keys.value(i), grid["key"].as_str().unwrap());
+        let ours: Vec<i64> = lists
+            .value(i)
+            .as_primitive::<arrow_array::types::UInt16Type>()
+            .values()
+            .iter()
+            .map(|&t| i64::from(t))
+            .collect();
+        let encoded: Vec<i64> = grid["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_i64().unwrap())
+            .collect();
+        assert_eq!(ours, encoded, "tokens of {}", keys.value(i));
+    }
+
     let decoded = job.path("decoded.png");
     job.ok(&[
         "dvae",

@@ -126,6 +126,35 @@ fn datasets_on_s3_read_like_local_ones() {
     let v = with(&["--set", "data.url=s3://dalle-test/shapes/", "dvae", "train"]);
     assert!(ok(&garage, &v).contains("trained 2 steps"));
 
+    // Pre-tokenization from S3 to S3, one token file per input file.
+    let v = with(&[
+        "data",
+        "tokenize",
+        "--input",
+        "s3://dalle-test/shapes/",
+        "--out",
+        "s3://dalle-test/tokens/",
+    ]);
+    let out = ok(&garage, &v);
+    assert!(
+        out.contains("tokenized 48 samples into 3 files at s3://dalle-test/tokens/"),
+        "{out}"
+    );
+    let v = with(&[
+        "dvae",
+        "encode",
+        "--limit",
+        "1",
+        "--out",
+        "/dev/null",
+        "s3://dalle-test/tokens/",
+    ]);
+    let err = String::from_utf8_lossy(&dalle(&garage, &v).stderr).into_owned();
+    assert!(
+        err.contains("s3://dalle-test/tokens/part-00000.parquet") && err.contains("image column"),
+        "{err}"
+    );
+
     // Nothing there, or no such bucket: errors that name the URL.
     let v = with(&[
         "--set",

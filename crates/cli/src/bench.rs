@@ -47,7 +47,10 @@ fn bench_decode(dir: &std::path::Path, size: u32, passes: usize) -> Result<()> {
     let mut files: Vec<Vec<u8>> = Vec::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let path = entry?.path();
-        if path.extension().is_some_and(|e| e == "jpg" || e == "png" || e == "webp") {
+        if path
+            .extension()
+            .is_some_and(|e| e == "jpg" || e == "png" || e == "webp")
+        {
             files.push(std::fs::read(&path)?);
         }
     }

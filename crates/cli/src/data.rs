@@ -1,9 +1,10 @@
 //! `dalle data …`: dataset commands.
 
-use crate::progress;
+use crate::{progress, tokenize};
 use anyhow::{Context, Result};
 use clap::Subcommand;
 use dalle_data::synth;
+use dalle_store::Location;
 use dalle_train::config::JobConfig;
 use std::path::PathBuf;
 
@@ -15,10 +16,45 @@ pub enum DataCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Encode a dataset's images with a trained dVAE into Parquet of
+    /// (key, caption, tokens: fixed-size list of u16), one file per input file.
+    Tokenize {
+        /// dVAE weights; defaults to `<run.dir>/dvae.safetensors`.
+        #[arg(long)]
+        weights: Option<PathBuf>,
+        /// Dataset to read (path or URL); defaults to `data.url`.
+        #[arg(long)]
+        input: Option<String>,
+        /// Where to write (path or URL); defaults to `<run.dir>/tokens`.
+        #[arg(long)]
+        out: Option<String>,
+        #[arg(long, default_value_t = 64)]
+        batch_size: usize,
+    },
 }
 
 pub fn run(cmd: DataCommand, job: &JobConfig) -> Result<()> {
     match cmd {
+        DataCommand::Tokenize {
+            weights,
+            input,
+            out,
+            batch_size,
+        } => {
+            let weights = weights.unwrap_or_else(|| job.dvae_weights_path());
+            let device = dalle_model::device::parse_device(&job.run.device)?;
+            let model = dalle_model::dvae::Dvae::load(&weights, device)
+                .with_context(|| format!("loading dVAE weights {}", weights.display()))?;
+            let input = input.unwrap_or_else(|| job.data_url());
+            let out = out.unwrap_or_else(|| job.run.dir.join("tokens").display().to_string());
+            let args = tokenize::TokenizeArgs {
+                model: &model,
+                input: Location::parse(&input, &job.store)?,
+                output: Location::parse(&out, &job.store)?,
+                batch_size,
+            };
+            tokenize::run(job, args)
+        }
         DataCommand::Synth { out } => {
             let dir = match out {
                 Some(dir) => dir,

@@ -6,6 +6,7 @@ mod data;
 mod dvae;
 mod inputs;
 mod progress;
+mod tokenize;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -31,7 +32,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Datasets: synthetic data.
+    /// Datasets: synthetic data, pre-tokenization.
     #[command(subcommand)]
     Data(data::DataCommand),
     /// Stage 1: the discrete VAE.

@@ -10,5 +10,6 @@ mod object_reader;
 pub mod order;
 pub mod parquet_source;
 pub mod synth;
+pub mod tokens;
 
 pub use error::{DataError, Result};
