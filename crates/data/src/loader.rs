@@ -228,7 +228,9 @@ impl Worker {
             }
             let range = sharding.local_range(cursor.offset);
             let addresses = order.addresses(range.clone());
-            let needed = order.units_of(range.clone());
+            let mut needed: Vec<usize> = addresses.iter().map(|&(unit, _)| unit).collect();
+            needed.sort_unstable();
+            needed.dedup();
             let keep = order.window_units(range);
             cache.retain(|unit, _| keep.contains(unit));
             let missing: Vec<usize> = needed

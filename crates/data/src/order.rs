@@ -195,14 +195,6 @@ impl EpochOrder {
             .flat_map(|w| w.units.iter().copied())
             .collect()
     }
-
-    /// Units that samples `range` come from.
-    pub fn units_of(&self, range: std::ops::Range<u64>) -> Vec<usize> {
-        let mut units: Vec<usize> = self.addresses(range).into_iter().map(|(u, _)| u).collect();
-        units.sort_unstable();
-        units.dedup();
-        units
-    }
 }
 
 #[cfg(test)]
