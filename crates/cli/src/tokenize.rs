@@ -8,6 +8,7 @@
 use crate::progress;
 use anyhow::{Context, Result, bail};
 use dalle_data::image_ops::{Crop, Preprocess};
+use dalle_data::loader::{Decoded, decode_sample};
 use dalle_data::parquet_source::{self, RawSample, Unit};
 use dalle_data::tokens::{self, TokenRow};
 use dalle_model::dvae::Dvae;
@@ -77,54 +78,32 @@ pub fn run(job: &JobConfig, args: TokenizeArgs) -> Result<()> {
     Ok(())
 }
 
-/// Decodes a row group's samples in parallel; bad ones are logged and left out.
-fn decode(
-    samples: &[RawSample],
-    unit: &Unit,
-    preprocess: &Preprocess,
-) -> Vec<(String, String, Vec<f32>)> {
+/// Decodes a row group's samples in parallel, with the loader's rules;
+/// bad ones are logged and left out.
+fn decode(samples: &[RawSample], unit: &Unit, preprocess: &Preprocess) -> Vec<Decoded> {
     samples
         .par_iter()
-        .filter_map(|s| {
-            let caption = s.caption.as_deref().map(str::trim).filter(|c| !c.is_empty());
-            let (Some(bytes), Some(caption)) = (s.image.as_deref(), caption) else {
-                tracing::warn!(file = %unit.file.url, row_group = unit.row_group, key = %s.key, "skipping: null image or empty caption");
-                return None;
-            };
-            let mut pixels = Vec::new();
-            match preprocess.apply(bytes, &s.key, 0, &mut pixels) {
-                Ok(()) => Some((s.key.clone(), caption.to_string(), pixels)),
-                Err(e) => {
-                    tracing::warn!(file = %unit.file.url, row_group = unit.row_group, "skipping: {e}");
-                    None
-                }
-            }
-        })
+        .filter_map(|s| decode_sample(s, unit, preprocess, 0).ok())
         .collect()
 }
 
 /// Encodes decoded samples in batches: argmax tokens, row-major, as u16.
-fn encode(
-    model: &Dvae,
-    samples: Vec<(String, String, Vec<f32>)>,
-    batch: usize,
-    size: u32,
-) -> Result<Vec<TokenRow>> {
+fn encode(model: &Dvae, samples: Vec<Decoded>, batch: usize, size: u32) -> Result<Vec<TokenRow>> {
     let s = i64::from(size);
     let mut rows = Vec::with_capacity(samples.len());
     for chunk in samples.chunks(batch.max(1)) {
         let pixels: Vec<f32> = chunk
             .iter()
-            .flat_map(|(_, _, p)| p.iter().copied())
+            .flat_map(|d| d.pixels.iter().copied())
             .collect();
         let x = Tensor::from_slice(&pixels).view([chunk.len() as i64, 3, s, s]);
         let tokens = model.encode(&x)?.to_device(Device::Cpu).flatten(1, -1);
         let n = tokens.size()[1] as usize;
         let flat = Vec::<i64>::try_from(tokens.flatten(0, -1))?;
-        for ((key, caption, _), grid) in chunk.iter().zip(flat.chunks(n)) {
+        for (d, grid) in chunk.iter().zip(flat.chunks(n)) {
             rows.push(TokenRow {
-                key: key.clone(),
-                caption: caption.clone(),
+                key: d.key.clone(),
+                caption: d.caption.clone(),
                 tokens: grid.iter().map(|&t| t as u16).collect(),
             });
         }

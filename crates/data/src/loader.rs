@@ -89,7 +89,7 @@ impl LoaderStats {
 
 /// Why a sample was skipped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Skip {
+pub enum Skip {
     NullImage,
     EmptyCaption,
     Undecodable,
@@ -193,11 +193,47 @@ struct Worker {
     tx: Sender<Result<Batch>>,
 }
 
-/// A sample that survived decoding.
-struct Decoded {
-    key: String,
-    caption: String,
-    pixels: Vec<f32>,
+/// A sample that survived decoding: CHW floats in [0, 1].
+pub struct Decoded {
+    pub key: String,
+    pub caption: String,
+    pub pixels: Vec<f32>,
+}
+
+/// Decodes one sample, or says why it is skipped (and logs it with its
+/// file, row group and key). Shared by training and pre-tokenization, so
+/// both skip exactly the same samples.
+pub fn decode_sample(
+    sample: &RawSample,
+    unit: &Unit,
+    preprocess: &Preprocess,
+    crop_seed: u64,
+) -> Result<Decoded, Skip> {
+    let skip = |reason: Skip, detail: &dyn std::fmt::Display| {
+        tracing::warn!(
+            file = %unit.file.url,
+            row_group = unit.row_group,
+            key = %sample.key,
+            "skipping sample: {reason:?}{detail}"
+        );
+        reason
+    };
+    let Some(image) = sample.image.as_deref() else {
+        return Err(skip(Skip::NullImage, &""));
+    };
+    let caption = match sample.caption.as_deref().map(str::trim) {
+        Some(c) if !c.is_empty() => c.to_string(),
+        _ => return Err(skip(Skip::EmptyCaption, &"")),
+    };
+    let mut pixels = Vec::new();
+    if let Err(e) = preprocess.apply(image, &sample.key, crop_seed, &mut pixels) {
+        return Err(skip(Skip::Undecodable, &format_args!(": {e}")));
+    }
+    Ok(Decoded {
+        key: sample.key.clone(),
+        caption,
+        pixels,
+    })
 }
 
 impl Worker {
@@ -260,7 +296,9 @@ impl Worker {
             let decoded: Vec<Result<Decoded, Skip>> = self.pool.install(|| {
                 picked
                     .into_par_iter()
-                    .map(|(sample, unit, seed)| self.decode(sample, unit, seed))
+                    .map(|(sample, unit, seed)| {
+                        decode_sample(&sample, unit, &self.config.preprocess, seed)
+                    })
                     .collect()
             });
             let mut counts = LoaderStats::default();
@@ -305,39 +343,6 @@ impl Worker {
             .buffered(concurrency)
             .try_collect(),
         )
-    }
-
-    /// Decodes one sample, or says why it is skipped (and logs it).
-    fn decode(&self, sample: RawSample, unit: &Unit, crop_seed: u64) -> Result<Decoded, Skip> {
-        let skip = |reason: Skip, detail: &dyn std::fmt::Display| {
-            tracing::warn!(
-                file = %unit.file.url,
-                row_group = unit.row_group,
-                key = %sample.key,
-                "skipping sample: {reason:?}{detail}"
-            );
-            reason
-        };
-        let Some(image) = sample.image.as_deref() else {
-            return Err(skip(Skip::NullImage, &""));
-        };
-        let caption = match sample.caption.as_deref().map(str::trim) {
-            Some(c) if !c.is_empty() => c.to_string(),
-            _ => return Err(skip(Skip::EmptyCaption, &"")),
-        };
-        let mut pixels = Vec::new();
-        if let Err(e) = self
-            .config
-            .preprocess
-            .apply(image, &sample.key, crop_seed, &mut pixels)
-        {
-            return Err(skip(Skip::Undecodable, &format_args!(": {e}")));
-        }
-        Ok(Decoded {
-            key: sample.key,
-            caption,
-            pixels,
-        })
     }
 
     fn check_bad_share(&self) -> Result<()> {
