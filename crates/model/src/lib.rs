@@ -8,6 +8,7 @@ pub mod device;
 pub mod dvae;
 pub mod error;
 pub mod images;
+pub mod text;
 pub mod weights;
 
 pub use error::{ModelError, Result};

@@ -15,6 +15,7 @@ use dalle_data::columns::ColumnConfig;
 use dalle_data::image_ops::Crop;
 use dalle_data::synth::SynthConfig;
 use dalle_model::dvae::{DvaeConfig, ReconLoss, Relaxation};
+use dalle_model::text::TextConfig;
 use dalle_store::{Location, StoreConfig};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -37,6 +38,8 @@ pub struct JobConfig {
     pub store: StoreConfig,
     pub synth: SynthConfig,
     pub dvae: DvaeStage,
+    /// The caption tokenizer of stage 2.
+    pub text: TextConfig,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -258,6 +261,11 @@ impl JobConfig {
 
     pub fn dvae_weights_path(&self) -> PathBuf {
         self.run.dir.join("dvae.safetensors")
+    }
+
+    /// Where `dalle text train-tokenizer` writes and stage 2 reads.
+    pub fn tokenizer_path(&self) -> PathBuf {
+        self.run.dir.join("tokenizer.json")
     }
 }
 
