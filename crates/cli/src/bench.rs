@@ -91,7 +91,7 @@ pub fn run(cmd: BenchCommand, job: &JobConfig) -> Result<()> {
             passes,
         } => bench_decode(&images, size, passes),
         BenchCommand::Dvae { warmup, steps } => {
-            let device = dalle_train::dvae::runtime_device(job)?;
+            let device = dalle_train::feed::runtime_device(job)?;
             let cfg = &job.dvae.model;
             let train = &job.dvae.train;
             tch::manual_seed(job.run.seed as i64);

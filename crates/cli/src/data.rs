@@ -46,7 +46,7 @@ pub fn run(cmd: DataCommand, job: &JobConfig) -> Result<()> {
             let model = dalle_model::dvae::Dvae::load(&weights, device)
                 .with_context(|| format!("loading dVAE weights {}", weights.display()))?;
             let input = input.unwrap_or_else(|| job.data_url());
-            let out = out.unwrap_or_else(|| job.run.dir.join("tokens").display().to_string());
+            let out = out.unwrap_or_else(|| job.tokens_url());
             let args = tokenize::TokenizeArgs {
                 model: &model,
                 input: Location::parse(&input, &job.store)?,

@@ -3,9 +3,9 @@
 //! each sample once.
 
 use anyhow::{Context, Result, bail};
-use dalle_data::columns::ColumnConfig;
+use dalle_data::columns::{ColumnConfig, Payload};
 use dalle_data::image_ops::Preprocess;
-use dalle_data::parquet_source;
+use dalle_data::parquet_source::{self, SampleData};
 use dalle_store::{Location, StoreConfig};
 use std::path::Path;
 
@@ -55,12 +55,21 @@ pub fn read_images(
             continue;
         }
         let location = Location::parse(input, store)?;
-        for unit in runtime.block_on(parquet_source::plan_units(&location, columns))? {
+        let units = runtime.block_on(parquet_source::plan_units(&location, columns))?;
+        if let Some(unit) = units.first()
+            && let payload @ Payload::Tokens { .. } = unit.file.payload()
+        {
+            bail!(
+                "{} holds {payload}; this command needs images (a dataset with an image column)",
+                unit.file.url
+            );
+        }
+        for unit in units {
             for sample in runtime.block_on(parquet_source::read_unit(&unit))? {
                 if full(&out) {
                     return Ok(out);
                 }
-                let Some(bytes) = sample.image.as_deref() else {
+                let Some(SampleData::Encoded(bytes)) = &sample.data else {
                     tracing::warn!(file = %unit.file.url, key = %sample.key, "skipping null image");
                     continue;
                 };

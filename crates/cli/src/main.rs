@@ -4,8 +4,11 @@
 mod bench;
 mod data;
 mod dvae;
+mod export;
+mod gpt;
 mod inputs;
 mod progress;
+mod text;
 mod tokenize;
 
 use anyhow::Result;
@@ -38,6 +41,19 @@ enum Command {
     /// Stage 1: the discrete VAE.
     #[command(subcommand)]
     Dvae(dvae::DvaeCommand),
+    /// Stage 2: the caption tokenizer.
+    #[command(subcommand)]
+    Text(text::TextCommand),
+    /// Stage 2: the transformer.
+    #[command(subcommand)]
+    Gpt(gpt::GptCommand),
+    /// Write the sampler bundle (dVAE decoder, transformer, tokenizer) for
+    /// `dalle-sample`.
+    Export {
+        /// Path or URL; defaults to `<run.dir>/bundle`.
+        #[arg(long)]
+        out: Option<String>,
+    },
     /// Throughput benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -59,6 +75,9 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Data(cmd) => data::run(cmd, &job()?),
         Command::Dvae(cmd) => dvae::run(cmd, &job()?),
+        Command::Text(cmd) => text::run(cmd, &job()?),
+        Command::Gpt(cmd) => gpt::run(cmd, &job()?),
+        Command::Export { out } => export::run(&job()?, out),
         Command::Bench(cmd) => bench::run(cmd, &job()?),
         Command::Config => {
             print!("{}", toml::to_string(&job()?)?);

@@ -7,6 +7,7 @@
 
 use crate::progress;
 use anyhow::{Context, Result, bail};
+use dalle_data::columns::Payload;
 use dalle_data::image_ops::{Crop, Preprocess};
 use dalle_data::loader::{Decoded, decode_sample};
 use dalle_data::parquet_source::{self, RawSample, Unit};
@@ -50,6 +51,14 @@ pub fn run(job: &JobConfig, args: TokenizeArgs) -> Result<()> {
         .enable_all()
         .build()?;
     let units = runtime.block_on(parquet_source::plan_units(&input, &job.data.columns))?;
+    if let Some(unit) = units.first()
+        && let payload @ Payload::Tokens { .. } = unit.file.payload()
+    {
+        bail!(
+            "{} holds {payload} already; tokenizing needs images",
+            unit.file.url
+        );
+    }
     let total: usize = units.iter().map(|u| u.rows).sum();
     let bar = progress::bar(total as u64, "tokenizing");
     let (mut written, mut skipped, mut files) = (0usize, 0usize, 0usize);

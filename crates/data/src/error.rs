@@ -27,6 +27,16 @@ pub enum DataError {
         found: String,
         expected: &'static str,
     },
+    #[error(
+        "{file} holds {holds}, but {first} holds {first_holds}: a dataset must be all \
+         images or all token grids of one length"
+    )]
+    MixedPayloads {
+        first: String,
+        first_holds: String,
+        file: String,
+        holds: String,
+    },
     #[error("no Parquet files found at {0}")]
     EmptyDataset(String),
     #[error(transparent)]

@@ -1,21 +1,28 @@
-//! A background loader of training batches in the order of [`crate::order`].
+//! A background loader of training batches in the order of [`crate::order`],
+//! for both kinds of dataset: encoded images (stage 1, the dVAE) and
+//! pre-tokenized token grids (stage 2, the transformer; see
+//! [`crate::tokens`]). [`ImageLoader::payload`] says which one a dataset
+//! holds, so a trainer can refuse the wrong kind before its first step.
 //!
 //! A thread walks the global order from a [`Cursor`], takes this rank's
 //! slice of each global batch, reads the row groups those samples live in
 //! (keeping the current window's row groups cached), decodes the samples on
-//! a thread pool and queues ready batches (bounded, so memory stays flat).
-//! Each batch carries the cursor after it: saving that cursor with the model
-//! and starting a loader from it resumes exactly, on any world size.
+//! a thread pool (token grids pass through as stored) and queues ready
+//! batches (bounded, so memory stays flat). Each batch carries the cursor
+//! after it: saving that cursor with the model and starting a loader from it
+//! resumes exactly, on any world size. The order, cursor and resume rules
+//! are the same for both kinds.
 //!
-//! Bad samples are skipped, counted per reason and logged with their file,
-//! row group and key; the batch is then smaller by that many samples (the
-//! same on every run, so ledgers stay reproducible). Past
-//! `max_bad_fraction` the loader stops with an error.
+//! Bad samples (a null payload, an empty caption, an undecodable image) are
+//! skipped, counted per reason and logged with their file, row group and
+//! key; the batch is then smaller by that many samples (the same on every
+//! run, so ledgers stay reproducible). Past `max_bad_fraction` the loader
+//! stops with an error.
 
-use crate::columns::ColumnConfig;
+use crate::columns::{ColumnConfig, Payload};
 use crate::image_ops::Preprocess;
 use crate::order::{Cursor, EpochOrder, Sharding};
-use crate::parquet_source::{self, RawSample, Unit};
+use crate::parquet_source::{self, RawSample, SampleData, Unit};
 use crate::{DataError, Result};
 use crossbeam_channel::{Receiver, Sender, bounded};
 use dalle_store::Location;
@@ -37,11 +44,13 @@ pub struct LoaderConfig {
     pub read_ahead_bytes: u64,
     /// Share of bad samples (0..1) above which loading stops.
     pub max_bad_fraction: f64,
+    /// How images are decoded (unused for token datasets).
     pub preprocess: Preprocess,
     pub columns: ColumnConfig,
 }
 
-/// A batch of decoded images, `(N, 3, size, size)` row-major in `pixels`.
+/// A batch of samples: decoded images in `pixels` for an image dataset,
+/// token grids in `tokens` for a pre-tokenized one (the other is empty).
 #[derive(Clone, Debug)]
 pub struct Batch {
     pub epoch: u64,
@@ -49,8 +58,14 @@ pub struct Batch {
     pub cursor: Cursor,
     pub keys: Vec<String>,
     pub captions: Vec<String>,
+    /// Images, `(N, 3, size, size)` row-major, in [0, 1]; empty for tokens.
     pub pixels: Vec<f32>,
+    /// Side of the images in `pixels`; 0 for token batches.
     pub size: u32,
+    /// Token grids, `(N, token_len)` row-major; empty for images.
+    pub tokens: Vec<u16>,
+    /// Tokens per sample; 0 for image batches.
+    pub token_len: usize,
     /// This batch's share of the samples read and skipped.
     pub skipped: LoaderStats,
 }
@@ -63,12 +78,26 @@ impl Batch {
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
     }
+
+    /// What the batch holds: images (decoded into `pixels`) or token grids.
+    pub fn payload(&self) -> Payload {
+        match self.token_len {
+            0 => Payload::EncodedImage,
+            len => Payload::Tokens { len },
+        }
+    }
+
+    /// The token grid of sample `i` (empty for an image batch).
+    pub fn sample_tokens(&self, i: usize) -> &[u16] {
+        &self.tokens[i * self.token_len..(i + 1) * self.token_len]
+    }
 }
 
 /// Samples seen and skipped, by reason.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LoaderStats {
     pub seen: u64,
+    /// Null payloads (image or token grid).
     pub null_image: u64,
     pub empty_caption: u64,
     pub undecodable: u64,
@@ -90,6 +119,7 @@ impl LoaderStats {
 /// Why a sample was skipped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Skip {
+    /// A null payload (image or token grid).
     NullImage,
     EmptyCaption,
     Undecodable,
@@ -98,17 +128,20 @@ pub enum Skip {
 /// Below this many samples the bad-sample share is too noisy to act on.
 const MIN_SAMPLES_FOR_BAD_SHARE: u64 = 64;
 
+/// The batch loader of image and token datasets alike.
 pub struct ImageLoader {
     batches: Receiver<Result<Batch>>,
     stats: Arc<Mutex<LoaderStats>>,
     units: usize,
+    payload: Payload,
 }
 
 impl ImageLoader {
     /// Plans the dataset at `location` (a Parquet file, or every Parquet
     /// file under a prefix or matching a glob) and starts loading. Errors in
     /// the plan (nothing there, unreachable store, a file that is not
-    /// Parquet, missing columns) are reported here, before training.
+    /// Parquet, missing columns, files holding different payloads) are
+    /// reported here, before training.
     /// Loading begins at `cursor` (use [`Cursor::start`] for a new run).
     pub fn start(location: &Location, config: LoaderConfig, cursor: Cursor) -> Result<Self> {
         config.sharding.validate().map_err(DataError::Config)?;
@@ -127,6 +160,7 @@ impl ImageLoader {
                 location.url, config.sharding.global_batch
             )));
         }
+        let payload = units[0].file.payload();
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(config.decode_threads.max(1))
             .thread_name(|i| format!("decode-{i}"))
@@ -140,6 +174,7 @@ impl ImageLoader {
             cursor,
             runtime,
             units,
+            payload,
             stats: stats.clone(),
             pool,
             tx,
@@ -152,6 +187,7 @@ impl ImageLoader {
             batches: rx,
             stats,
             units: n_units,
+            payload,
         })
     }
 
@@ -162,6 +198,13 @@ impl ImageLoader {
     /// Row groups in the dataset.
     pub fn units(&self) -> usize {
         self.units
+    }
+
+    /// What the dataset's samples hold (the same in every file): encoded
+    /// images, which batches carry decoded in `pixels`, or token grids,
+    /// which they carry in `tokens`.
+    pub fn payload(&self) -> Payload {
+        self.payload
     }
 }
 
@@ -188,21 +231,26 @@ struct Worker {
     /// Drives the object-store reads of this thread.
     runtime: tokio::runtime::Runtime,
     units: Vec<Unit>,
+    payload: Payload,
     stats: Arc<Mutex<LoaderStats>>,
     pool: rayon::ThreadPool,
     tx: Sender<Result<Batch>>,
 }
 
-/// A sample that survived decoding: CHW floats in [0, 1].
+/// A sample that survived decoding: an image as CHW floats in [0, 1] in
+/// `pixels`, or a token grid in `tokens` (the other is empty).
 pub struct Decoded {
     pub key: String,
     pub caption: String,
     pub pixels: Vec<f32>,
+    pub tokens: Vec<u16>,
 }
 
 /// Decodes one sample, or says why it is skipped (and logs it with its
 /// file, row group and key). Shared by training and pre-tokenization, so
-/// both skip exactly the same samples.
+/// both skip exactly the same samples. Token grids pass through unchanged
+/// (`preprocess` and `crop_seed` apply to images only), under the same
+/// null and empty-caption rules.
 pub fn decode_sample(
     sample: &RawSample,
     unit: &Unit,
@@ -218,21 +266,27 @@ pub fn decode_sample(
         );
         reason
     };
-    let Some(image) = sample.image.as_deref() else {
+    let Some(data) = &sample.data else {
         return Err(skip(Skip::NullImage, &""));
     };
     let caption = match sample.caption.as_deref().map(str::trim) {
         Some(c) if !c.is_empty() => c.to_string(),
         _ => return Err(skip(Skip::EmptyCaption, &"")),
     };
-    let mut pixels = Vec::new();
-    if let Err(e) = preprocess.apply(image, &sample.key, crop_seed, &mut pixels) {
-        return Err(skip(Skip::Undecodable, &format_args!(": {e}")));
+    let (mut pixels, mut tokens) = (Vec::new(), Vec::new());
+    match data {
+        SampleData::Encoded(image) => {
+            if let Err(e) = preprocess.apply(image, &sample.key, crop_seed, &mut pixels) {
+                return Err(skip(Skip::Undecodable, &format_args!(": {e}")));
+            }
+        }
+        SampleData::Tokens(grid) => tokens.clone_from(grid),
     }
     Ok(Decoded {
         key: sample.key.clone(),
         caption,
         pixels,
+        tokens,
     })
 }
 
@@ -360,19 +414,26 @@ impl Worker {
     }
 
     fn assemble(&self, epoch: u64, cursor: Cursor, samples: Vec<Decoded>) -> Batch {
+        let (size, token_len) = match self.payload {
+            Payload::EncodedImage => (self.config.preprocess.size, 0),
+            Payload::Tokens { len } => (0, len),
+        };
         let mut batch = Batch {
             epoch,
             cursor,
             keys: Vec::with_capacity(samples.len()),
             captions: Vec::with_capacity(samples.len()),
             pixels: Vec::with_capacity(samples.iter().map(|s| s.pixels.len()).sum()),
-            size: self.config.preprocess.size,
+            size,
+            tokens: Vec::with_capacity(samples.len() * token_len),
+            token_len,
             skipped: LoaderStats::default(),
         };
         for s in samples {
             batch.keys.push(s.key);
             batch.captions.push(s.caption);
             batch.pixels.extend_from_slice(&s.pixels);
+            batch.tokens.extend_from_slice(&s.tokens);
         }
         batch
     }

@@ -45,6 +45,8 @@ pub enum ModelError {
     },
     #[error("unknown device `{0}` (use auto, cpu, cuda or cuda:N)")]
     Device(String),
+    #[error("tokenizer {what}: {reason}")]
+    Tokenizer { what: String, reason: String },
     #[error(transparent)]
     Torch(#[from] tch::TchError),
 }

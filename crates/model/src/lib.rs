@@ -7,6 +7,7 @@
 pub mod device;
 pub mod dvae;
 pub mod error;
+pub mod gpt;
 pub mod images;
 pub mod text;
 pub mod weights;

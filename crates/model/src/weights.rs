@@ -55,6 +55,24 @@ fn to_host(t: &Tensor) -> Result<HostTensor> {
     })
 }
 
+/// Serialises `tensors` (as float32) and `metadata` as a safetensors file.
+pub fn to_bytes(
+    tensors: &[(String, Tensor)],
+    metadata: HashMap<String, String>,
+    what: &Path,
+) -> Result<Vec<u8>> {
+    let host: Vec<(String, HostTensor)> = tensors
+        .iter()
+        .map(|(name, t)| Ok((name.clone(), to_host(t)?)))
+        .collect::<Result<_>>()?;
+    safetensors::serialize(host.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata)).map_err(|e| {
+        ModelError::Format {
+            path: what.to_path_buf(),
+            reason: e.to_string(),
+        }
+    })
+}
+
 /// Writes `tensors` (as float32) and `metadata` to `path` atomically.
 pub fn save(
     path: &Path,
@@ -65,15 +83,7 @@ pub fn save(
         path: path.to_path_buf(),
         source,
     };
-    let host: Vec<(String, HostTensor)> = tensors
-        .iter()
-        .map(|(name, t)| Ok((name.clone(), to_host(t)?)))
-        .collect::<Result<_>>()?;
-    let bytes = safetensors::serialize(host.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))
-        .map_err(|e| ModelError::Format {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+    let bytes = to_bytes(tensors, metadata, path)?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(io_err)?;
     }
@@ -88,13 +98,20 @@ pub fn read(path: &Path) -> Result<WeightFile> {
         path: path.to_path_buf(),
         source,
     })?;
+    from_bytes(&bytes, path)
+}
+
+/// Parses a safetensors file already in memory (read from any store);
+/// `source` names it in errors.
+pub fn from_bytes(bytes: &[u8], source: &Path) -> Result<WeightFile> {
+    let path = source;
     let format_err = |e: safetensors::SafeTensorError| ModelError::Format {
         path: path.to_path_buf(),
         reason: e.to_string(),
     };
-    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(format_err)?;
+    let (_, header) = SafeTensors::read_metadata(bytes).map_err(format_err)?;
     let metadata = header.metadata().clone().unwrap_or_default();
-    let file = SafeTensors::deserialize(&bytes).map_err(format_err)?;
+    let file = SafeTensors::deserialize(bytes).map_err(format_err)?;
     let mut tensors = BTreeMap::new();
     for (name, view) in file.tensors() {
         let kind = match view.dtype() {

@@ -15,6 +15,8 @@ use dalle_data::columns::ColumnConfig;
 use dalle_data::image_ops::Crop;
 use dalle_data::synth::SynthConfig;
 use dalle_model::dvae::{DvaeConfig, ReconLoss, Relaxation};
+use dalle_model::gpt::GptArch;
+use dalle_model::gpt::sample::SamplingConfig;
 use dalle_model::text::TextConfig;
 use dalle_store::{Location, StoreConfig};
 use serde::{Deserialize, Serialize};
@@ -40,6 +42,7 @@ pub struct JobConfig {
     pub dvae: DvaeStage,
     /// The caption tokenizer of stage 2.
     pub text: TextConfig,
+    pub gpt: GptStage,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -148,6 +151,83 @@ impl Default for DvaeTrainConfig {
     }
 }
 
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GptStage {
+    pub model: GptArch,
+    pub train: GptTrainConfig,
+    /// Defaults of `dalle-sample` and of the samples drawn after training.
+    pub sample: SamplingConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GptTrainConfig {
+    /// Pre-tokenized data (`dalle data tokenize`), or an image dataset that
+    /// is then tokenized on the fly by the frozen dVAE. Defaults to
+    /// `<run.dir>/tokens`.
+    pub data_url: Option<String>,
+    pub steps: u64,
+    /// Samples per optimizer step.
+    pub batch_size: usize,
+    /// Samples per forward/backward pass; gradients of
+    /// `batch_size / micro_batch` passes are accumulated (0: no accumulation).
+    pub micro_batch: usize,
+    pub lr: Cosine,
+    pub adamw: AdamWConfig,
+    /// Clip gradients to this global norm, if set.
+    pub grad_clip: Option<f64>,
+    /// Weight of the text loss; the image loss gets the rest.
+    pub text_loss_weight: f64,
+    /// Probability of replacing a caption by the all-pad null caption, so
+    /// classifier-free guidance has an unconditional model to push from.
+    pub caption_dropout: f64,
+    pub log_every: u64,
+    /// Write the weights every this many steps (0: only at the end).
+    pub save_every: u64,
+}
+
+impl Default for GptTrainConfig {
+    /// The paper's settings (section 2.4 and appendix B.2), with a cosine
+    /// decay after the warm-up in place of halving on plateaus.
+    fn default() -> Self {
+        Self {
+            data_url: None,
+            steps: 430_000,
+            batch_size: 1024,
+            micro_batch: 0,
+            lr: Cosine {
+                start: 4.5e-4,
+                end: 4.5e-6,
+                steps: 430_000,
+                warmup: 5_000,
+            },
+            adamw: AdamWConfig {
+                beta1: 0.9,
+                beta2: 0.96,
+                eps: 1e-8,
+                weight_decay: 4.5e-2,
+            },
+            grad_clip: Some(4.0),
+            text_loss_weight: 0.125,
+            caption_dropout: 0.0,
+            log_every: 100,
+            save_every: 10_000,
+        }
+    }
+}
+
+impl GptTrainConfig {
+    /// Samples per forward pass.
+    pub fn micro_batch(&self) -> usize {
+        if self.micro_batch == 0 {
+            self.batch_size
+        } else {
+            self.micro_batch
+        }
+    }
+}
+
 impl JobConfig {
     /// Reads `file` (or the embedded demo), then `DALLE_*` variables from
     /// the process environment, then `overrides` (`dotted.key=value`).
@@ -226,6 +306,26 @@ impl JobConfig {
                 "data.max_bad_fraction must be within 0..1",
             ),
         ];
+        let g = &self.gpt.train;
+        let gpt_checks = [
+            (g.batch_size == 0, "gpt.train.batch_size must be positive"),
+            (
+                g.batch_size % g.micro_batch() != 0,
+                "gpt.train.micro_batch must divide gpt.train.batch_size",
+            ),
+            (g.log_every == 0, "gpt.train.log_every must be positive"),
+            (g.lr.start <= 0.0, "gpt.train.lr.start must be positive"),
+            (
+                !(0.0..=1.0).contains(&g.text_loss_weight),
+                "gpt.train.text_loss_weight must be within 0..1",
+            ),
+            (
+                !(0.0..1.0).contains(&g.caption_dropout),
+                "gpt.train.caption_dropout must be within 0..1 (1 excluded)",
+            ),
+            (self.text.text_len == 0, "text.text_len must be positive"),
+        ];
+        let checks: Vec<_> = checks.into_iter().chain(gpt_checks).collect();
         match checks.iter().find(|(bad, _)| *bad) {
             Some((_, msg)) => Err(TrainError::Config(msg.to_string())),
             None => Ok(()),
@@ -261,6 +361,24 @@ impl JobConfig {
 
     pub fn dvae_weights_path(&self) -> PathBuf {
         self.run.dir.join("dvae.safetensors")
+    }
+
+    pub fn gpt_weights_path(&self) -> PathBuf {
+        self.run.dir.join("gpt.safetensors")
+    }
+
+    /// Stage 2's training data: pre-tokenized by default.
+    pub fn gpt_data_url(&self) -> String {
+        self.gpt
+            .train
+            .data_url
+            .clone()
+            .unwrap_or_else(|| self.tokens_url())
+    }
+
+    /// Where `dalle data tokenize` writes by default.
+    pub fn tokens_url(&self) -> String {
+        self.run.dir.join("tokens").display().to_string()
     }
 
     /// Where `dalle text train-tokenizer` writes and stage 2 reads.

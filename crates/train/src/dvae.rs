@@ -4,94 +4,17 @@
 //! atomically during and at the end of training.
 
 use crate::config::JobConfig;
+use crate::feed::{EpochSummary, batch_tensor, loader_config, next_nonempty, runtime_device};
 use crate::metrics::{DvaeLog, DvaeStepMetrics, Window};
 use crate::optim::AdamW;
 use crate::{Result, TrainError};
-use dalle_data::image_ops::Preprocess;
-use dalle_data::loader::{Batch, ImageLoader, LoaderConfig, LoaderStats};
-use dalle_data::order::{Cursor, Sharding};
+use dalle_data::loader::ImageLoader;
+use dalle_data::order::Cursor;
 use dalle_model::dvae::{Dvae, Objective, loss};
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
-
-/// The loader settings of a job for images of `image_size`.
-pub fn loader_config(job: &JobConfig, batch_size: usize) -> LoaderConfig {
-    LoaderConfig {
-        sharding: Sharding::single(batch_size),
-        shuffle_window: job.data.shuffle_window,
-        prefetch_batches: job.data.prefetch_batches,
-        decode_threads: job.data.decode_threads,
-        read_ahead_bytes: job.data.read_ahead_bytes,
-        max_bad_fraction: job.data.max_bad_fraction,
-        preprocess: Preprocess {
-            size: job.dvae.model.image_size as u32,
-            max_pixels: job.data.max_pixels,
-            crop: job.data.crop,
-        },
-        columns: job.data.columns.clone(),
-    }
-}
-
-/// A loader batch as a `(N, 3, S, S)` tensor on `device`.
-pub fn batch_tensor(batch: &Batch, device: Device) -> Tensor {
-    let s = i64::from(batch.size);
-    Tensor::from_slice(&batch.pixels)
-        .view([batch.len() as i64, 3, s, s])
-        .to_device(device)
-}
-
-/// Samples read and skipped in the current epoch, logged when it ends.
-#[derive(Default)]
-struct EpochSummary {
-    epoch: u64,
-    counts: LoaderStats,
-}
-
-impl EpochSummary {
-    fn record(&mut self, batch: &Batch) {
-        if batch.epoch != self.epoch {
-            let c = &self.counts;
-            tracing::info!(
-                epoch = self.epoch,
-                seen = c.seen,
-                skipped = c.skipped(),
-                null_image = c.null_image,
-                empty_caption = c.empty_caption,
-                undecodable = c.undecodable,
-                "epoch {} done",
-                self.epoch
-            );
-            *self = Self {
-                epoch: batch.epoch,
-                counts: LoaderStats::default(),
-            };
-        }
-        self.counts.add(&batch.skipped);
-    }
-}
-
-/// The next batch with at least one sample (a slice of only bad samples is
-/// skipped; the loader has logged each of them).
-fn next_nonempty(loader: &mut ImageLoader, step: u64, epoch: &mut EpochSummary) -> Result<Batch> {
-    loop {
-        let batch = loader.next().ok_or(TrainError::DataExhausted(step))??;
-        epoch.record(&batch);
-        if !batch.is_empty() {
-            return Ok(batch);
-        }
-        tracing::warn!(step, cursor = ?batch.cursor, "every sample of a batch was bad; taking the next batch");
-    }
-}
-
-/// Applies the run's thread count and device choice.
-pub fn runtime_device(job: &JobConfig) -> Result<Device> {
-    if job.run.threads > 0 {
-        tch::set_num_threads(job.run.threads as i32);
-    }
-    Ok(dalle_model::device::parse_device(&job.run.device)?)
-}
 
 pub struct TrainReport {
     pub logs: Vec<DvaeLog>,
@@ -106,7 +29,7 @@ pub fn train(job: &JobConfig, mut on_log: impl FnMut(&DvaeLog)) -> Result<TrainR
     let data = job.data_location()?;
     let mut loader = ImageLoader::start(
         &data,
-        loader_config(job, cfg.batch_size),
+        loader_config(job, job.dvae.model.image_size as u32, cfg.batch_size),
         Cursor::start(job.run.seed),
     )?;
     tracing::info!(

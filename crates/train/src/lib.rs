@@ -6,6 +6,8 @@ pub mod config;
 pub mod dvae;
 pub mod error;
 pub mod eval;
+pub mod feed;
+pub mod gpt;
 pub mod metrics;
 pub mod optim;
 pub mod schedule;

@@ -96,6 +96,108 @@ impl Window {
     }
 }
 
+/// What one stage-2 step reports.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GptStepMetrics {
+    pub loss: f64,
+    pub text_loss: f64,
+    pub image_loss: f64,
+    pub grad_norm: f64,
+    pub images: usize,
+    /// Text and image positions trained on.
+    pub tokens: usize,
+    pub truncated_captions: usize,
+    pub data_wait: Duration,
+    pub step_time: Duration,
+}
+
+/// One log line of stage-2 training.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct GptLog {
+    pub step: u64,
+    pub loss: f64,
+    /// Cross-entropy of the caption's tokens, nats.
+    pub text_loss: f64,
+    /// Cross-entropy of the image's tokens, nats.
+    pub image_loss: f64,
+    pub grad_norm: f64,
+    pub lr: f64,
+    pub tokens_per_s: f64,
+    pub images_per_s: f64,
+    /// Captions cut to the text length in this window.
+    pub truncated_captions: usize,
+    /// Share of wall time the step loop waited for the loader (0..1).
+    pub data_wait: f64,
+}
+
+impl std::fmt::Display for GptLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "step {} | loss {:.4} | text {:.4} | image {:.4} | grad norm {:.3} | lr {:.2e} | \
+             {:.0} tok/s | {:.1} img/s | data wait {:.1}%",
+            self.step,
+            self.loss,
+            self.text_loss,
+            self.image_loss,
+            self.grad_norm,
+            self.lr,
+            self.tokens_per_s,
+            self.images_per_s,
+            100.0 * self.data_wait
+        )?;
+        if self.truncated_captions > 0 {
+            write!(f, " | {} captions truncated", self.truncated_captions)?;
+        }
+        Ok(())
+    }
+}
+
+/// Accumulates stage-2 step metrics between two log lines.
+#[derive(Default)]
+pub struct GptWindow {
+    steps: u64,
+    sum: GptStepMetrics,
+}
+
+impl GptWindow {
+    pub fn add(&mut self, m: GptStepMetrics) {
+        self.steps += 1;
+        let s = &mut self.sum;
+        s.loss += m.loss;
+        s.text_loss += m.text_loss;
+        s.image_loss += m.image_loss;
+        s.grad_norm += m.grad_norm;
+        s.images += m.images;
+        s.tokens += m.tokens;
+        s.truncated_captions += m.truncated_captions;
+        s.data_wait += m.data_wait;
+        s.step_time += m.step_time;
+    }
+
+    /// Means over the window (which is then reset); the step and learning
+    /// rate come from the caller.
+    pub fn finish(&mut self, step: u64, lr: f64) -> GptLog {
+        let n = self.steps.max(1) as f64;
+        let wall = self.sum.step_time.as_secs_f64().max(1e-9);
+        let s = &self.sum;
+        let line = GptLog {
+            step,
+            loss: s.loss / n,
+            text_loss: s.text_loss / n,
+            image_loss: s.image_loss / n,
+            grad_norm: s.grad_norm / n,
+            lr,
+            tokens_per_s: s.tokens as f64 / wall,
+            images_per_s: s.images as f64 / wall,
+            truncated_captions: s.truncated_captions,
+            data_wait: s.data_wait.as_secs_f64() / wall,
+        };
+        *self = Self::default();
+        line
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,5 +226,33 @@ mod tests {
         assert!(
             text.contains("step 0") && text.contains("img/s") && text.contains("data wait 10.0%")
         );
+    }
+
+    #[test]
+    fn gpt_window_means_token_throughput_and_truncations() {
+        let mut w = GptWindow::default();
+        for (loss, truncated) in [(2.0, 0), (4.0, 3)] {
+            w.add(GptStepMetrics {
+                loss,
+                text_loss: 1.0,
+                image_loss: loss,
+                images: 4,
+                tokens: 400,
+                truncated_captions: truncated,
+                data_wait: Duration::from_millis(20),
+                step_time: Duration::from_millis(200),
+                ..Default::default()
+            });
+        }
+        let line = w.finish(7, 1e-3);
+        assert_eq!((line.step, line.loss, line.image_loss), (7, 3.0, 3.0));
+        assert!((line.tokens_per_s - 2000.0).abs() < 1e-6);
+        assert!((line.data_wait - 0.1).abs() < 1e-9);
+        let text = line.to_string();
+        assert!(
+            text.contains("tok/s") && text.contains("3 captions truncated"),
+            "{text}"
+        );
+        assert_eq!(w.finish(8, 1e-3).truncated_captions, 0, "the window resets");
     }
 }

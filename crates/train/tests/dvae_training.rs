@@ -56,11 +56,11 @@ fn short_training_run_learns_to_reconstruct() {
     let model = Dvae::load(&report.weights, parse_device("cpu").unwrap()).unwrap();
     let batches = ImageLoader::start(
         &job.data_location().unwrap(),
-        dalle_train::dvae::loader_config(&job, 32),
+        dalle_train::feed::loader_config(&job, job.dvae.model.image_size as u32, 32),
         Cursor::start(0),
     )
     .unwrap();
-    let tensors = batches.map(|b| Ok(dalle_train::dvae::batch_tensor(&b?, tch::Device::Cpu)));
+    let tensors = batches.map(|b| Ok(dalle_train::feed::batch_tensor(&b?, tch::Device::Cpu)));
     let eval = dalle_train::eval::reconstruct(&model, tensors, 64).unwrap();
     assert_eq!(eval.images, 64);
     assert!(

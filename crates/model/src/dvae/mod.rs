@@ -28,6 +28,8 @@ use tch::{Device, Kind, Tensor, nn};
 
 const FORMAT_KEY: &str = "format";
 const FORMAT: &str = "dalle-rs/dvae/1";
+/// A file holding only the decoder (what a sampler needs).
+const DECODER_FORMAT: &str = "dalle-rs/dvae-decoder/1";
 const CONFIG_KEY: &str = "dvae_config";
 
 /// The temperature, weights and choices of one training step's objective.
@@ -134,27 +136,7 @@ impl Dvae {
     /// # Shapes
     /// `(N, h, w)` int64 → `(N, C, 8h, 8w)`
     pub fn decode(&self, tokens: &Tensor) -> Result<Tensor> {
-        let size = tokens.size();
-        if size.len() != 3 {
-            return Err(ModelError::Input {
-                what: "token grid shape",
-                expected: "(N, h, w)".into(),
-                found: format!("{size:?}"),
-            });
-        }
-        let tokens = tokens.to_device(self.device()).to_kind(Kind::Int64);
-        let (lo, hi) = (tokens.min().int64_value(&[]), tokens.max().int64_value(&[]));
-        if lo < 0 || hi >= self.config.vocab_size {
-            return Err(ModelError::Input {
-                what: "token ids",
-                expected: format!("values in [0, {})", self.config.vocab_size),
-                found: format!("values in [{lo}, {hi}]"),
-            });
-        }
-        tch::no_grad(|| {
-            let z = relax::one_hot_codes(&tokens, self.config.vocab_size);
-            Ok(loss::stats_to_pixels(&self.decoder.forward(&z)))
-        })
+        decode_tokens(&self.decoder, &self.config, self.device(), tokens)
     }
 
     /// Encode then decode: what the model keeps of an image.
@@ -193,15 +175,33 @@ impl Dvae {
         vars
     }
 
+    /// The decoder alone as a safetensors file (names keep their
+    /// `decoder.` prefix), loadable by [`DvaeDecoder`].
+    pub fn decoder_bytes(&self) -> Result<Vec<u8>> {
+        let tensors: Vec<(String, Tensor)> = self
+            .named_parameters()
+            .into_iter()
+            .filter(|(name, _)| name.starts_with("decoder."))
+            .collect();
+        weights::to_bytes(
+            &tensors,
+            self.metadata(DECODER_FORMAT),
+            Path::new("dvae decoder"),
+        )
+    }
+
+    fn metadata(&self, format: &str) -> HashMap<String, String> {
+        let config = serde_json::to_string(&self.config).expect("config serialises");
+        HashMap::from([
+            (FORMAT_KEY.to_string(), format.to_string()),
+            (CONFIG_KEY.to_string(), config),
+        ])
+    }
+
     /// Writes the weights with the config in the file's metadata, so the
     /// file alone rebuilds the model.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let config = serde_json::to_string(&self.config).expect("config serialises");
-        let metadata = HashMap::from([
-            (FORMAT_KEY.to_string(), FORMAT.to_string()),
-            (CONFIG_KEY.to_string(), config),
-        ]);
-        weights::save(path, &self.named_parameters(), metadata)
+        weights::save(path, &self.named_parameters(), self.metadata(FORMAT))
     }
 
     /// Rebuilds a model from a file written by [`Dvae::save`].
@@ -219,27 +219,7 @@ impl Dvae {
     }
 
     fn config_from_metadata(file: &WeightFile) -> Result<DvaeConfig> {
-        let format_err = |reason: String| ModelError::Format {
-            path: file.path.clone(),
-            reason,
-        };
-        match file.metadata.get(FORMAT_KEY) {
-            Some(f) if f == FORMAT => {}
-            Some(other) => {
-                return Err(format_err(format!("format `{other}`, expected `{FORMAT}`")));
-            }
-            None => {
-                return Err(format_err(format!(
-                    "no `{FORMAT_KEY}` metadata: not a dalle-rs dVAE file (OpenAI's converted \
-                     encoder/decoder files load with `Dvae::load_openai`)"
-                )));
-            }
-        }
-        let json = file
-            .metadata
-            .get(CONFIG_KEY)
-            .ok_or_else(|| format_err(format!("no `{CONFIG_KEY}` metadata")))?;
-        serde_json::from_str(json).map_err(|e| format_err(format!("bad `{CONFIG_KEY}`: {e}")))
+        config_from_metadata(file, &[FORMAT])
     }
 
     /// Loads OpenAI's released encoder and decoder, converted to safetensors
@@ -283,6 +263,96 @@ impl Dvae {
         enc.assign(&vars, "encoder.", "")?;
         dec.assign(&vars, "decoder.", "")?;
         Ok(model)
+    }
+}
+
+/// Decodes a token grid with `decoder`, checking its shape and ids.
+fn decode_tokens(
+    decoder: &Decoder,
+    config: &DvaeConfig,
+    device: Device,
+    tokens: &Tensor,
+) -> Result<Tensor> {
+    let size = tokens.size();
+    if size.len() != 3 {
+        return Err(ModelError::Input {
+            what: "token grid shape",
+            expected: "(N, h, w)".into(),
+            found: format!("{size:?}"),
+        });
+    }
+    let tokens = tokens.to_device(device).to_kind(Kind::Int64);
+    let (lo, hi) = (tokens.min().int64_value(&[]), tokens.max().int64_value(&[]));
+    if lo < 0 || hi >= config.vocab_size {
+        return Err(ModelError::Input {
+            what: "token ids",
+            expected: format!("values in [0, {})", config.vocab_size),
+            found: format!("values in [{lo}, {hi}]"),
+        });
+    }
+    tch::no_grad(|| {
+        let z = relax::one_hot_codes(&tokens, config.vocab_size);
+        Ok(loss::stats_to_pixels(&decoder.forward(&z)))
+    })
+}
+
+/// The config in a weights file's metadata, if its format is one of `formats`.
+fn config_from_metadata(file: &WeightFile, formats: &[&str]) -> Result<DvaeConfig> {
+    let format_err = |reason: String| ModelError::Format {
+        path: file.path.clone(),
+        reason,
+    };
+    match file.metadata.get(FORMAT_KEY) {
+        Some(f) if formats.contains(&f.as_str()) => {}
+        Some(other) => {
+            return Err(format_err(format!(
+                "format `{other}`, expected {}",
+                formats.join(" or ")
+            )));
+        }
+        None => {
+            return Err(format_err(format!(
+                "no `{FORMAT_KEY}` metadata: not a dalle-rs dVAE file (OpenAI's converted \
+                 encoder/decoder files load with `Dvae::load_openai`)"
+            )));
+        }
+    }
+    let json = file
+        .metadata
+        .get(CONFIG_KEY)
+        .ok_or_else(|| format_err(format!("no `{CONFIG_KEY}` metadata")))?;
+    serde_json::from_str(json).map_err(|e| format_err(format!("bad `{CONFIG_KEY}`: {e}")))
+}
+
+/// The dVAE's decoder alone: token grids to images, for sampling. Loads a
+/// decoder file ([`Dvae::decoder_bytes`]) or a whole dVAE file.
+pub struct DvaeDecoder {
+    config: DvaeConfig,
+    vs: nn::VarStore,
+    decoder: Decoder,
+}
+
+impl DvaeDecoder {
+    pub fn from_weights(file: &WeightFile, device: Device) -> Result<Self> {
+        let config = config_from_metadata(file, &[DECODER_FORMAT, FORMAT])?;
+        config.validate()?;
+        let vs = nn::VarStore::new(device);
+        let decoder = Decoder::new(vs.root() / "decoder", &config);
+        file.assign(&vs.variables(), "decoder.", "decoder.")?;
+        Ok(Self {
+            config,
+            vs,
+            decoder,
+        })
+    }
+
+    pub fn config(&self) -> &DvaeConfig {
+        &self.config
+    }
+
+    /// Images `[0, 1]` for token grids `(N, h, w)`.
+    pub fn decode(&self, tokens: &Tensor) -> Result<Tensor> {
+        decode_tokens(&self.decoder, &self.config, self.vs.device(), tokens)
     }
 }
 

@@ -326,3 +326,27 @@ fn bad_inputs_are_rejected_with_what_was_expected() {
             .contains("dvae.image_size")
     );
 }
+
+#[test]
+fn the_decoder_alone_decodes_like_the_whole_model() {
+    let model = model(21);
+    let tokens = model.encode(&images(2)).unwrap();
+    let expected = model.decode(&tokens).unwrap();
+    let bytes = model.decoder_bytes().unwrap();
+    let file = weights::from_bytes(&bytes, Path::new("decoder.safetensors")).unwrap();
+    assert!(file.tensors.keys().all(|n| n.starts_with("decoder.")));
+    let decoder = DvaeDecoder::from_weights(&file, Device::Cpu).unwrap();
+    assert_eq!(decoder.config(), model.config());
+    assert!(decoder.decode(&tokens).unwrap().equal(&expected));
+    // A whole dVAE file serves too; a decoder file is not a whole dVAE.
+    let dir = tempfile::tempdir().unwrap();
+    let whole = dir.path().join("dvae.safetensors");
+    model.save(&whole).unwrap();
+    let from_whole =
+        DvaeDecoder::from_weights(&weights::read(&whole).unwrap(), Device::Cpu).unwrap();
+    assert!(from_whole.decode(&tokens).unwrap().equal(&expected));
+    let part = dir.path().join("decoder.safetensors");
+    std::fs::write(&part, &bytes).unwrap();
+    let err = Dvae::load(&part, Device::Cpu).err().unwrap().to_string();
+    assert!(err.contains("dvae-decoder"), "{err}");
+}

@@ -1,0 +1,42 @@
+//! `dalle export`: the sampler bundle (dVAE decoder, transformer, caption
+//! tokenizer, sampling defaults) from a run's outputs, to a local path or a
+//! store URL, for `dalle-sample`.
+
+use anyhow::{Context, Result};
+use dalle_model::dvae::Dvae;
+use dalle_sample::bundle::{self, Parts};
+use dalle_store::Location;
+use dalle_train::config::JobConfig;
+use tch::Device;
+
+/// Writes the bundle of the job's run to `out` (default `<run.dir>/bundle`).
+pub fn run(job: &JobConfig, out: Option<String>) -> Result<()> {
+    let out = out.unwrap_or_else(|| job.run.dir.join("bundle").display().to_string());
+    let read = |path: std::path::PathBuf, made_by: &str| {
+        std::fs::read(&path)
+            .with_context(|| format!("cannot read {} (written by `{made_by}`)", path.display()))
+    };
+    let dvae_path = job.dvae_weights_path();
+    let dvae = Dvae::load(&dvae_path, Device::Cpu)
+        .with_context(|| format!("loading dVAE weights {}", dvae_path.display()))?;
+    let parts = Parts {
+        dvae_decoder: dvae.decoder_bytes()?,
+        gpt: read(job.gpt_weights_path(), "dalle gpt train")?,
+        tokenizer: String::from_utf8(read(job.tokenizer_path(), "dalle text train-tokenizer")?)
+            .context("tokenizer.json is not UTF-8")?,
+        sampling: job.gpt.sample.clone(),
+    };
+    let location = Location::parse(&out, &job.store)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(bundle::write(&location, parts))?;
+    // Loading it back checks that the parts fit together before anyone
+    // relies on the bundle.
+    runtime
+        .block_on(bundle::Bundle::load(&location, Device::Cpu))
+        .with_context(|| format!("the bundle just written to {out} does not load"))?;
+    tracing::info!(bundle = %location.url, "sampler bundle written");
+    println!("bundle: {}", location.url);
+    Ok(())
+}

@@ -1,0 +1,65 @@
+//! The key/value cache of incremental decoding: each layer's keys and
+//! values for every position decoded so far, preallocated to the full
+//! sequence so a step writes one slot instead of growing tensors.
+
+use tch::{Device, Kind, Tensor};
+
+pub struct LayerCache {
+    keys: Tensor,
+    values: Tensor,
+}
+
+impl LayerCache {
+    /// Stores keys and values `(B, H, n, Dh)` for positions
+    /// `start..start + n` and returns those of positions `0..start + n`.
+    pub fn append(&mut self, start: i64, keys: &Tensor, values: &Tensor) -> (Tensor, Tensor) {
+        let n = keys.size()[2];
+        self.keys.narrow(2, start, n).copy_(keys);
+        self.values.narrow(2, start, n).copy_(values);
+        (
+            self.keys.narrow(2, 0, start + n),
+            self.values.narrow(2, 0, start + n),
+        )
+    }
+}
+
+pub struct KvCache {
+    pub(super) layers: Vec<LayerCache>,
+    /// Positions already in the cache.
+    pub(super) len: i64,
+    pub(super) capacity: i64,
+}
+
+impl KvCache {
+    pub(super) fn new(
+        depth: i64,
+        batch: i64,
+        heads: i64,
+        capacity: i64,
+        head_dim: i64,
+        kind: Kind,
+        device: Device,
+    ) -> Self {
+        let shape = [batch, heads, capacity, head_dim];
+        let layers = (0..depth)
+            .map(|_| LayerCache {
+                keys: Tensor::zeros(shape, (kind, device)),
+                values: Tensor::zeros(shape, (kind, device)),
+            })
+            .collect();
+        Self {
+            layers,
+            len: 0,
+            capacity,
+        }
+    }
+
+    /// Positions decoded so far.
+    pub fn len(&self) -> i64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}

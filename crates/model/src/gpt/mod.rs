@@ -1,0 +1,394 @@
+//! The transformer of stage 2: one decoder-only sequence of a caption's
+//! text tokens followed by an image's dVAE tokens.
+//!
+//! Sequence layout (T text positions, an image grid of g × g = N tokens):
+//!
+//! ```text
+//! input:   BOS t0 t1 … t(T-1) | i0 i1 … i(N-2)
+//! targets: t0  t1 …   t(T-1)  | i0 i1 … i(N-1)
+//! ```
+//!
+//! Text ids are `0..V` for BPE tokens and `V + p` for the pad of position
+//! `p` (the paper's per-position padding); BOS is `V + T`. Text positions
+//! get learned positional embeddings, image tokens a row plus a column
+//! embedding. Text positions predict over the text vocabulary (BPE ids and
+//! pads), image positions over the image codebook only: two output heads.
+
+mod block;
+pub mod cache;
+pub mod config;
+pub mod masks;
+pub mod sample;
+#[cfg(test)]
+mod tests;
+
+pub use cache::KvCache;
+pub use config::{AttentionLayout, GptArch, GptConfig};
+
+use crate::weights::{self, WeightFile};
+use crate::{ModelError, Result};
+use block::{Block, INIT_STD, Visibility};
+use masks::Pattern;
+use std::collections::HashMap;
+use std::path::Path;
+use tch::nn::{self, Module};
+use tch::{Device, Kind, Tensor};
+
+const FORMAT_KEY: &str = "format";
+const FORMAT: &str = "dalle-rs/gpt/1";
+const CONFIG_KEY: &str = "gpt_config";
+
+/// Logits of one forward pass over whole sequences.
+pub struct Logits {
+    /// `(B, T, V + T)`: predictions of the caption's tokens.
+    pub text: Tensor,
+    /// `(B, N, image_vocab)`: predictions of the image's tokens.
+    pub image: Tensor,
+}
+
+/// The stage-2 loss and its parts (mean cross-entropy per kind, nats).
+pub struct Loss {
+    pub loss: Tensor,
+    pub text: Tensor,
+    pub image: Tensor,
+}
+
+pub struct Gpt {
+    config: GptConfig,
+    vs: nn::VarStore,
+    text_emb: nn::Embedding,
+    text_pos: nn::Embedding,
+    image_emb: nn::Embedding,
+    image_row: nn::Embedding,
+    image_col: nn::Embedding,
+    blocks: Vec<Block>,
+    ln_f: nn::LayerNorm,
+    text_head: nn::Linear,
+    image_head: nn::Linear,
+    patterns: Vec<Pattern>,
+    /// Full-sequence masks of the sparse patterns in use.
+    masks: HashMap<Pattern, Tensor>,
+}
+
+fn embedding(path: nn::Path, count: i64, dim: i64) -> nn::Embedding {
+    let config = nn::EmbeddingConfig {
+        ws_init: nn::Init::Randn {
+            mean: 0.0,
+            stdev: INIT_STD,
+        },
+        ..Default::default()
+    };
+    nn::embedding(path, count, dim, config)
+}
+
+impl Gpt {
+    /// A freshly initialised model; seed with `tch::manual_seed` first for
+    /// reproducible weights.
+    pub fn new(config: GptConfig, device: Device) -> Result<Self> {
+        config.validate()?;
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let d = config.arch.dim;
+        let patterns = masks::layer_patterns(&config);
+        let masks = patterns
+            .iter()
+            .filter(|p| **p != Pattern::Causal)
+            .map(|&p| (p, masks::mask(p, &config, device)))
+            .collect();
+        Ok(Self {
+            text_emb: embedding(&root / "text_emb", config.text_targets() + 1, d),
+            text_pos: embedding(&root / "text_pos", config.text_len + 1, d),
+            image_emb: embedding(&root / "image_emb", config.image_vocab, d),
+            image_row: embedding(&root / "image_row", config.image_grid, d),
+            image_col: embedding(&root / "image_col", config.image_grid, d),
+            blocks: (0..config.arch.depth)
+                .map(|i| Block::new(&root / "blocks" / i, &config.arch))
+                .collect(),
+            ln_f: nn::layer_norm(&root / "ln_f", vec![d], Default::default()),
+            text_head: block::linear(&root / "text_head", d, config.text_targets(), INIT_STD),
+            image_head: block::linear(&root / "image_head", d, config.image_vocab, INIT_STD),
+            patterns,
+            masks,
+            config,
+            vs,
+        })
+    }
+
+    pub fn config(&self) -> &GptConfig {
+        &self.config
+    }
+
+    pub fn var_store(&self) -> &nn::VarStore {
+        &self.vs
+    }
+
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    /// Named parameters, sorted by name.
+    pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
+        let mut vars: Vec<_> = self.vs.variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        vars
+    }
+
+    fn check_ids(&self, ids: &Tensor, what: &'static str, len: i64, vocab: i64) -> Result<Tensor> {
+        let size = ids.size();
+        if size.len() != 2 || size[1] != len {
+            return Err(ModelError::Input {
+                what,
+                expected: format!("(B, {len})"),
+                found: format!("{size:?}"),
+            });
+        }
+        let ids = ids.to_device(self.device()).to_kind(Kind::Int64);
+        if ids.numel() > 0 {
+            let (lo, hi) = (ids.min().int64_value(&[]), ids.max().int64_value(&[]));
+            if lo < 0 || hi >= vocab {
+                return Err(ModelError::Input {
+                    what,
+                    expected: format!("ids in [0, {vocab})"),
+                    found: format!("ids in [{lo}, {hi}]"),
+                });
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Embeds BOS + caption `(B, T)` and the first `m` image tokens
+    /// `(B, m)`: `(B, T + 1 + m, D)`.
+    fn embed(&self, text: &Tensor, image: &Tensor) -> Tensor {
+        let (b, device) = (text.size()[0], self.device());
+        let bos = Tensor::full([b, 1], self.config.bos(), (Kind::Int64, device));
+        let text = Tensor::cat(&[bos, text.shallow_clone()], 1);
+        let positions = Tensor::arange(self.config.text_len + 1, (Kind::Int64, device));
+        let text = self.text_emb.forward(&text) + self.text_pos.forward(&positions);
+        let m = image.size()[1];
+        if m == 0 {
+            return text;
+        }
+        Tensor::cat(&[text, self.embed_image(image, 0)], 1)
+    }
+
+    /// Embeds image tokens `(B, m)` that sit at grid indices `first..first + m`.
+    fn embed_image(&self, tokens: &Tensor, first: i64) -> Tensor {
+        let m = tokens.size()[1];
+        let index = Tensor::arange_start(first, first + m, (Kind::Int64, self.device()));
+        let g = self.config.image_grid;
+        self.image_emb.forward(tokens)
+            + self
+                .image_row
+                .forward(&index.divide_scalar_mode(g, "floor"))
+            + self.image_col.forward(&index.remainder(g))
+    }
+
+    /// Runs the blocks over positions `start..start + n` held in `x`.
+    fn run_blocks(
+        &self,
+        x: Tensor,
+        start: i64,
+        mut cache: Option<&mut KvCache>,
+        train: bool,
+    ) -> Tensor {
+        let n = x.size()[1];
+        let mut x = x.dropout(self.config.arch.dropout, train);
+        for (i, (block, pattern)) in self.blocks.iter().zip(&self.patterns).enumerate() {
+            let slice;
+            let visibility = match (pattern, start, n) {
+                (Pattern::Causal, 0, _) => Visibility::Causal,
+                (Pattern::Causal, _, 1) => Visibility::All,
+                (pattern, _, _) => {
+                    let full = match pattern {
+                        Pattern::Causal => self.causal_mask(),
+                        other => self.masks[other].shallow_clone(),
+                    };
+                    slice = full.narrow(0, start, n).narrow(1, 0, start + n);
+                    Visibility::Mask(&slice)
+                }
+            };
+            let layer = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = block.forward(&x, start, &visibility, layer, train);
+        }
+        if let Some(cache) = cache {
+            cache.len = start + n;
+        }
+        self.ln_f.forward(&x)
+    }
+
+    fn causal_mask(&self) -> Tensor {
+        let n = self.config.seq_len();
+        Tensor::ones([n, n], (Kind::Bool, self.device())).tril(0)
+    }
+
+    /// Logits for whole sequences: captions `(B, T)` and image tokens
+    /// `(B, N)` (the last image token is only a target).
+    pub fn forward_t(&self, text: &Tensor, image: &Tensor, train: bool) -> Result<Logits> {
+        let c = &self.config;
+        let text = self.check_ids(text, "caption ids", c.text_len, c.text_targets())?;
+        let image = self.check_ids(image, "image tokens", c.image_len(), c.image_vocab)?;
+        let inputs = image.narrow(1, 0, c.image_len() - 1);
+        let h = self.run_blocks(self.embed(&text, &inputs), 0, None, train);
+        Ok(Logits {
+            text: self.text_head.forward(&h.narrow(1, 0, c.text_len)),
+            image: self
+                .image_head
+                .forward(&h.narrow(1, c.text_len, c.image_len())),
+        })
+    }
+
+    /// The training loss: cross-entropy of text and image predictions,
+    /// each averaged over its own positions, weighted `text_weight` and
+    /// `1 - text_weight` (the paper: 1/8 and 7/8).
+    pub fn loss(
+        &self,
+        text: &Tensor,
+        image: &Tensor,
+        text_weight: f64,
+        train: bool,
+    ) -> Result<Loss> {
+        let logits = self.forward_t(text, image, train)?;
+        let device = self.device();
+        let ce = |logits: &Tensor, targets: &Tensor| {
+            let v = logits.size()[2];
+            logits
+                .reshape([-1, v])
+                .cross_entropy_for_logits(&targets.to_device(device).reshape([-1]))
+        };
+        let text_loss = ce(&logits.text, &text.to_kind(Kind::Int64));
+        let image_loss = ce(&logits.image, &image.to_kind(Kind::Int64));
+        let loss = &text_loss * text_weight + &image_loss * (1.0 - text_weight);
+        Ok(Loss {
+            loss,
+            text: text_loss,
+            image: image_loss,
+        })
+    }
+
+    /// An empty cache for decoding `batch` sequences.
+    pub fn new_cache(&self, batch: i64) -> KvCache {
+        let a = &self.config.arch;
+        let kind = self
+            .vs
+            .variables()
+            .values()
+            .next()
+            .map_or(Kind::Float, Tensor::kind);
+        KvCache::new(
+            a.depth,
+            batch,
+            a.heads,
+            self.config.seq_len(),
+            a.dim / a.heads,
+            kind,
+            self.device(),
+        )
+    }
+
+    /// Starts decoding: runs BOS + captions `(B, T)` into an empty cache
+    /// and returns the logits of the first image token, `(B, image_vocab)`.
+    pub fn prefill(&self, text: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let c = &self.config;
+        let text = self.check_ids(text, "caption ids", c.text_len, c.text_targets())?;
+        if !cache.is_empty() {
+            return Err(ModelError::Input {
+                what: "cache",
+                expected: "an empty cache".into(),
+                found: format!("{} positions", cache.len()),
+            });
+        }
+        let empty = Tensor::zeros([text.size()[0], 0], (Kind::Int64, self.device()));
+        let h = self.run_blocks(self.embed(&text, &empty), 0, Some(cache), false);
+        Ok(self.image_head.forward(&h.select(1, c.text_len)))
+    }
+
+    /// Feeds the next image token `(B,)` (grid index = image tokens already
+    /// in the cache) and returns the logits of the one after it.
+    pub fn step(&self, token: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let c = &self.config;
+        let index = cache.len() - (c.text_len + 1);
+        if index < 0 || cache.len() >= cache.capacity {
+            return Err(ModelError::Input {
+                what: "cache",
+                expected: format!(
+                    "between {} and {} positions",
+                    c.text_len + 1,
+                    cache.capacity - 1
+                ),
+                found: format!("{} positions", cache.len()),
+            });
+        }
+        let token = token
+            .to_device(self.device())
+            .to_kind(Kind::Int64)
+            .view([-1, 1]);
+        let x = self.embed_image(&token, index);
+        let h = self.run_blocks(x, cache.len(), Some(cache), false);
+        Ok(self.image_head.forward(&h.select(1, 0)))
+    }
+
+    /// The logits of the next image token after captions `(B, T)` and an
+    /// image prefix `(B, m)`, recomputed from scratch (no cache): what
+    /// [`Gpt::step`] must agree with, and the reference it is timed against.
+    pub fn next_image_logits(&self, text: &Tensor, prefix: &Tensor) -> Result<Tensor> {
+        let c = &self.config;
+        let text = self.check_ids(text, "caption ids", c.text_len, c.text_targets())?;
+        let m = prefix.size()[1];
+        if m >= c.image_len() {
+            return Err(ModelError::Input {
+                what: "image prefix",
+                expected: format!("fewer than {} tokens", c.image_len()),
+                found: m.to_string(),
+            });
+        }
+        let prefix = self.check_ids(prefix, "image tokens", m, c.image_vocab)?;
+        let h = self.run_blocks(self.embed(&text, &prefix), 0, None, false);
+        Ok(self.image_head.forward(&h.select(1, c.text_len + m)))
+    }
+
+    /// Writes the weights with the config in the file's metadata.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        weights::save(path, &self.named_parameters(), self.metadata())
+    }
+
+    /// The metadata a weights file carries: format and config.
+    pub fn metadata(&self) -> HashMap<String, String> {
+        let config = serde_json::to_string(&self.config).expect("config serialises");
+        HashMap::from([
+            (FORMAT_KEY.to_string(), FORMAT.to_string()),
+            (CONFIG_KEY.to_string(), config),
+        ])
+    }
+
+    /// Rebuilds a model from a file written by [`Gpt::save`].
+    pub fn load(path: &Path, device: Device) -> Result<Self> {
+        Self::from_weights(&weights::read(path)?, device)
+    }
+
+    /// Rebuilds a model from weights already read (from a file or a store).
+    pub fn from_weights(file: &WeightFile, device: Device) -> Result<Self> {
+        let model = Self::new(Self::config_from_metadata(file)?, device)?;
+        file.assign(&model.vs.variables(), "", "")?;
+        Ok(model)
+    }
+
+    pub fn config_from_metadata(file: &WeightFile) -> Result<GptConfig> {
+        let format_err = |reason: String| ModelError::Format {
+            path: file.path.clone(),
+            reason,
+        };
+        match file.metadata.get(FORMAT_KEY) {
+            Some(f) if f == FORMAT => {}
+            other => {
+                return Err(format_err(format!(
+                    "format {other:?}, expected `{FORMAT}`: not a dalle-rs transformer"
+                )));
+            }
+        }
+        let json = file
+            .metadata
+            .get(CONFIG_KEY)
+            .ok_or_else(|| format_err(format!("no `{CONFIG_KEY}` metadata")))?;
+        serde_json::from_str(json).map_err(|e| format_err(format!("bad `{CONFIG_KEY}`: {e}")))
+    }
+}

@@ -1,0 +1,213 @@
+//! Generating image tokens for captions: incremental decoding with the KV
+//! cache (or full recomputation, as a reference), temperature, top-k,
+//! top-p, and classifier-free guidance with conditional and null captions
+//! decoded as one batch.
+
+use super::Gpt;
+use crate::{ModelError, Result};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SamplingConfig {
+    /// Logits are divided by this before sampling.
+    pub temperature: f64,
+    /// Keep only the k most likely tokens (0: all).
+    pub top_k: i64,
+    /// Keep the smallest set of tokens whose probability reaches p (1: all).
+    pub top_p: f64,
+    /// Classifier-free guidance: logits = null + scale · (cond − null);
+    /// 1 is plain conditional sampling.
+    pub guidance_scale: f64,
+    pub seed: u64,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            guidance_scale: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+impl SamplingConfig {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |key: &str, value: String, want: &str| {
+            Err(ModelError::Config(format!(
+                "sampling {key} = {value}: {want}"
+            )))
+        };
+        if self.temperature <= 0.0 {
+            return bad(
+                "temperature",
+                self.temperature.to_string(),
+                "must be positive",
+            );
+        }
+        if self.top_k < 0 {
+            return bad(
+                "top_k",
+                self.top_k.to_string(),
+                "must be 0 (off) or positive",
+            );
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top_p", self.top_p.to_string(), "must be in (0, 1]");
+        }
+        if self.guidance_scale < 0.0 {
+            return bad(
+                "guidance_scale",
+                self.guidance_scale.to_string(),
+                "must be ≥ 0",
+            );
+        }
+        Ok(())
+    }
+
+    fn guided(&self) -> bool {
+        self.guidance_scale != 1.0
+    }
+}
+
+/// Masks logits `(B, V)` outside the top-k and the top-p nucleus.
+pub fn filter_logits(logits: &Tensor, top_k: i64, top_p: f64) -> Tensor {
+    let vocab = logits.size()[1];
+    let mut logits = logits.shallow_clone();
+    if top_k > 0 && top_k < vocab {
+        let (kth, _) = logits.topk(top_k, 1, true, true);
+        let threshold = kth.narrow(1, top_k - 1, 1);
+        logits = logits.masked_fill(&logits.lt_tensor(&threshold), f64::NEG_INFINITY);
+    }
+    if top_p < 1.0 {
+        let (sorted, order) = logits.sort(1, true);
+        let cumulative = sorted.softmax(1, Kind::Float).cumsum(1, Kind::Float);
+        // Drop a token when the tokens before it already reach p; the most
+        // likely token always stays.
+        let before = &cumulative - sorted.softmax(1, Kind::Float);
+        let drop_sorted = before.ge(top_p);
+        let drop = drop_sorted.scatter(1, &order, &drop_sorted);
+        logits = logits.masked_fill(&drop, f64::NEG_INFINITY);
+    }
+    logits
+}
+
+/// Draws one token per row of logits `(B, V)` by inverting the cumulative
+/// distribution at uniforms from the sampler's own seeded generator: the
+/// draw depends only on the seed and the logits, never on libtorch's global
+/// generator (which training, or another sampler in the process, also uses).
+fn draw(logits: &Tensor, config: &SamplingConfig, rng: &mut ChaCha8Rng) -> Tensor {
+    let logits = filter_logits(&(logits / config.temperature), config.top_k, config.top_p);
+    let cumulative = logits.softmax(1, Kind::Double).cumsum(1, Kind::Double);
+    let (rows, vocab) = (cumulative.size()[0], cumulative.size()[1]);
+    let uniforms: Vec<f64> = (0..rows).map(|_| rng.random::<f64>()).collect();
+    let targets = Tensor::from_slice(&uniforms)
+        .to_device(logits.device())
+        .view([rows, 1])
+        * cumulative.narrow(1, vocab - 1, 1);
+    // The first token whose cumulative probability exceeds the target.
+    cumulative
+        .le_tensor(&targets)
+        .sum_dim_intlist(1, false, Kind::Int64)
+        .clamp_max(vocab - 1)
+}
+
+/// Combines conditional and null logits stacked as `(2B, V)`. Written as
+/// cond + (s − 1)(cond − null) so that s = 1 gives cond exactly.
+fn guide(logits: &Tensor, scale: f64) -> Tensor {
+    let b = logits.size()[0] / 2;
+    let (cond, null) = (logits.narrow(0, 0, b), logits.narrow(0, b, b));
+    &cond + (&cond - &null) * (scale - 1.0)
+}
+
+/// Samples image tokens `(B, N)` for captions `(B, T)` (repeat a caption
+/// for several images of it). `on_token` is called after each of the N
+/// tokens. With `use_cache` false every token recomputes the whole prefix
+/// (the O(n²) reference).
+pub fn sample(
+    gpt: &Gpt,
+    captions: &Tensor,
+    config: &SamplingConfig,
+    use_cache: bool,
+    on_token: impl FnMut(i64),
+) -> Result<Tensor> {
+    sample_with(gpt, captions, config, use_cache, config.guided(), on_token)
+}
+
+/// [`sample`], with the null-caption batch on or off regardless of the
+/// scale (so tests can check that batching it does not change the
+/// conditional rows).
+pub(super) fn sample_with(
+    gpt: &Gpt,
+    captions: &Tensor,
+    config: &SamplingConfig,
+    use_cache: bool,
+    guided: bool,
+    mut on_token: impl FnMut(i64),
+) -> Result<Tensor> {
+    config.validate()?;
+    let c = gpt.config();
+    let device = gpt.device();
+    let b = captions.size()[0];
+    let captions = captions.to_device(device).to_kind(Kind::Int64);
+    let text = if guided {
+        let null = Tensor::from_slice(&c.null_caption())
+            .to_device(device)
+            .view([1, c.text_len])
+            .expand([b, c.text_len], false);
+        Tensor::cat(&[captions, null], 0)
+    } else {
+        captions
+    };
+    let rows = text.size()[0];
+    let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+    let n = c.image_len();
+    let mut tokens: Vec<Tensor> = Vec::with_capacity(n as usize);
+    tch::no_grad(|| -> Result<()> {
+        let mut cache = use_cache.then(|| gpt.new_cache(rows));
+        let mut logits = match cache.as_mut() {
+            Some(cache) => gpt.prefill(&text, cache)?,
+            None => {
+                gpt.next_image_logits(&text, &Tensor::zeros([rows, 0], (Kind::Int64, device)))?
+            }
+        };
+        for i in 0..n {
+            let logits_b = if guided {
+                guide(&logits, config.guidance_scale)
+            } else {
+                logits
+            };
+            let token = draw(&logits_b.to_kind(Kind::Float), config, &mut rng);
+            tokens.push(token.shallow_clone());
+            on_token(i + 1);
+            if i + 1 == n {
+                break;
+            }
+            let fed = if guided {
+                Tensor::cat(&[&token, &token], 0)
+            } else {
+                token
+            };
+            logits = match cache.as_mut() {
+                Some(cache) => gpt.step(&fed, cache)?,
+                None => {
+                    let prefix = Tensor::stack(&tokens, 1);
+                    let prefix = if guided {
+                        Tensor::cat(&[&prefix, &prefix], 0)
+                    } else {
+                        prefix
+                    };
+                    gpt.next_image_logits(&text, &prefix)?
+                }
+            };
+        }
+        Ok(())
+    })?;
+    Ok(Tensor::stack(&tokens, 1))
+}

@@ -1,0 +1,91 @@
+//! What both training loops need from the data pipeline: the loader
+//! settings of a job, batches as tensors, skipping batches whose samples
+//! were all bad, and the per-epoch summary of skipped samples.
+
+use crate::config::JobConfig;
+use crate::{Result, TrainError};
+use dalle_data::image_ops::Preprocess;
+use dalle_data::loader::{Batch, ImageLoader, LoaderConfig, LoaderStats};
+use dalle_data::order::Sharding;
+use tch::{Device, Tensor};
+
+/// The loader settings of a job, decoding images to `image_size` pixels.
+pub fn loader_config(job: &JobConfig, image_size: u32, batch_size: usize) -> LoaderConfig {
+    LoaderConfig {
+        sharding: Sharding::single(batch_size),
+        shuffle_window: job.data.shuffle_window,
+        prefetch_batches: job.data.prefetch_batches,
+        decode_threads: job.data.decode_threads,
+        read_ahead_bytes: job.data.read_ahead_bytes,
+        max_bad_fraction: job.data.max_bad_fraction,
+        preprocess: Preprocess {
+            size: image_size,
+            max_pixels: job.data.max_pixels,
+            crop: job.data.crop,
+        },
+        columns: job.data.columns.clone(),
+    }
+}
+
+/// A loader batch as a `(N, 3, S, S)` tensor on `device`.
+pub fn batch_tensor(batch: &Batch, device: Device) -> Tensor {
+    let s = i64::from(batch.size);
+    Tensor::from_slice(&batch.pixels)
+        .view([batch.len() as i64, 3, s, s])
+        .to_device(device)
+}
+
+/// Samples read and skipped in the current epoch, logged when it ends.
+#[derive(Default)]
+pub struct EpochSummary {
+    epoch: u64,
+    counts: LoaderStats,
+}
+
+impl EpochSummary {
+    pub fn record(&mut self, batch: &Batch) {
+        if batch.epoch != self.epoch {
+            let c = &self.counts;
+            tracing::info!(
+                epoch = self.epoch,
+                seen = c.seen,
+                skipped = c.skipped(),
+                null_image = c.null_image,
+                empty_caption = c.empty_caption,
+                undecodable = c.undecodable,
+                "epoch {} done",
+                self.epoch
+            );
+            *self = Self {
+                epoch: batch.epoch,
+                counts: LoaderStats::default(),
+            };
+        }
+        self.counts.add(&batch.skipped);
+    }
+}
+
+/// The next batch with at least one sample (a slice of only bad samples is
+/// skipped; the loader has logged each of them).
+pub fn next_nonempty(
+    loader: &mut ImageLoader,
+    step: u64,
+    epoch: &mut EpochSummary,
+) -> Result<Batch> {
+    loop {
+        let batch = loader.next().ok_or(TrainError::DataExhausted(step))??;
+        epoch.record(&batch);
+        if !batch.is_empty() {
+            return Ok(batch);
+        }
+        tracing::warn!(step, cursor = ?batch.cursor, "every sample of a batch was bad; taking the next batch");
+    }
+}
+
+/// Applies the run's thread count and device choice.
+pub fn runtime_device(job: &JobConfig) -> Result<Device> {
+    if job.run.threads > 0 {
+        tch::set_num_threads(job.run.threads as i32);
+    }
+    Ok(dalle_model::device::parse_device(&job.run.device)?)
+}

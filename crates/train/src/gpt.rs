@@ -1,0 +1,314 @@
+//! The stage-2 training loop (one process): captions through the BPE
+//! tokenizer (with caption dropout), image tokens from pre-tokenized data
+//! or from the frozen dVAE, the weighted text/image cross-entropy, gradient
+//! accumulation over micro-batches, clipping, AdamW under warm-up + cosine,
+//! and a log line per window (also appended to `gpt-metrics.jsonl`).
+
+use crate::config::JobConfig;
+use crate::feed::{EpochSummary, batch_tensor, loader_config, next_nonempty, runtime_device};
+use crate::metrics::{GptLog, GptStepMetrics, GptWindow};
+use crate::optim::AdamW;
+use crate::{Result, TrainError};
+use dalle_data::columns::Payload;
+use dalle_data::loader::{Batch, ImageLoader, LoaderStats};
+use dalle_data::order::Cursor;
+use dalle_model::dvae::{Dvae, DvaeConfig};
+use dalle_model::gpt::{Gpt, GptConfig};
+use dalle_model::text::TextTokenizer;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+/// The transformer's full config: the job's architecture plus what the
+/// tokenizer and the dVAE fix.
+pub fn gpt_config(job: &JobConfig, tokenizer: &TextTokenizer, dvae: &DvaeConfig) -> GptConfig {
+    GptConfig {
+        arch: job.gpt.model.clone(),
+        text_vocab: tokenizer.vocab_size() as i64,
+        text_len: job.text.text_len as i64,
+        image_vocab: dvae.vocab_size,
+        image_grid: dvae.grid_size(),
+    }
+}
+
+/// Reads the job's tokenizer, naming the command that writes it.
+pub fn load_tokenizer(job: &JobConfig) -> Result<TextTokenizer> {
+    let path = job.tokenizer_path();
+    if !path.is_file() {
+        return Err(TrainError::Config(format!(
+            "no caption tokenizer at {}: run `dalle text train-tokenizer` first",
+            path.display()
+        )));
+    }
+    Ok(TextTokenizer::load(&path)?)
+}
+
+/// Reads the job's dVAE config, naming the command that writes the weights.
+pub fn load_dvae_config(job: &JobConfig) -> Result<DvaeConfig> {
+    let path = job.dvae_weights_path();
+    if !path.is_file() {
+        return Err(TrainError::Config(format!(
+            "no dVAE weights at {}: stage 2 needs the trained dVAE (`dalle dvae train`)",
+            path.display()
+        )));
+    }
+    Ok(Dvae::read_config(&path)?)
+}
+
+/// Turns a batch's captions into text ids: BPE (with dropout, if set),
+/// per-position padding, and caption dropout drawn from a generator seeded
+/// by (run seed, step) so a resumed run drops the same captions.
+pub struct CaptionEncoder {
+    tokenizer: TextTokenizer,
+    text_len: usize,
+    null: Vec<i64>,
+    dropout: f64,
+    seed: u64,
+    warned: bool,
+}
+
+impl CaptionEncoder {
+    pub fn new(job: &JobConfig, tokenizer: &TextTokenizer) -> Result<Self> {
+        let bpe_dropout = job.text.bpe_dropout;
+        let tokenizer = if bpe_dropout > 0.0 {
+            tokenizer.with_dropout(bpe_dropout)?
+        } else {
+            tokenizer.clone()
+        };
+        let text_len = job.text.text_len;
+        Ok(Self {
+            null: dalle_model::text::null_caption(tokenizer.vocab_size(), text_len),
+            tokenizer,
+            text_len,
+            dropout: job.gpt.train.caption_dropout,
+            seed: job.run.seed,
+            warned: false,
+        })
+    }
+
+    /// `(B, T)` ids for the batch's captions, and how many were truncated.
+    pub fn encode(&mut self, batch: &Batch, step: u64) -> Result<(Tensor, usize)> {
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ 0x5EED_CA97_10D5);
+        rng.set_stream(step);
+        let mut ids = Vec::with_capacity(batch.len() * self.text_len);
+        let mut truncated = 0;
+        for (key, caption) in batch.keys.iter().zip(&batch.captions) {
+            let encoded = self.tokenizer.encode(caption, self.text_len)?;
+            if encoded.truncated {
+                truncated += 1;
+                if !self.warned {
+                    self.warned = true;
+                    tracing::warn!(
+                        key = %key,
+                        "caption longer than text.text_len = {}, truncated (counted in the log \
+                         lines from now on)",
+                        self.text_len
+                    );
+                }
+            }
+            if self.dropout > 0.0 && rng.random::<f64>() < self.dropout {
+                ids.extend_from_slice(&self.null);
+            } else {
+                ids.extend_from_slice(&encoded.ids);
+            }
+        }
+        let ids = Tensor::from_slice(&ids).view([batch.len() as i64, self.text_len as i64]);
+        Ok((ids, truncated))
+    }
+}
+
+/// Image tokens of a batch: its pre-tokenized grids, or its images encoded
+/// by the frozen dVAE.
+pub struct ImageTokens {
+    dvae: Option<Dvae>,
+    image_len: usize,
+    data: String,
+}
+
+impl ImageTokens {
+    pub fn new(job: &JobConfig, payload: Payload, device: Device, data: &str) -> Result<Self> {
+        let dvae_config = load_dvae_config(job)?;
+        let image_len = (dvae_config.grid_size() * dvae_config.grid_size()) as usize;
+        let dvae = match payload {
+            Payload::EncodedImage => {
+                tracing::info!(
+                    data,
+                    "the data holds images: encoding them with the frozen dVAE on the fly \
+                     (pre-tokenize with `dalle data tokenize` to skip this)"
+                );
+                Some(Dvae::load(&job.dvae_weights_path(), device)?)
+            }
+            Payload::Tokens { len } if len == image_len => None,
+            Payload::Tokens { len } => {
+                return Err(TrainError::Config(format!(
+                    "{data} holds image-token grids of {len} tokens, but the dVAE at {} makes \
+                     grids of {image_len} ({}×{}): tokenized with another dVAE?",
+                    job.dvae_weights_path().display(),
+                    dvae_config.grid_size(),
+                    dvae_config.grid_size()
+                )));
+            }
+        };
+        Ok(Self {
+            dvae,
+            image_len,
+            data: data.to_string(),
+        })
+    }
+
+    /// `(B, N)` int64 tokens on `device`.
+    pub fn of(&self, batch: &Batch, device: Device) -> Result<Tensor> {
+        let n = batch.len() as i64;
+        match &self.dvae {
+            Some(dvae) => Ok(dvae.encode(&batch_tensor(batch, device))?.view([n, -1])),
+            None => {
+                if batch.token_len != self.image_len {
+                    return Err(TrainError::Config(format!(
+                        "{}: a batch holds {} tokens per sample, expected {}",
+                        self.data, batch.token_len, self.image_len
+                    )));
+                }
+                let tokens: Vec<i64> = batch.tokens.iter().map(|&t| i64::from(t)).collect();
+                Ok(Tensor::from_slice(&tokens).view([n, -1]).to_device(device))
+            }
+        }
+    }
+}
+
+pub struct GptTrainReport {
+    pub logs: Vec<GptLog>,
+    pub weights: PathBuf,
+    pub loader: LoaderStats,
+    pub truncated_captions: usize,
+}
+
+/// Trains the transformer as configured by `job`, calling `on_log` for
+/// every log line.
+pub fn train(job: &JobConfig, mut on_log: impl FnMut(&GptLog)) -> Result<GptTrainReport> {
+    let cfg = &job.gpt.train;
+    let device = runtime_device(job)?;
+    let tokenizer = load_tokenizer(job)?;
+    let dvae_config = load_dvae_config(job)?;
+    let config = gpt_config(job, &tokenizer, &dvae_config);
+    let data_url = job.gpt_data_url();
+    let data = dalle_store::Location::parse(&data_url, &job.store)
+        .map_err(|e| TrainError::Config(e.to_string()))?;
+    let mut loader = ImageLoader::start(
+        &data,
+        loader_config(job, dvae_config.image_size as u32, cfg.batch_size),
+        Cursor::start(job.run.seed),
+    )?;
+    let images = ImageTokens::new(job, loader.payload(), device, &data.url)?;
+    let mut captions = CaptionEncoder::new(job, &tokenizer)?;
+
+    tch::manual_seed(job.run.seed as i64);
+    let model = Gpt::new(config.clone(), device)?;
+    let parameters: i64 = model
+        .named_parameters()
+        .iter()
+        .map(|(_, t)| t.numel() as i64)
+        .sum();
+    tracing::info!(
+        data = %data.url, row_groups = loader.units(), ?device, parameters,
+        text_vocab = config.text_vocab, image_vocab = config.image_vocab,
+        seq_len = config.seq_len(),
+        "training the transformer for {} steps at batch {} (micro-batch {})",
+        cfg.steps, cfg.batch_size, cfg.micro_batch()
+    );
+    let mut optimizer = AdamW::new(model.named_parameters(), cfg.adamw);
+    let weights = job.gpt_weights_path();
+    let metrics_path = job.run.dir.join("gpt-metrics.jsonl");
+    let io_err = |path: &PathBuf| {
+        let path = path.clone();
+        move |source| TrainError::Io { path, source }
+    };
+    std::fs::create_dir_all(&job.run.dir).map_err(io_err(&job.run.dir))?;
+    let mut metrics_file = std::fs::File::create(&metrics_path).map_err(io_err(&metrics_path))?;
+    let mut window = GptWindow::default();
+    let mut epoch = EpochSummary::default();
+    let mut logs = Vec::new();
+    let mut truncated_total = 0;
+    let positions_per_sample = (config.text_len + config.image_len()) as usize;
+
+    for step in 0..cfg.steps {
+        let started = Instant::now();
+        let batch = next_nonempty(&mut loader, step, &mut epoch)?;
+        let data_wait = started.elapsed();
+        let (text, truncated) = captions.encode(&batch, step)?;
+        let text = text.to_device(device);
+        let image = images.of(&batch, device)?;
+        truncated_total += truncated;
+
+        let lr = cfg.lr.at(step);
+        optimizer.zero_grad();
+        let n = batch.len() as i64;
+        let mut parts = Tensor::zeros([3], (Kind::Float, device));
+        for first in (0..n).step_by(cfg.micro_batch()) {
+            let m = (n - first).min(cfg.micro_batch() as i64);
+            let loss = model.loss(
+                &text.narrow(0, first, m),
+                &image.narrow(0, first, m),
+                cfg.text_loss_weight,
+                true,
+            )?;
+            let share = m as f64 / n as f64;
+            (&loss.loss * share).backward();
+            parts += Tensor::stack(&[loss.loss, loss.text, loss.image], 0).detach() * share;
+        }
+        let grad_norm = match cfg.grad_clip {
+            Some(max_norm) => optimizer.clip_grad_norm(max_norm),
+            None => optimizer.grad_norm(),
+        };
+        optimizer.step(lr);
+
+        let [loss, text_loss, image_loss] =
+            <[f64; 3]>::try_from(Vec::<f64>::try_from(parts.to_kind(Kind::Double))?)
+                .expect("three scalars");
+        if !loss.is_finite() {
+            return Err(TrainError::Diverged { step, loss });
+        }
+        window.add(GptStepMetrics {
+            loss,
+            text_loss,
+            image_loss,
+            grad_norm,
+            images: batch.len(),
+            tokens: batch.len() * positions_per_sample,
+            truncated_captions: truncated,
+            data_wait,
+            step_time: started.elapsed(),
+        });
+        let done = step + 1;
+        if done % cfg.log_every == 0 || done == cfg.steps {
+            let line = window.finish(done, lr);
+            tracing::info!("{line}");
+            writeln!(
+                metrics_file,
+                "{}",
+                serde_json::to_string(&line).expect("serialisable")
+            )
+            .map_err(io_err(&metrics_path))?;
+            on_log(&line);
+            logs.push(line);
+        }
+        if cfg.save_every > 0 && done % cfg.save_every == 0 && done != cfg.steps {
+            model.save(&weights)?;
+        }
+    }
+    model.save(&weights)?;
+    let stats = loader.stats();
+    tracing::info!(
+        weights = %weights.display(), seen = stats.seen, skipped = stats.skipped(),
+        truncated_captions = truncated_total,
+        "transformer training done"
+    );
+    Ok(GptTrainReport {
+        logs,
+        weights,
+        loader: stats,
+        truncated_captions: truncated_total,
+    })
+}
