@@ -128,14 +128,14 @@ impl Captions<'_> {
         self.next_unit += 1;
         let read = self
             .runtime
-            .block_on(parquet_source::read_unit(unit))
+            .block_on(parquet_source::read_captions(unit))
             .with_context(|| {
                 format!(
                     "reading the captions of {} row group {}",
                     unit.file.url, unit.row_group
                 )
             });
-        Some(read.map(|samples| samples.into_iter().map(|s| s.caption).collect()))
+        Some(read.map(|rows| rows.into_iter().map(|(_, caption)| caption).collect()))
     }
 }
 

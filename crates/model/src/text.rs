@@ -21,7 +21,8 @@ use tokenizers::{
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TextConfig {
-    /// BPE vocabulary size, special tokens included (paper: 16384).
+    /// BPE vocabulary size, the 256 byte tokens included (paper: 16384).
+    /// Training stops early when the captions run out of frequent pairs.
     pub vocab_size: usize,
     /// Text positions per caption (paper: 256).
     pub text_len: usize,

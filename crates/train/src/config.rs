@@ -310,7 +310,7 @@ impl JobConfig {
         let gpt_checks = [
             (g.batch_size == 0, "gpt.train.batch_size must be positive"),
             (
-                g.batch_size % g.micro_batch() != 0,
+                !g.batch_size.is_multiple_of(g.micro_batch()),
                 "gpt.train.micro_batch must divide gpt.train.batch_size",
             ),
             (g.log_every == 0, "gpt.train.log_every must be positive"),

@@ -88,7 +88,7 @@ impl GptConfig {
 
     /// The all-pad caption of classifier-free guidance and caption dropout.
     pub fn null_caption(&self) -> Vec<i64> {
-        (0..self.text_len).map(|p| self.text_vocab + p).collect()
+        crate::text::null_caption(self.text_vocab as usize, self.text_len as usize)
     }
 
     /// The start-of-sequence token, after the per-position pads.
