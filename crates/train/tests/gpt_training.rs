@@ -1,0 +1,126 @@
+//! Stage-2 training in one process: from an image dataset (tokenized on
+//! the fly by the frozen dVAE) the loss falls; a token dataset made by
+//! another dVAE is refused with both grid sizes named.
+
+use dalle_data::synth::{self, SynthConfig};
+use dalle_data::tokens::{self, TokenRow};
+use dalle_model::dvae::{Dvae, DvaeConfig};
+use dalle_model::gpt::{AttentionLayout, GptArch};
+use dalle_model::text::{TextConfig, TextTokenizer};
+use dalle_store::{Location, StoreConfig};
+use dalle_train::config::JobConfig;
+use dalle_train::schedule::Cosine;
+
+fn job(dir: &std::path::Path) -> JobConfig {
+    let mut job = JobConfig::default();
+    job.run.dir = dir.join("run");
+    job.run.device = "cpu".into();
+    job.synth = SynthConfig {
+        count: 256,
+        image_size: 16,
+        rows_per_file: 128,
+        rows_per_group: 32,
+        ..SynthConfig::default()
+    };
+    job.dvae.model = DvaeConfig {
+        image_size: 16,
+        n_hid: 8,
+        n_blk_per_group: 1,
+        vocab_size: 16,
+        n_init: 8,
+        ..DvaeConfig::default()
+    };
+    job.text = TextConfig {
+        vocab_size: 300,
+        text_len: 24,
+        ..TextConfig::default()
+    };
+    job.gpt.model = GptArch {
+        dim: 32,
+        depth: 2,
+        heads: 2,
+        attention: AttentionLayout::Dense,
+        ..GptArch::default()
+    };
+    let t = &mut job.gpt.train;
+    t.steps = 60;
+    t.batch_size = 16;
+    t.micro_batch = 8;
+    t.log_every = 20;
+    t.save_every = 0;
+    t.caption_dropout = 0.1;
+    t.lr = Cosine {
+        start: 3e-3,
+        end: 1e-4,
+        steps: 55,
+        warmup: 5,
+    };
+    job.validate().unwrap();
+    job
+}
+
+/// A dataset, a random dVAE and a tokenizer in the job's run directory.
+fn prepare(job: &JobConfig) {
+    synth::write_dataset(&job.data_dir().unwrap(), &job.synth, |_| {}).unwrap();
+    tch::manual_seed(0);
+    let dvae = Dvae::new(job.dvae.model.clone(), tch::Device::Cpu).unwrap();
+    dvae.save(&job.dvae_weights_path()).unwrap();
+    let captions =
+        (0..job.synth.count as u64).map(|i| synth::Scene::sample(job.synth.seed, i).caption());
+    TextTokenizer::train(captions, &job.text)
+        .unwrap()
+        .save(&job.tokenizer_path())
+        .unwrap();
+}
+
+#[test]
+fn training_on_images_through_the_frozen_dvae_lowers_the_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut job = job(dir.path());
+    prepare(&job);
+    job.gpt.train.data_url = Some(job.data_url());
+    let report = dalle_train::gpt::train(&job, |_| {}).unwrap();
+    assert_eq!(report.logs.len(), 3);
+    let (first, last) = (&report.logs[0], &report.logs[2]);
+    assert!(
+        last.loss < first.loss * 0.8 && last.text_loss < first.text_loss,
+        "the loss did not fall: {first} → {last}"
+    );
+    assert!(last.tokens_per_s > 0.0 && last.images_per_s > 0.0);
+    assert!(report.weights.is_file());
+    assert_eq!(report.truncated_captions, 0);
+    let lines = std::fs::read_to_string(job.run.dir.join("gpt-metrics.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 3);
+}
+
+#[test]
+fn tokens_of_another_dvae_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut job = job(dir.path());
+    prepare(&job);
+    // Grids of 3×3 tokens; the job's dVAE makes 2×2.
+    let rows: Vec<TokenRow> = (0..32)
+        .map(|i| TokenRow {
+            key: format!("k{i}"),
+            caption: "a red circle".into(),
+            tokens: vec![1; 9],
+        })
+        .collect();
+    let url = dir.path().join("tokens").display().to_string();
+    let location = Location::parse(&url, &StoreConfig::default()).unwrap();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(tokens::write(&location, "part-0.parquet", &rows, 16))
+        .unwrap();
+    job.gpt.train.data_url = Some(url);
+    let err = dalle_train::gpt::train(&job, |_| {})
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("9 tokens") && err.contains("grids of 4"),
+        "{err}"
+    );
+}
