@@ -4,10 +4,12 @@
 use anyhow::Result;
 use clap::Subcommand;
 use dalle_model::dvae::{Dvae, Objective};
+use dalle_model::gpt::sample::sample;
+use dalle_model::gpt::{Gpt, GptConfig};
 use dalle_train::config::JobConfig;
 use dalle_train::optim::AdamW;
-use std::time::Instant;
-use tch::{Kind, Tensor};
+use std::time::{Duration, Instant};
+use tch::{Device, Kind, Tensor};
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
@@ -31,6 +33,273 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 20)]
         steps: u64,
     },
+    /// Stage-2 transformer training steps on fixed random captions and
+    /// image tokens (model compute only, no data loading, no tokenizer or
+    /// dVAE needed): tokens/s, steps/s and peak resident memory. The model
+    /// is `[gpt.model]` with `[text] text_len`; the vocabularies and the
+    /// image grid default to the job's (`text.vocab_size`,
+    /// `dvae.model.vocab_size`, the dVAE's grid). The whole batch goes in
+    /// one pass (`gpt.train.micro_batch` is not used).
+    Gpt {
+        #[arg(long, default_value_t = 3)]
+        warmup: u64,
+        #[arg(long, default_value_t = 10)]
+        steps: u64,
+        #[command(flatten)]
+        shape: GptShape,
+        /// Samples per step (default `gpt.train.batch_size`).
+        #[arg(long)]
+        batch: Option<i64>,
+    },
+    /// Sampling image tokens with the KV cache against recomputing the
+    /// whole prefix for every token, on a randomly initialised
+    /// transformer (timing only): image tokens/s, images/s and the
+    /// speed-up. Sampling settings are the job's `[gpt.sample]`
+    /// (guidance ≠ 1 decodes a null caption beside each caption).
+    Sample {
+        #[command(flatten)]
+        shape: GptShape,
+        /// Images sampled at once.
+        #[arg(long, default_value_t = 1)]
+        batch: i64,
+        /// Time the cached run this many times (median reported).
+        #[arg(long, default_value_t = 3)]
+        cache_runs: usize,
+        /// Time only the cached run.
+        #[arg(long)]
+        skip_no_cache: bool,
+    },
+}
+
+/// The data-given half of a transformer's config (the job gives the rest).
+#[derive(clap::Args)]
+pub struct GptShape {
+    /// Text vocabulary (BPE ids; default `text.vocab_size`).
+    #[arg(long)]
+    text_vocab: Option<i64>,
+    /// Image codebook size (default `dvae.model.vocab_size`).
+    #[arg(long)]
+    image_vocab: Option<i64>,
+    /// Side of the image-token grid (default: the job's dVAE grid).
+    #[arg(long)]
+    image_grid: Option<i64>,
+}
+
+impl GptShape {
+    fn config(&self, job: &JobConfig) -> Result<GptConfig> {
+        let config = GptConfig {
+            arch: job.gpt.model.clone(),
+            text_vocab: self.text_vocab.unwrap_or(job.text.vocab_size as i64),
+            text_len: job.text.text_len as i64,
+            image_vocab: self.image_vocab.unwrap_or(job.dvae.model.vocab_size),
+            image_grid: self.image_grid.unwrap_or(job.dvae.model.grid_size()),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+fn parameter_count(model: &Gpt) -> i64 {
+    model
+        .named_parameters()
+        .iter()
+        .map(|(_, t)| t.numel() as i64)
+        .sum()
+}
+
+/// Seconds spent in each part of the timed training steps.
+#[derive(Default)]
+struct Phases {
+    forward: Duration,
+    backward: Duration,
+    clip: Duration,
+    optimizer: Duration,
+}
+
+fn bench_gpt(
+    job: &JobConfig,
+    shape: &GptShape,
+    batch: Option<i64>,
+    warmup: u64,
+    steps: u64,
+) -> Result<()> {
+    anyhow::ensure!(steps > 0, "--steps must be positive");
+    let device = dalle_train::feed::runtime_device(job)?;
+    let train = &job.gpt.train;
+    let config = shape.config(job)?;
+    let batch = batch.unwrap_or(train.batch_size as i64);
+    anyhow::ensure!(batch > 0, "the batch must be positive");
+    tch::manual_seed(job.run.seed as i64);
+    let model = Gpt::new(config.clone(), device)?;
+    let mut opt = AdamW::new(model.named_parameters(), train.adamw);
+    // Every text target (BPE ids and per-position pads) and image token.
+    let text = Tensor::randint(
+        config.text_targets(),
+        [batch, config.text_len],
+        (Kind::Int64, device),
+    );
+    let image = Tensor::randint(
+        config.image_vocab,
+        [batch, config.image_len()],
+        (Kind::Int64, device),
+    );
+    // The phase split is only meaningful where ops run synchronously.
+    let mut phases = Phases::default();
+    let mut step = |phases: &mut Phases| -> Result<f64> {
+        let t0 = Instant::now();
+        opt.zero_grad();
+        let loss = model.loss(&text, &image, train.text_loss_weight, true)?;
+        let t1 = Instant::now();
+        loss.loss.backward();
+        let t2 = Instant::now();
+        // As the training loop: the norm is computed (and logged) anyway.
+        match train.grad_clip {
+            Some(max_norm) => opt.clip_grad_norm(max_norm),
+            None => opt.grad_norm(),
+        };
+        let t3 = Instant::now();
+        opt.step(1e-4);
+        // One host read per step, like the training loop's metrics.
+        let value = loss.loss.double_value(&[]);
+        let t4 = Instant::now();
+        phases.forward += t1 - t0;
+        phases.backward += t2 - t1;
+        phases.clip += t3 - t2;
+        phases.optimizer += t4 - t3;
+        Ok(value)
+    };
+    for _ in 0..warmup {
+        step(&mut Phases::default())?;
+    }
+    let started = Instant::now();
+    let mut loss = 0.0;
+    for _ in 0..steps {
+        loss = step(&mut phases)?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let positions = config.seq_len();
+    let per_step = |d: Duration| d.as_secs_f64() / steps as f64;
+    let phases = (device == Device::Cpu).then(|| {
+        serde_json::json!({
+            "forward_loss": per_step(phases.forward),
+            "backward": per_step(phases.backward),
+            "grad_norm_clip": per_step(phases.clip),
+            "optimizer": per_step(phases.optimizer),
+        })
+    });
+    let a = &config.arch;
+    let line = serde_json::json!({
+        "impl": "dalle-rs",
+        "threads": tch::get_num_threads(),
+        "device": format!("{device:?}"),
+        "dim": a.dim,
+        "depth": a.depth,
+        "heads": a.heads,
+        "mlp_ratio": a.mlp_ratio,
+        "attention": a.attention,
+        "text_len": config.text_len,
+        "text_vocab": config.text_vocab,
+        "image_vocab": config.image_vocab,
+        "image_grid": config.image_grid,
+        "positions": positions,
+        "batch_size": batch,
+        "parameters": parameter_count(&model),
+        "steps": steps,
+        "seconds": seconds,
+        "steps_per_s": steps as f64 / seconds,
+        "tokens_per_s": (batch * positions) as f64 * steps as f64 / seconds,
+        "seconds_per_step": phases,
+        "peak_rss_mib": peak_rss_mib(),
+        "final_loss": loss,
+    });
+    println!("{line}");
+    Ok(())
+}
+
+fn bench_sample(
+    job: &JobConfig,
+    shape: &GptShape,
+    batch: i64,
+    cache_runs: usize,
+    skip_no_cache: bool,
+) -> Result<()> {
+    anyhow::ensure!(batch > 0, "--batch must be positive");
+    anyhow::ensure!(cache_runs > 0, "--cache-runs must be positive");
+    let device = dalle_train::feed::runtime_device(job)?;
+    let config = shape.config(job)?;
+    let settings = &job.gpt.sample;
+    tch::manual_seed(job.run.seed as i64);
+    let model = Gpt::new(config.clone(), device)?;
+    let captions = Tensor::randint(
+        config.text_vocab,
+        [batch, config.text_len],
+        (Kind::Int64, device),
+    );
+    let time = |use_cache: bool| -> Result<(f64, Tensor)> {
+        let started = Instant::now();
+        let tokens = sample(&model, &captions, settings, use_cache, |_| {})?;
+        // The tokens are read back, so the time covers the whole decode.
+        let tokens = tokens.to_device(Device::Cpu);
+        Ok((started.elapsed().as_secs_f64(), tokens))
+    };
+    let mut cached = Vec::with_capacity(cache_runs);
+    let mut tokens = None;
+    for _ in 0..cache_runs {
+        let (seconds, t) = time(true)?;
+        cached.push(seconds);
+        tokens = Some(t);
+    }
+    cached.sort_by(f64::total_cmp);
+    let cached = cached[cached.len() / 2];
+    let tokens = tokens.expect("at least one run");
+    let image_tokens = (batch * config.image_len()) as f64;
+    let rates = |seconds: f64| {
+        serde_json::json!({
+            "seconds": seconds,
+            "image_tokens_per_s": image_tokens / seconds,
+            "images_per_s": batch as f64 / seconds,
+        })
+    };
+    let uncached = if skip_no_cache {
+        None
+    } else {
+        let (seconds, reference) = time(false)?;
+        // Same seed and logits up to rounding: the draws should agree.
+        let agree = tokens
+            .eq_tensor(&reference)
+            .to_kind(Kind::Double)
+            .mean(Kind::Double);
+        Some((seconds, agree.double_value(&[])))
+    };
+    let a = &config.arch;
+    let line = serde_json::json!({
+        "impl": "dalle-rs",
+        "threads": tch::get_num_threads(),
+        "device": format!("{device:?}"),
+        "dim": a.dim,
+        "depth": a.depth,
+        "heads": a.heads,
+        "attention": a.attention,
+        "text_len": config.text_len,
+        "text_vocab": config.text_vocab,
+        "image_vocab": config.image_vocab,
+        "image_grid": config.image_grid,
+        "image_len": config.image_len(),
+        "parameters": parameter_count(&model),
+        "batch": batch,
+        "guidance_scale": settings.guidance_scale,
+        "rows_decoded": if settings.guidance_scale != 1.0 { 2 * batch } else { batch },
+        "top_k": settings.top_k,
+        "top_p": settings.top_p,
+        "cache": rates(cached),
+        "cache_runs": cache_runs,
+        "no_cache": uncached.map(|(seconds, _)| rates(seconds)),
+        "speedup": uncached.map(|(seconds, _)| seconds / cached),
+        "tokens_agree": uncached.map(|(_, agree)| agree),
+        "peak_rss_mib": peak_rss_mib(),
+    });
+    println!("{line}");
+    Ok(())
 }
 
 /// Peak resident set size of this process, in MiB (Linux).
@@ -143,5 +412,17 @@ pub fn run(cmd: BenchCommand, job: &JobConfig) -> Result<()> {
             println!("{line}");
             Ok(())
         }
+        BenchCommand::Gpt {
+            warmup,
+            steps,
+            shape,
+            batch,
+        } => bench_gpt(job, &shape, batch, warmup, steps),
+        BenchCommand::Sample {
+            shape,
+            batch,
+            cache_runs,
+            skip_no_cache,
+        } => bench_sample(job, &shape, batch, cache_runs, skip_no_cache),
     }
 }
