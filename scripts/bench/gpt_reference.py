@@ -169,6 +169,8 @@ def parse_args():
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu",
+                   help="cpu or cuda (the step ends with .item(), so timings are synchronised)")
     args = p.parse_args()
     if args.steps < 1:
         p.error("--steps must be >= 1")
@@ -186,7 +188,8 @@ def main():
         pass  # Only settable before any inter-op work has started.
     torch.manual_seed(args.seed)
 
-    model = Transformer(args)
+    device = torch.device(args.device)
+    model = Transformer(args).to(device)
     model.train()
     params = sum(p.numel() for p in model.parameters())
     log(f"parameters: {params:,}  threads: {torch.get_num_threads()}")
@@ -202,8 +205,8 @@ def main():
     max_norm = args.grad_clip if args.grad_clip is not None else math.inf
 
     t, n = args.text_len, args.image_grid ** 2
-    text = torch.randint(0, args.text_vocab + t, (args.batch_size, t))
-    image = torch.randint(0, args.image_vocab, (args.batch_size, n))
+    text = torch.randint(0, args.text_vocab + t, (args.batch_size, t), device=device)
+    image = torch.randint(0, args.image_vocab, (args.batch_size, n), device=device)
 
     phases = [0.0, 0.0, 0.0, 0.0]
 
@@ -238,6 +241,7 @@ def main():
     positions = t + n
     print(json.dumps({
         "impl": "pytorch",
+        "device": str(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "dim": args.dim,
