@@ -178,6 +178,33 @@ impl ImageTokens {
     }
 }
 
+/// Backward passes over `micro`-sample slices of a batch, each loss scaled
+/// by its share of the batch, so the accumulated gradients are those of the
+/// whole batch's mean loss. Returns the batch's (loss, text, image) means.
+pub fn accumulate_gradients(
+    model: &Gpt,
+    text: &Tensor,
+    image: &Tensor,
+    micro: usize,
+    text_weight: f64,
+) -> Result<Tensor> {
+    let n = text.size()[0];
+    let mut parts = Tensor::zeros([3], (Kind::Float, model.device()));
+    for first in (0..n).step_by(micro.max(1)) {
+        let m = (n - first).min(micro as i64);
+        let loss = model.loss(
+            &text.narrow(0, first, m),
+            &image.narrow(0, first, m),
+            text_weight,
+            true,
+        )?;
+        let share = m as f64 / n as f64;
+        (&loss.loss * share).backward();
+        parts += Tensor::stack(&[loss.loss, loss.text, loss.image], 0).detach() * share;
+    }
+    Ok(parts)
+}
+
 pub struct GptTrainReport {
     pub logs: Vec<GptLog>,
     pub weights: PathBuf,
@@ -244,20 +271,13 @@ pub fn train(job: &JobConfig, mut on_log: impl FnMut(&GptLog)) -> Result<GptTrai
 
         let lr = cfg.lr.at(step);
         optimizer.zero_grad();
-        let n = batch.len() as i64;
-        let mut parts = Tensor::zeros([3], (Kind::Float, device));
-        for first in (0..n).step_by(cfg.micro_batch()) {
-            let m = (n - first).min(cfg.micro_batch() as i64);
-            let loss = model.loss(
-                &text.narrow(0, first, m),
-                &image.narrow(0, first, m),
-                cfg.text_loss_weight,
-                true,
-            )?;
-            let share = m as f64 / n as f64;
-            (&loss.loss * share).backward();
-            parts += Tensor::stack(&[loss.loss, loss.text, loss.image], 0).detach() * share;
-        }
+        let parts = accumulate_gradients(
+            &model,
+            &text,
+            &image,
+            cfg.micro_batch(),
+            cfg.text_loss_weight,
+        )?;
         let grad_norm = match cfg.grad_clip {
             Some(max_norm) => optimizer.clip_grad_norm(max_norm),
             None => optimizer.grad_norm(),

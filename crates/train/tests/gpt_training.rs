@@ -124,3 +124,52 @@ fn tokens_of_another_dvae_are_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn accumulated_micro_batches_give_the_whole_batch_gradient() {
+    use dalle_model::gpt::{Gpt, GptConfig};
+    let config = GptConfig {
+        arch: GptArch {
+            dim: 16,
+            depth: 1,
+            heads: 2,
+            attention: AttentionLayout::Dense,
+            ..GptArch::default()
+        },
+        text_vocab: 12,
+        text_len: 4,
+        image_vocab: 8,
+        image_grid: 2,
+    };
+    tch::manual_seed(3);
+    let model = Gpt::new(config, tch::Device::Cpu).unwrap();
+    let opts = (tch::Kind::Int64, tch::Device::Cpu);
+    // 7 samples: micro-batches of 3 leave a last slice of 1.
+    let text = tch::Tensor::randint(12, [7, 4], opts);
+    let image = tch::Tensor::randint(8, [7, 4], opts);
+    let grads = |micro: usize| {
+        for (_, mut p) in model.named_parameters() {
+            p.zero_grad();
+        }
+        let parts =
+            dalle_train::gpt::accumulate_gradients(&model, &text, &image, micro, 0.125).unwrap();
+        let grads: Vec<tch::Tensor> = model
+            .named_parameters()
+            .iter()
+            .map(|(_, p)| p.grad().copy())
+            .collect();
+        (parts, grads)
+    };
+    let (whole_parts, whole) = grads(7);
+    let (micro_parts, micro) = grads(3);
+    assert!((&whole_parts - &micro_parts).abs().max().double_value(&[]) < 1e-5);
+    for (a, b) in whole.iter().zip(&micro) {
+        assert!((a - b).abs().max().double_value(&[]) < 1e-5);
+    }
+    // And the gradient is not trivially zero.
+    assert!(
+        whole
+            .iter()
+            .any(|g| g.abs().sum(tch::Kind::Float).double_value(&[]) > 0.0)
+    );
+}
