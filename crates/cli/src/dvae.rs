@@ -9,6 +9,7 @@ use dalle_model::device::parse_device;
 use dalle_model::dvae::Dvae;
 use dalle_model::images::{grid, to_rgb_images};
 use dalle_train::config::JobConfig;
+use dalle_train::ddp::DataParallel;
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -121,7 +122,7 @@ pub fn run(cmd: DvaeCommand, job: &JobConfig) -> Result<()> {
 }
 
 fn train(job: &JobConfig) -> Result<()> {
-    let report = dalle_train::dvae::train(job, |_| {})?;
+    let report = dalle_train::dvae::train(job, &mut DataParallel::solo(), |_| {})?;
     let last = report
         .logs
         .last()

@@ -4,6 +4,7 @@ use crate::export;
 use anyhow::Result;
 use clap::Subcommand;
 use dalle_train::config::JobConfig;
+use dalle_train::ddp::DataParallel;
 
 #[derive(Subcommand)]
 pub enum GptCommand {
@@ -16,7 +17,7 @@ pub enum GptCommand {
 pub fn run(cmd: GptCommand, job: &JobConfig) -> Result<()> {
     match cmd {
         GptCommand::Train => {
-            let report = dalle_train::gpt::train(job, |_| {})?;
+            let report = dalle_train::gpt::train(job, &mut DataParallel::solo(), |_| {})?;
             if let Some(last) = report.logs.last() {
                 println!(
                     "trained {} steps: loss {:.4} (text {:.4}, image {:.4}), {:.0} tokens/s; weights {}",

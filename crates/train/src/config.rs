@@ -55,6 +55,9 @@ pub struct RunConfig {
     pub seed: u64,
     /// Intra-op threads of libtorch; 0 keeps libtorch's default.
     pub threads: usize,
+    /// With several workers, check every this many steps that all ranks
+    /// hold bitwise identical parameters (0: only at the start).
+    pub verify_every: u64,
 }
 
 impl Default for RunConfig {
@@ -64,6 +67,7 @@ impl Default for RunConfig {
             device: "auto".into(),
             seed: 0,
             threads: 0,
+            verify_every: 0,
         }
     }
 }

@@ -4,14 +4,14 @@
 //! atomically during and at the end of training.
 
 use crate::config::JobConfig;
+use crate::ddp::{DataParallel, seeded, step_seed};
 use crate::feed::{EpochSummary, batch_tensor, loader_config, next_nonempty, runtime_device};
-use crate::metrics::{DvaeLog, DvaeStepMetrics, Window};
+use crate::metrics::{DvaeLog, DvaeStepMetrics, MetricsFile, Window};
 use crate::optim::AdamW;
 use crate::{Result, TrainError};
 use dalle_data::loader::ImageLoader;
-use dalle_data::order::Cursor;
+use dalle_data::order::{Cursor, Sharding};
 use dalle_model::dvae::{Dvae, Objective, loss};
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
@@ -22,14 +22,28 @@ pub struct TrainReport {
     pub loader: dalle_data::loader::LoaderStats,
 }
 
-/// Trains a dVAE as configured by `job`, calling `on_log` for every log line.
-pub fn train(job: &JobConfig, mut on_log: impl FnMut(&DvaeLog)) -> Result<TrainReport> {
+/// Trains a dVAE as configured by `job` on this rank's slice of every
+/// global batch (all of it with [`DataParallel::solo`]), calling `on_log`
+/// for every log line. Only rank 0 writes files.
+pub fn train(
+    job: &JobConfig,
+    ddp: &mut DataParallel,
+    mut on_log: impl FnMut(&DvaeLog),
+) -> Result<TrainReport> {
     let cfg = &job.dvae.train;
     let device = runtime_device(job)?;
     let data = job.data_location()?;
     let mut loader = ImageLoader::start(
         &data,
-        loader_config(job, job.dvae.model.image_size as u32, cfg.batch_size),
+        loader_config(
+            job,
+            job.dvae.model.image_size as u32,
+            Sharding {
+                global_batch: cfg.batch_size,
+                rank: ddp.rank(),
+                world: ddp.world_size(),
+            },
+        ),
         Cursor::start(job.run.seed),
     )?;
     tracing::info!(
@@ -37,20 +51,13 @@ pub fn train(job: &JobConfig, mut on_log: impl FnMut(&DvaeLog)) -> Result<TrainR
         "training dVAE for {} steps at batch {}", cfg.steps, cfg.batch_size
     );
 
-    tch::manual_seed(job.run.seed as i64);
-    let model = Dvae::new(job.dvae.model.clone(), device)?;
+    let model = seeded(job.run.seed, || Dvae::new(job.dvae.model.clone(), device))?;
     let mut optimizer = AdamW::new(model.named_parameters(), cfg.adamw);
+    let params = model.named_parameters();
+    ddp.share_initial_parameters(&params)?;
     let weights = job.dvae_weights_path();
-    let metrics_path = job.run.dir.join("dvae-metrics.jsonl");
-    std::fs::create_dir_all(&job.run.dir).map_err(|source| TrainError::Io {
-        path: job.run.dir.clone(),
-        source,
-    })?;
-    let mut metrics_file =
-        std::fs::File::create(&metrics_path).map_err(|source| TrainError::Io {
-            path: metrics_path.clone(),
-            source,
-        })?;
+    let mut metrics =
+        MetricsFile::create(&job.run.dir.join("dvae-metrics.jsonl"), ddp.is_leader())?;
     let grid = job.dvae.model.grid_size();
     let mut window = Window::default();
     let mut epoch = EpochSummary::default();
@@ -68,13 +75,16 @@ pub fn train(job: &JobConfig, mut on_log: impl FnMut(&DvaeLog)) -> Result<TrainR
             recon: cfg.recon,
         };
         let lr = cfg.lr.at(step);
+        tch::manual_seed(step_seed(job.run.seed, ddp.rank(), step));
         let out = model.train_forward(&batch_tensor(&batch, device), &objective)?;
         optimizer.zero_grad();
         out.loss.backward();
+        ddp.average_gradients(&params, batch.len())?;
         if let Some(max_norm) = cfg.grad_clip {
             optimizer.clip_grad_norm(max_norm);
         }
         optimizer.step(lr);
+        ddp.verify_every(step + 1, job.run.verify_every, &params)?;
 
         let scalars = Tensor::stack(
             &[
@@ -87,8 +97,8 @@ pub fn train(job: &JobConfig, mut on_log: impl FnMut(&DvaeLog)) -> Result<TrainR
         )
         .to_device(Device::Cpu)
         .to_kind(Kind::Double);
-        let [loss_v, recon, kl, mse] =
-            <[f64; 4]>::try_from(Vec::<f64>::try_from(scalars)?).expect("four scalars");
+        let (means, images) = ddp.global_means(&Vec::<f64>::try_from(scalars)?, batch.len())?;
+        let [loss_v, recon, kl, mse] = <[f64; 4]>::try_from(means).expect("four scalars");
         if !loss_v.is_finite() {
             return Err(TrainError::Diverged { step, loss: loss_v });
         }
@@ -97,7 +107,7 @@ pub fn train(job: &JobConfig, mut on_log: impl FnMut(&DvaeLog)) -> Result<TrainR
             recon,
             kl,
             mse,
-            images: batch.len(),
+            images,
             data_wait,
             step_time: started.elapsed(),
         });
@@ -118,24 +128,16 @@ pub fn train(job: &JobConfig, mut on_log: impl FnMut(&DvaeLog)) -> Result<TrainR
                 },
                 grid * grid,
             );
-            tracing::info!("{line}");
-            writeln!(
-                metrics_file,
-                "{}",
-                serde_json::to_string(&line).expect("serialisable")
-            )
-            .map_err(|source| TrainError::Io {
-                path: metrics_path.clone(),
-                source,
-            })?;
+            tracing::info!(rank = ddp.rank(), "{line}");
+            metrics.append(&line)?;
             on_log(&line);
             logs.push(line);
         }
-        if cfg.save_every > 0 && done % cfg.save_every == 0 && done != cfg.steps {
+        let periodic = cfg.save_every > 0 && done % cfg.save_every == 0;
+        if ddp.is_leader() && (periodic || done == cfg.steps) {
             model.save(&weights)?;
         }
     }
-    model.save(&weights)?;
     let stats = loader.stats();
     tracing::info!(
         weights = %weights.display(),

@@ -16,6 +16,8 @@ pub enum TrainError {
     Diverged { step: u64, loss: f64 },
     #[error("the data loader ended before step {0}")]
     DataExhausted(u64),
+    #[error("data parallelism: {0}")]
+    Collective(String),
     #[error("{path}: {source}")]
     Io {
         path: std::path::PathBuf,

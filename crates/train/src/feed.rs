@@ -9,10 +9,11 @@ use dalle_data::loader::{Batch, ImageLoader, LoaderConfig, LoaderStats};
 use dalle_data::order::Sharding;
 use tch::{Device, Tensor};
 
-/// The loader settings of a job, decoding images to `image_size` pixels.
-pub fn loader_config(job: &JobConfig, image_size: u32, batch_size: usize) -> LoaderConfig {
+/// The loader settings of a job, decoding images to `image_size` pixels;
+/// `sharding` says which slice of each global batch this rank reads.
+pub fn loader_config(job: &JobConfig, image_size: u32, sharding: Sharding) -> LoaderConfig {
     LoaderConfig {
-        sharding: Sharding::single(batch_size),
+        sharding,
         shuffle_window: job.data.shuffle_window,
         prefetch_batches: job.data.prefetch_batches,
         decode_threads: job.data.decode_threads,

@@ -5,19 +5,19 @@
 //! and a log line per window (also appended to `gpt-metrics.jsonl`).
 
 use crate::config::JobConfig;
+use crate::ddp::{DataParallel, seeded, step_seed};
 use crate::feed::{EpochSummary, batch_tensor, loader_config, next_nonempty, runtime_device};
-use crate::metrics::{GptLog, GptStepMetrics, GptWindow};
+use crate::metrics::{GptLog, GptStepMetrics, GptWindow, MetricsFile};
 use crate::optim::AdamW;
 use crate::{Result, TrainError};
 use dalle_data::columns::Payload;
 use dalle_data::loader::{Batch, ImageLoader, LoaderStats};
-use dalle_data::order::Cursor;
+use dalle_data::order::{Cursor, Sharding};
 use dalle_model::dvae::{Dvae, DvaeConfig};
 use dalle_model::gpt::{Gpt, GptConfig};
 use dalle_model::text::TextTokenizer;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
@@ -60,7 +60,8 @@ pub fn load_dvae_config(job: &JobConfig) -> Result<DvaeConfig> {
 
 /// Turns a batch's captions into text ids: BPE (with dropout, if set),
 /// per-position padding, and caption dropout drawn from a generator seeded
-/// by (run seed, step) so a resumed run drops the same captions.
+/// by (run seed, step, sample key), so a resumed run drops the same
+/// captions, and so does a run on any number of workers.
 pub struct CaptionEncoder {
     tokenizer: TextTokenizer,
     text_len: usize,
@@ -89,10 +90,19 @@ impl CaptionEncoder {
         })
     }
 
-    /// `(B, T)` ids for the batch's captions, and how many were truncated.
-    pub fn encode(&mut self, batch: &Batch, step: u64) -> Result<(Tensor, usize)> {
+    /// Whether the caption of sample `key` is dropped at `step`.
+    fn drops(&self, step: u64, key: &str) -> bool {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        key.hash(&mut hasher);
         let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ 0x5EED_CA97_10D5);
         rng.set_stream(step);
+        rng.set_word_pos(u128::from(hasher.finish()) << 4);
+        rng.random::<f64>() < self.dropout
+    }
+
+    /// `(B, T)` ids for the batch's captions, and how many were truncated.
+    pub fn encode(&mut self, batch: &Batch, step: u64) -> Result<(Tensor, usize)> {
         let mut ids = Vec::with_capacity(batch.len() * self.text_len);
         let mut truncated = 0;
         for (key, caption) in batch.keys.iter().zip(&batch.captions) {
@@ -109,7 +119,7 @@ impl CaptionEncoder {
                     );
                 }
             }
-            if self.dropout > 0.0 && rng.random::<f64>() < self.dropout {
+            if self.dropout > 0.0 && self.drops(step, key) {
                 ids.extend_from_slice(&self.null);
             } else {
                 ids.extend_from_slice(&encoded.ids);
@@ -139,7 +149,8 @@ impl ImageTokens {
                     "the data holds images: encoding them with the frozen dVAE on the fly \
                      (pre-tokenize with `dalle data tokenize` to skip this)"
                 );
-                Some(Dvae::load(&job.dvae_weights_path(), device)?)
+                let path = job.dvae_weights_path();
+                Some(crate::ddp::exclusive(|| Dvae::load(&path, device))?)
             }
             Payload::Tokens { len } if len == image_len => None,
             Payload::Tokens { len } => {
@@ -212,9 +223,14 @@ pub struct GptTrainReport {
     pub truncated_captions: usize,
 }
 
-/// Trains the transformer as configured by `job`, calling `on_log` for
-/// every log line.
-pub fn train(job: &JobConfig, mut on_log: impl FnMut(&GptLog)) -> Result<GptTrainReport> {
+/// Trains the transformer as configured by `job` on this rank's slice of
+/// every global batch (all of it with [`DataParallel::solo`]), calling
+/// `on_log` for every log line. Only rank 0 writes files.
+pub fn train(
+    job: &JobConfig,
+    ddp: &mut DataParallel,
+    mut on_log: impl FnMut(&GptLog),
+) -> Result<GptTrainReport> {
     let cfg = &job.gpt.train;
     let device = runtime_device(job)?;
     let tokenizer = load_tokenizer(job)?;
@@ -225,14 +241,21 @@ pub fn train(job: &JobConfig, mut on_log: impl FnMut(&GptLog)) -> Result<GptTrai
         .map_err(|e| TrainError::Config(e.to_string()))?;
     let mut loader = ImageLoader::start(
         &data,
-        loader_config(job, dvae_config.image_size as u32, cfg.batch_size),
+        loader_config(
+            job,
+            dvae_config.image_size as u32,
+            Sharding {
+                global_batch: cfg.batch_size,
+                rank: ddp.rank(),
+                world: ddp.world_size(),
+            },
+        ),
         Cursor::start(job.run.seed),
     )?;
     let images = ImageTokens::new(job, loader.payload(), device, &data.url)?;
     let mut captions = CaptionEncoder::new(job, &tokenizer)?;
 
-    tch::manual_seed(job.run.seed as i64);
-    let model = Gpt::new(config.clone(), device)?;
+    let model = seeded(job.run.seed, || Gpt::new(config.clone(), device))?;
     let parameters: i64 = model
         .named_parameters()
         .iter()
@@ -245,15 +268,11 @@ pub fn train(job: &JobConfig, mut on_log: impl FnMut(&GptLog)) -> Result<GptTrai
         "training the transformer for {} steps at batch {} (micro-batch {})",
         cfg.steps, cfg.batch_size, cfg.micro_batch()
     );
+    let params = model.named_parameters();
+    ddp.share_initial_parameters(&params)?;
     let mut optimizer = AdamW::new(model.named_parameters(), cfg.adamw);
     let weights = job.gpt_weights_path();
-    let metrics_path = job.run.dir.join("gpt-metrics.jsonl");
-    let io_err = |path: &PathBuf| {
-        let path = path.clone();
-        move |source| TrainError::Io { path, source }
-    };
-    std::fs::create_dir_all(&job.run.dir).map_err(io_err(&job.run.dir))?;
-    let mut metrics_file = std::fs::File::create(&metrics_path).map_err(io_err(&metrics_path))?;
+    let mut metrics = MetricsFile::create(&job.run.dir.join("gpt-metrics.jsonl"), ddp.is_leader())?;
     let mut window = GptWindow::default();
     let mut epoch = EpochSummary::default();
     let mut logs = Vec::new();
@@ -270,6 +289,7 @@ pub fn train(job: &JobConfig, mut on_log: impl FnMut(&GptLog)) -> Result<GptTrai
         truncated_total += truncated;
 
         let lr = cfg.lr.at(step);
+        tch::manual_seed(step_seed(job.run.seed, ddp.rank(), step));
         optimizer.zero_grad();
         let parts = accumulate_gradients(
             &model,
@@ -278,15 +298,17 @@ pub fn train(job: &JobConfig, mut on_log: impl FnMut(&GptLog)) -> Result<GptTrai
             cfg.micro_batch(),
             cfg.text_loss_weight,
         )?;
+        ddp.average_gradients(&params, batch.len())?;
         let grad_norm = match cfg.grad_clip {
             Some(max_norm) => optimizer.clip_grad_norm(max_norm),
             None => optimizer.grad_norm(),
         };
         optimizer.step(lr);
+        ddp.verify_every(step + 1, job.run.verify_every, &params)?;
 
-        let [loss, text_loss, image_loss] =
-            <[f64; 3]>::try_from(Vec::<f64>::try_from(parts.to_kind(Kind::Double))?)
-                .expect("three scalars");
+        let local = Vec::<f64>::try_from(parts.to_kind(Kind::Double))?;
+        let (means, images) = ddp.global_means(&local, batch.len())?;
+        let [loss, text_loss, image_loss] = <[f64; 3]>::try_from(means).expect("three scalars");
         if !loss.is_finite() {
             return Err(TrainError::Diverged { step, loss });
         }
@@ -295,8 +317,8 @@ pub fn train(job: &JobConfig, mut on_log: impl FnMut(&GptLog)) -> Result<GptTrai
             text_loss,
             image_loss,
             grad_norm,
-            images: batch.len(),
-            tokens: batch.len() * positions_per_sample,
+            images,
+            tokens: images * positions_per_sample,
             truncated_captions: truncated,
             data_wait,
             step_time: started.elapsed(),
@@ -304,21 +326,16 @@ pub fn train(job: &JobConfig, mut on_log: impl FnMut(&GptLog)) -> Result<GptTrai
         let done = step + 1;
         if done % cfg.log_every == 0 || done == cfg.steps {
             let line = window.finish(done, lr);
-            tracing::info!("{line}");
-            writeln!(
-                metrics_file,
-                "{}",
-                serde_json::to_string(&line).expect("serialisable")
-            )
-            .map_err(io_err(&metrics_path))?;
+            tracing::info!(rank = ddp.rank(), "{line}");
+            metrics.append(&line)?;
             on_log(&line);
             logs.push(line);
         }
-        if cfg.save_every > 0 && done % cfg.save_every == 0 && done != cfg.steps {
+        let periodic = cfg.save_every > 0 && done % cfg.save_every == 0;
+        if ddp.is_leader() && (periodic || done == cfg.steps) {
             model.save(&weights)?;
         }
     }
-    model.save(&weights)?;
     let stats = loader.stats();
     tracing::info!(
         weights = %weights.display(), seen = stats.seen, skipped = stats.skipped(),

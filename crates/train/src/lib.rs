@@ -3,6 +3,7 @@
 //! the job configuration that drives them.
 
 pub mod config;
+pub mod ddp;
 pub mod dvae;
 pub mod error;
 pub mod eval;

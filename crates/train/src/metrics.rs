@@ -1,8 +1,48 @@
 //! Training metrics over a logging window: means of the per-step values,
 //! throughput, and the share of wall time spent waiting for data.
 
+use crate::{Result, TrainError};
 use serde::Serialize;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+/// The JSON-lines file a training loop appends its log lines to; only the
+/// leading rank of a data-parallel group writes one.
+pub struct MetricsFile {
+    file: Option<(PathBuf, std::fs::File)>,
+}
+
+impl MetricsFile {
+    /// Creates (truncates) `path` when `write` is set; else a sink.
+    pub fn create(path: &Path, write: bool) -> Result<Self> {
+        if !write {
+            return Ok(Self { file: None });
+        }
+        let io_err = |source| TrainError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io_err)?;
+        }
+        let file = std::fs::File::create(path).map_err(io_err)?;
+        Ok(Self {
+            file: Some((path.to_path_buf(), file)),
+        })
+    }
+
+    pub fn append(&mut self, line: &impl Serialize) -> Result<()> {
+        let Some((path, file)) = &mut self.file else {
+            return Ok(());
+        };
+        let json = serde_json::to_string(line).expect("log lines serialise");
+        writeln!(file, "{json}").map_err(|source| TrainError::Io {
+            path: path.clone(),
+            source,
+        })
+    }
+}
 
 /// What one dVAE step reports.
 #[derive(Clone, Copy, Debug, Default)]

@@ -44,7 +44,9 @@ fn short_training_run_learns_to_reconstruct() {
     job.validate().unwrap();
     synth::write_dataset(&job.data_dir().unwrap(), &job.synth, |_| {}).unwrap();
 
-    let report = dalle_train::dvae::train(&job, |_| {}).unwrap();
+    let report =
+        dalle_train::dvae::train(&job, &mut dalle_train::ddp::DataParallel::solo(), |_| {})
+            .unwrap();
     let (first, last) = (&report.logs[0], report.logs.last().unwrap());
     assert_eq!(last.step, steps);
     assert!(
@@ -56,7 +58,11 @@ fn short_training_run_learns_to_reconstruct() {
     let model = Dvae::load(&report.weights, parse_device("cpu").unwrap()).unwrap();
     let batches = ImageLoader::start(
         &job.data_location().unwrap(),
-        dalle_train::feed::loader_config(&job, job.dvae.model.image_size as u32, 32),
+        dalle_train::feed::loader_config(
+            &job,
+            job.dvae.model.image_size as u32,
+            dalle_data::order::Sharding::single(32),
+        ),
         Cursor::start(0),
     )
     .unwrap();

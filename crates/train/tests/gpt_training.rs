@@ -2,76 +2,13 @@
 //! the fly by the frozen dVAE) the loss falls; a token dataset made by
 //! another dVAE is refused with both grid sizes named.
 
-use dalle_data::synth::{self, SynthConfig};
+mod common;
+
+use common::{prepare, stage2_job as job};
 use dalle_data::tokens::{self, TokenRow};
-use dalle_model::dvae::{Dvae, DvaeConfig};
 use dalle_model::gpt::{AttentionLayout, GptArch};
-use dalle_model::text::{TextConfig, TextTokenizer};
 use dalle_store::{Location, StoreConfig};
-use dalle_train::config::JobConfig;
-use dalle_train::schedule::Cosine;
-
-fn job(dir: &std::path::Path) -> JobConfig {
-    let mut job = JobConfig::default();
-    job.run.dir = dir.join("run");
-    job.run.device = "cpu".into();
-    job.synth = SynthConfig {
-        count: 256,
-        image_size: 16,
-        rows_per_file: 128,
-        rows_per_group: 32,
-        ..SynthConfig::default()
-    };
-    job.dvae.model = DvaeConfig {
-        image_size: 16,
-        n_hid: 8,
-        n_blk_per_group: 1,
-        vocab_size: 16,
-        n_init: 8,
-        ..DvaeConfig::default()
-    };
-    job.text = TextConfig {
-        vocab_size: 300,
-        text_len: 24,
-        ..TextConfig::default()
-    };
-    job.gpt.model = GptArch {
-        dim: 32,
-        depth: 2,
-        heads: 2,
-        attention: AttentionLayout::Dense,
-        ..GptArch::default()
-    };
-    let t = &mut job.gpt.train;
-    t.steps = 60;
-    t.batch_size = 16;
-    t.micro_batch = 8;
-    t.log_every = 20;
-    t.save_every = 0;
-    t.caption_dropout = 0.1;
-    t.lr = Cosine {
-        start: 3e-3,
-        end: 1e-4,
-        steps: 55,
-        warmup: 5,
-    };
-    job.validate().unwrap();
-    job
-}
-
-/// A dataset, a random dVAE and a tokenizer in the job's run directory.
-fn prepare(job: &JobConfig) {
-    synth::write_dataset(&job.data_dir().unwrap(), &job.synth, |_| {}).unwrap();
-    tch::manual_seed(0);
-    let dvae = Dvae::new(job.dvae.model.clone(), tch::Device::Cpu).unwrap();
-    dvae.save(&job.dvae_weights_path()).unwrap();
-    let captions =
-        (0..job.synth.count as u64).map(|i| synth::Scene::sample(job.synth.seed, i).caption());
-    TextTokenizer::train(captions, &job.text)
-        .unwrap()
-        .save(&job.tokenizer_path())
-        .unwrap();
-}
+use dalle_train::ddp::DataParallel;
 
 #[test]
 fn training_on_images_through_the_frozen_dvae_lowers_the_loss() {
@@ -79,7 +16,7 @@ fn training_on_images_through_the_frozen_dvae_lowers_the_loss() {
     let mut job = job(dir.path());
     prepare(&job);
     job.gpt.train.data_url = Some(job.data_url());
-    let report = dalle_train::gpt::train(&job, |_| {}).unwrap();
+    let report = dalle_train::gpt::train(&job, &mut DataParallel::solo(), |_| {}).unwrap();
     assert_eq!(report.logs.len(), 3);
     let (first, last) = (&report.logs[0], &report.logs[2]);
     assert!(
@@ -115,7 +52,7 @@ fn tokens_of_another_dvae_are_refused() {
         .block_on(tokens::write(&location, "part-0.parquet", &rows, 16))
         .unwrap();
     job.gpt.train.data_url = Some(url);
-    let err = dalle_train::gpt::train(&job, |_| {})
+    let err = dalle_train::gpt::train(&job, &mut DataParallel::solo(), |_| {})
         .err()
         .unwrap()
         .to_string();

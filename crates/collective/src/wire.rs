@@ -1,0 +1,251 @@
+//! The bytes between ring neighbours: the handshake that opens a link and the
+//! header that starts every collective. Everything is little-endian and of
+//! fixed size, so a reader never trusts a length from the wire.
+//!
+//! A link is one TCP connection from rank r to rank r+1 (mod W); data flows
+//! only in that direction except for the handshake's answer.
+//!
+//! ```text
+//! Hello  (connector → acceptor, 28 bytes)
+//!   magic "DALLERNG" | version u32 | session u64 | rank u32 | world u32
+//! Answer (acceptor → connector, 17 bytes)
+//!   magic "DALLERNG" | version u32 | verdict u8 | rank u32
+//! OpHeader (before each collective, 24 bytes)
+//!   op u8 | 0u8 ×3 | root u32 | seq u64 | len u64
+//! then the payload: f32 little-endian for all-reduce, raw bytes for broadcast.
+//! ```
+
+/// Says "this is a dalle ring link" before anything else is believed.
+pub const MAGIC: [u8; 8] = *b"DALLERNG";
+/// Bumped whenever any frame below changes.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+pub const HELLO_LEN: usize = 28;
+pub const ANSWER_LEN: usize = 17;
+pub const HEADER_LEN: usize = 24;
+
+/// What a connecting rank says about itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hello {
+    pub version: u32,
+    /// The job and group generation this link belongs to: a worker left over
+    /// from an earlier group (or another job) is refused.
+    pub session: u64,
+    pub rank: u32,
+    pub world: u32,
+}
+
+impl Hello {
+    pub fn encode(&self) -> [u8; HELLO_LEN] {
+        let mut b = [0u8; HELLO_LEN];
+        b[0..8].copy_from_slice(&MAGIC);
+        b[8..12].copy_from_slice(&self.version.to_le_bytes());
+        b[12..20].copy_from_slice(&self.session.to_le_bytes());
+        b[20..24].copy_from_slice(&self.rank.to_le_bytes());
+        b[24..28].copy_from_slice(&self.world.to_le_bytes());
+        b
+    }
+
+    /// `None` when the magic is wrong: whatever connected does not speak this
+    /// protocol at all.
+    pub fn decode(b: &[u8; HELLO_LEN]) -> Option<Self> {
+        (b[0..8] == MAGIC).then(|| Self {
+            version: u32_at(b, 8),
+            session: u64_at(b, 12),
+            rank: u32_at(b, 20),
+            world: u32_at(b, 24),
+        })
+    }
+}
+
+/// The acceptor's decision on a [`Hello`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Verdict {
+    Accepted = 0,
+    WrongVersion = 1,
+    WrongSession = 2,
+    WrongRank = 3,
+    WrongWorld = 4,
+}
+
+impl Verdict {
+    fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            0 => Verdict::Accepted,
+            1 => Verdict::WrongVersion,
+            2 => Verdict::WrongSession,
+            3 => Verdict::WrongRank,
+            4 => Verdict::WrongWorld,
+            _ => return None,
+        })
+    }
+
+    /// Judges a hello against what this rank expects from its predecessor.
+    pub fn judge(hello: &Hello, session: u64, prev_rank: usize, world: usize) -> Self {
+        if hello.version != PROTOCOL_VERSION {
+            Verdict::WrongVersion
+        } else if hello.session != session {
+            Verdict::WrongSession
+        } else if hello.world as usize != world {
+            Verdict::WrongWorld
+        } else if hello.rank as usize != prev_rank {
+            Verdict::WrongRank
+        } else {
+            Verdict::Accepted
+        }
+    }
+}
+
+/// The acceptor's reply: its verdict, and its own version and rank so the
+/// connector's error can say what differed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Answer {
+    pub version: u32,
+    pub verdict: Verdict,
+    pub rank: u32,
+}
+
+impl Answer {
+    pub fn encode(&self) -> [u8; ANSWER_LEN] {
+        let mut b = [0u8; ANSWER_LEN];
+        b[0..8].copy_from_slice(&MAGIC);
+        b[8..12].copy_from_slice(&self.version.to_le_bytes());
+        b[12] = self.verdict as u8;
+        b[13..17].copy_from_slice(&self.rank.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8; ANSWER_LEN]) -> Option<Self> {
+        if b[0..8] != MAGIC {
+            return None;
+        }
+        Some(Self {
+            version: u32_at(b, 8),
+            verdict: Verdict::from_u8(b[12])?,
+            rank: u32_at(b, 13),
+        })
+    }
+}
+
+/// Which collective a header starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Op {
+    AllReduceSumF32 = 1,
+    Broadcast = 2,
+    Barrier = 3,
+}
+
+impl Op {
+    fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => Op::AllReduceSumF32,
+            2 => Op::Broadcast,
+            3 => Op::Barrier,
+            _ => return None,
+        })
+    }
+}
+
+/// Sent to the successor before every collective and checked against the
+/// predecessor's, so ranks that disagree on what they are doing fail loudly
+/// instead of summing unrelated bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpHeader {
+    pub op: Op,
+    pub root: u32,
+    /// Collectives this link has carried before this one.
+    pub seq: u64,
+    /// Elements (f32 for all-reduce, bytes for broadcast).
+    pub len: u64,
+}
+
+impl OpHeader {
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0] = self.op as u8;
+        b[4..8].copy_from_slice(&self.root.to_le_bytes());
+        b[8..16].copy_from_slice(&self.seq.to_le_bytes());
+        b[16..24].copy_from_slice(&self.len.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8; HEADER_LEN]) -> Option<Self> {
+        Some(Self {
+            op: Op::from_u8(b[0])?,
+            root: u32_at(b, 4),
+            seq: u64_at(b, 8),
+            len: u64_at(b, 16),
+        })
+    }
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip() {
+        let hello = Hello {
+            version: PROTOCOL_VERSION,
+            session: 0xDEAD_BEEF_0123_4567,
+            rank: 3,
+            world: 5,
+        };
+        assert_eq!(Hello::decode(&hello.encode()), Some(hello));
+        let answer = Answer {
+            version: 7,
+            verdict: Verdict::WrongSession,
+            rank: 4,
+        };
+        assert_eq!(Answer::decode(&answer.encode()), Some(answer));
+        let header = OpHeader {
+            op: Op::Broadcast,
+            root: 2,
+            seq: 1 << 40,
+            len: 1_000_003,
+        };
+        assert_eq!(OpHeader::decode(&header.encode()), Some(header));
+    }
+
+    #[test]
+    fn foreign_bytes_are_not_believed() {
+        let mut b = Hello {
+            version: 1,
+            session: 1,
+            rank: 0,
+            world: 2,
+        }
+        .encode();
+        b[0] = b'G'; // e.g. an HTTP client's "GET /…"
+        assert_eq!(Hello::decode(&b), None);
+        let mut h = [0u8; HEADER_LEN];
+        h[0] = 99;
+        assert_eq!(OpHeader::decode(&h), None);
+    }
+
+    #[test]
+    fn judge_names_the_first_difference() {
+        let ok = Hello {
+            version: PROTOCOL_VERSION,
+            session: 9,
+            rank: 1,
+            world: 3,
+        };
+        assert_eq!(Verdict::judge(&ok, 9, 1, 3), Verdict::Accepted);
+        assert_eq!(Verdict::judge(&ok, 8, 1, 3), Verdict::WrongSession);
+        assert_eq!(Verdict::judge(&ok, 9, 2, 3), Verdict::WrongRank);
+        assert_eq!(Verdict::judge(&ok, 9, 1, 4), Verdict::WrongWorld);
+        let old = Hello { version: 0, ..ok };
+        assert_eq!(Verdict::judge(&old, 9, 1, 3), Verdict::WrongVersion);
+    }
+}

@@ -1,0 +1,297 @@
+//! Data parallelism with DDP semantics: every rank computes gradients on
+//! its slice of the global batch, then gradients are summed across ranks in
+//! flat buckets (about 25 MB each) and scaled so every rank holds the
+//! gradient of the global batch's mean loss. Every rank then clips the same
+//! global norm and takes the same optimizer step, so parameters stay
+//! bitwise identical.
+//!
+//! The training loops see only this type; which collective carries the
+//! bytes (TCP ring on CPU, NCCL on GPU, nothing for one process) is decided
+//! when it is built.
+
+use crate::{Result, TrainError};
+use dalle_collective::Collective;
+use tch::{Device, Kind, Tensor};
+
+/// One process, no peers: every collective is the identity.
+pub struct Solo;
+
+impl Collective for Solo {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&mut self, _: &mut [f32]) -> dalle_collective::Result<()> {
+        Ok(())
+    }
+    fn broadcast(&mut self, _: &mut [u8], _: usize) -> dalle_collective::Result<()> {
+        Ok(())
+    }
+    fn barrier(&mut self) -> dalle_collective::Result<()> {
+        Ok(())
+    }
+}
+
+/// Default gradient bucket: 25 MB of f32.
+pub const DEFAULT_BUCKET_BYTES: usize = 25 * 1024 * 1024;
+
+pub struct DataParallel {
+    comm: Box<dyn Collective>,
+    bucket_elems: usize,
+    /// Host staging for one bucket, kept between steps.
+    host: Vec<f32>,
+}
+
+fn collective_error(what: &str) -> impl FnOnce(dalle_collective::Error) -> TrainError + '_ {
+    move |e| TrainError::Collective(format!("{what}: {e}"))
+}
+
+impl DataParallel {
+    pub fn new(comm: Box<dyn Collective>, bucket_bytes: usize) -> Self {
+        Self {
+            comm,
+            bucket_elems: (bucket_bytes / 4).max(1),
+            host: Vec::new(),
+        }
+    }
+
+    /// One process training alone.
+    pub fn solo() -> Self {
+        Self::new(Box::new(Solo), DEFAULT_BUCKET_BYTES)
+    }
+
+    pub fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.comm.world_size()
+    }
+
+    /// Whether this rank writes the job's files (weights, metrics).
+    pub fn is_leader(&self) -> bool {
+        self.rank() == 0
+    }
+
+    /// Makes every rank start from rank 0's parameters (built from the
+    /// run's seed everywhere, but one build of libtorch may initialise
+    /// differently from another), then checks that they agree.
+    pub fn share_initial_parameters(&mut self, params: &[(String, Tensor)]) -> Result<()> {
+        if self.world_size() == 1 {
+            return Ok(());
+        }
+        for (_, p) in params {
+            let values = p
+                .detach()
+                .to_device(Device::Cpu)
+                .to_kind(Kind::Float)
+                .flatten(0, -1);
+            let mut bytes: Vec<u8> = Vec::<f32>::try_from(values)?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect();
+            self.comm
+                .broadcast(&mut bytes, 0)
+                .map_err(collective_error("sharing initial weights"))?;
+            let values: Vec<f32> = bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            let mut p = p.shallow_clone();
+            let source = Tensor::from_slice(&values)
+                .view(p.size().as_slice())
+                .to_kind(p.kind())
+                .to_device(p.device());
+            tch::no_grad(|| p.copy_(&source));
+        }
+        self.verify_identical(params)
+    }
+
+    /// Checks that every rank holds the same parameters (at the start: all
+    /// built from the run's seed): rank 0's digest is broadcast and compared.
+    pub fn verify_identical(&mut self, params: &[(String, Tensor)]) -> Result<()> {
+        let mine = digest(params)?;
+        let mut theirs = mine.to_le_bytes();
+        self.comm
+            .broadcast(&mut theirs, 0)
+            .map_err(collective_error("verifying initial weights"))?;
+        let leader = u64::from_le_bytes(theirs);
+        if leader != mine {
+            return Err(TrainError::Collective(format!(
+                "rank {} holds different parameters than rank 0 (digest {mine:016x} vs \
+                 {leader:016x}): different libtorch builds or devices across workers?",
+                self.rank()
+            )));
+        }
+        Ok(())
+    }
+
+    /// [`Self::verify_identical`] after every `every`-th step (0: never), to
+    /// catch ranks drifting apart (a non-deterministic kernel, a bug).
+    pub fn verify_every(
+        &mut self,
+        step: u64,
+        every: u64,
+        params: &[(String, Tensor)],
+    ) -> Result<()> {
+        if self.world_size() > 1 && every > 0 && step % every == 0 {
+            self.verify_identical(params)
+                .map_err(|e| TrainError::Collective(format!("after step {step}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Sums `values` over ranks.
+    pub fn sum(&mut self, values: &mut [f32]) -> Result<()> {
+        self.comm
+            .all_reduce_sum(values)
+            .map_err(collective_error("summing metrics"))
+    }
+
+    /// Means over every rank's samples of per-rank means `values` over
+    /// `samples` samples each, and the global sample count (for log lines;
+    /// one process keeps its f64 values untouched).
+    pub fn global_means(&mut self, values: &[f64], samples: usize) -> Result<(Vec<f64>, usize)> {
+        if self.world_size() == 1 {
+            return Ok((values.to_vec(), samples));
+        }
+        let n = samples as f64;
+        let mut sums: Vec<f32> = values.iter().map(|v| (v * n) as f32).collect();
+        sums.push(samples as f32);
+        self.sum(&mut sums)?;
+        let total = f64::from(sums.pop().expect("count pushed"));
+        let means = sums
+            .iter()
+            .map(|s| f64::from(*s) / total.max(1.0))
+            .collect();
+        Ok((means, total as usize))
+    }
+
+    /// Replaces every parameter's gradient (the mean over this rank's
+    /// `local_samples`) by the gradient of the mean over all ranks' samples,
+    /// so ranks with fewer samples (bad samples skipped) weigh less.
+    /// Returns the global sample count.
+    pub fn average_gradients(
+        &mut self,
+        params: &[(String, Tensor)],
+        local_samples: usize,
+    ) -> Result<usize> {
+        if self.world_size() == 1 {
+            return Ok(local_samples);
+        }
+        let mut count = [local_samples as f32];
+        self.sum(&mut count)?;
+        let total = count[0];
+        if total <= 0.0 {
+            return Err(TrainError::Collective(
+                "no rank had a sample this step".into(),
+            ));
+        }
+        let scale = local_samples as f64 / f64::from(total);
+        let grads: Vec<Tensor> = params
+            .iter()
+            .map(|(_, p)| p.grad())
+            .filter(Tensor::defined)
+            .collect();
+        let mut start = 0;
+        while start < grads.len() {
+            // A bucket: parameters in order until it holds bucket_elems
+            // (a parameter larger than a bucket goes alone).
+            let mut end = start;
+            let mut elems = 0;
+            while end < grads.len()
+                && (end == start || elems + grads[end].numel() <= self.bucket_elems)
+            {
+                elems += grads[end].numel();
+                end += 1;
+            }
+            self.reduce_bucket(&grads[start..end], elems, scale)?;
+            start = end;
+        }
+        Ok(total as usize)
+    }
+
+    fn reduce_bucket(&mut self, grads: &[Tensor], elems: usize, scale: f64) -> Result<()> {
+        let flat = Tensor::cat(
+            &grads
+                .iter()
+                .map(|g| (g * scale).to_kind(Kind::Float).flatten(0, -1))
+                .collect::<Vec<_>>(),
+            0,
+        )
+        .to_device(Device::Cpu);
+        self.host.resize(elems, 0.0);
+        flat.copy_data(&mut self.host, elems);
+        self.comm
+            .all_reduce_sum(&mut self.host)
+            .map_err(collective_error("averaging gradients"))?;
+        let summed = Tensor::from_slice(&self.host);
+        let mut offset = 0;
+        tch::no_grad(|| {
+            for g in grads {
+                let n = g.numel() as i64;
+                let mut g = g.shallow_clone();
+                let part = summed.narrow(0, offset, n).view(g.size().as_slice());
+                g.copy_(&part);
+                offset += n;
+            }
+        });
+        Ok(())
+    }
+}
+
+/// Runs `init` right after seeding libtorch's generator with `seed`, with
+/// no other seeded initialisation of this process in between: the
+/// generator is process-wide, and two trainers in one process (ranks as
+/// threads in tests, an application embedding us) would otherwise draw
+/// from each other's streams and build different weights.
+pub fn seeded<T>(seed: u64, init: impl FnOnce() -> T) -> T {
+    exclusive(|| {
+        tch::manual_seed(seed as i64);
+        init()
+    })
+}
+
+/// Runs `build` with no seeded initialisation of this process running
+/// meanwhile: for building a model whose random initial values are
+/// overwritten (loading weights), which still draws from the generator.
+pub fn exclusive<T>(build: impl FnOnce() -> T) -> T {
+    static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = INIT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    build()
+}
+
+/// The seed of libtorch's generator for one step of one rank. Reseeding
+/// every step makes the step's random draws (Gumbel noise, dropout) a pure
+/// function of (run seed, rank, step): a resumed run draws exactly what an
+/// uninterrupted one would, with no generator state to checkpoint, and
+/// ranks draw distinct noise for their distinct samples.
+pub fn step_seed(run_seed: u64, rank: usize, step: u64) -> i64 {
+    let mix = |h: u64, v: u64| (h ^ v).wrapping_mul(0x0100_0000_01B3).rotate_left(31);
+    let h = [rank as u64, step]
+        .into_iter()
+        .fold(run_seed ^ 0x9E37_79B9_7F4A_7C15, mix);
+    (h >> 1) as i64
+}
+
+/// A digest of parameter values (names and bytes), equal on two ranks
+/// exactly when their parameters are bitwise equal (up to hash collisions).
+pub fn digest(params: &[(String, Tensor)]) -> Result<u64> {
+    use std::hash::Hasher;
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for (name, p) in params {
+        hasher.write(name.as_bytes());
+        let values = p
+            .detach()
+            .to_device(Device::Cpu)
+            .to_kind(Kind::Float)
+            .flatten(0, -1);
+        let values = Vec::<f32>::try_from(values)?;
+        for v in values {
+            hasher.write_u32(v.to_bits());
+        }
+    }
+    Ok(hasher.finish())
+}
