@@ -136,7 +136,7 @@ impl DataParallel {
         every: u64,
         params: &[(String, Tensor)],
     ) -> Result<()> {
-        if self.world_size() > 1 && every > 0 && step % every == 0 {
+        if self.world_size() > 1 && every > 0 && step.is_multiple_of(every) {
             self.verify_identical(params)
                 .map_err(|e| TrainError::Collective(format!("after step {step}: {e}")))?;
         }
