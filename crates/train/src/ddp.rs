@@ -37,11 +37,29 @@ impl Collective for Solo {
 /// Default gradient bucket: 25 MB of f32.
 pub const DEFAULT_BUCKET_BYTES: usize = 25 * 1024 * 1024;
 
+/// What a rank reports when a step ends.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepEnd {
+    /// Steps finished (global, the same on every rank).
+    pub step: u64,
+    /// The step's loss (mean over every rank's samples).
+    pub loss: f64,
+    /// Samples per second over every rank.
+    pub samples_per_second: f64,
+    /// Share of this rank's step time spent waiting on data (0..1).
+    pub data_wait: f64,
+}
+
+/// Called when every step ends: reports progress (to a coordinator) and may
+/// stop training at this step boundary by returning an error.
+pub type StepHook = Box<dyn FnMut(&StepEnd) -> Result<()> + Send>;
+
 pub struct DataParallel {
     comm: Box<dyn Collective>,
     bucket_elems: usize,
     /// Host staging for one bucket, kept between steps.
     host: Vec<f32>,
+    hook: Option<StepHook>,
 }
 
 fn collective_error(what: &str) -> impl FnOnce(dalle_collective::Error) -> TrainError + '_ {
@@ -54,6 +72,21 @@ impl DataParallel {
             comm,
             bucket_elems: (bucket_bytes / 4).max(1),
             host: Vec::new(),
+            hook: None,
+        }
+    }
+
+    /// Calls `hook` at the end of every step (see [`StepHook`]).
+    pub fn with_step_hook(mut self, hook: StepHook) -> Self {
+        self.hook = Some(hook);
+        self
+    }
+
+    /// The end of a step: hands it to the hook, whose error stops training.
+    pub fn end_step(&mut self, end: &StepEnd) -> Result<()> {
+        match &mut self.hook {
+            Some(hook) => hook(end),
+            None => Ok(()),
         }
     }
 

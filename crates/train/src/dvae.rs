@@ -4,7 +4,7 @@
 //! atomically during and at the end of training.
 
 use crate::config::JobConfig;
-use crate::ddp::{DataParallel, seeded, step_seed};
+use crate::ddp::{DataParallel, StepEnd, seeded, step_seed};
 use crate::feed::{EpochSummary, batch_tensor, loader_config, next_nonempty, runtime_device};
 use crate::metrics::{DvaeLog, DvaeStepMetrics, MetricsFile, Window};
 use crate::optim::AdamW;
@@ -111,6 +111,13 @@ pub fn train(
             data_wait,
             step_time: started.elapsed(),
         });
+        let step_seconds = started.elapsed().as_secs_f64().max(1e-9);
+        let step_end = StepEnd {
+            step: step + 1,
+            loss: loss_v,
+            samples_per_second: images as f64 / step_seconds,
+            data_wait: data_wait.as_secs_f64() / step_seconds,
+        };
 
         let done = step + 1;
         if done % cfg.log_every == 0 || done == cfg.steps {
@@ -137,6 +144,7 @@ pub fn train(
         if ddp.is_leader() && (periodic || done == cfg.steps) {
             model.save(&weights)?;
         }
+        ddp.end_step(&step_end)?;
     }
     let stats = loader.stats();
     tracing::info!(

@@ -110,3 +110,33 @@ fn accumulated_micro_batches_give_the_whole_batch_gradient() {
             .any(|g| g.abs().sum(tch::Kind::Float).double_value(&[]) > 0.0)
     );
 }
+
+#[test]
+fn a_step_hook_sees_every_step_and_can_stop_training_at_a_boundary() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut job = job(dir.path());
+    prepare(&job);
+    job.gpt.train.data_url = Some(job.data_url());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let hook = Box::new(move |end: &dalle_train::ddp::StepEnd| {
+        tx.send(*end).unwrap();
+        if end.step == 5 {
+            return Err(dalle_train::TrainError::Stopped("told to re-form".into()));
+        }
+        Ok(())
+    });
+    let mut ddp = DataParallel::solo().with_step_hook(hook);
+    let err = dalle_train::gpt::train(&job, &mut ddp, |_| {})
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("told to re-form"), "{err}");
+    let seen: Vec<_> = rx.try_iter().collect();
+    assert_eq!(
+        seen.iter().map(|e| e.step).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5]
+    );
+    assert!(
+        seen.iter()
+            .all(|e| e.loss.is_finite() && e.samples_per_second > 0.0)
+    );
+}
