@@ -326,7 +326,7 @@ pub fn train(
         let step_seconds = started.elapsed().as_secs_f64().max(1e-9);
         let step_end = StepEnd {
             step: step + 1,
-            loss: loss,
+            loss,
             samples_per_second: images as f64 / step_seconds,
             data_wait: data_wait.as_secs_f64() / step_seconds,
         };
