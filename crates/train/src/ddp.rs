@@ -10,7 +10,7 @@
 //! when it is built.
 
 use crate::{Result, TrainError};
-use dalle_collective::Collective;
+use dalle_collective::{Collective, NcclCollective};
 use tch::{Device, Kind, Tensor};
 
 /// One process, no peers: every collective is the identity.
@@ -54,8 +54,16 @@ pub struct StepEnd {
 /// stop training at this step boundary by returning an error.
 pub type StepHook = Box<dyn FnMut(&StepEnd) -> Result<()> + Send>;
 
+/// What carries the bytes between ranks.
+enum Carrier {
+    /// Any collective on host memory (the TCP ring, one process alone).
+    Host(Box<dyn Collective>),
+    /// NCCL: gradient buckets stay on the GPU.
+    Nccl(NcclCollective),
+}
+
 pub struct DataParallel {
-    comm: Box<dyn Collective>,
+    comm: Carrier,
     bucket_elems: usize,
     /// Host staging for one bucket, kept between steps.
     host: Vec<f32>,
@@ -68,6 +76,16 @@ fn collective_error(what: &str) -> impl FnOnce(dalle_collective::Error) -> Train
 
 impl DataParallel {
     pub fn new(comm: Box<dyn Collective>, bucket_bytes: usize) -> Self {
+        Self::with_carrier(Carrier::Host(comm), bucket_bytes)
+    }
+
+    /// Data parallelism over NCCL: CUDA gradients are reduced in place on
+    /// the device.
+    pub fn nccl(comm: NcclCollective, bucket_bytes: usize) -> Self {
+        Self::with_carrier(Carrier::Nccl(comm), bucket_bytes)
+    }
+
+    fn with_carrier(comm: Carrier, bucket_bytes: usize) -> Self {
         Self {
             comm,
             bucket_elems: (bucket_bytes / 4).max(1),
@@ -95,12 +113,26 @@ impl DataParallel {
         Self::new(Box::new(Solo), DEFAULT_BUCKET_BYTES)
     }
 
+    /// The collective as seen by host-memory calls.
+    fn host(&mut self) -> &mut dyn Collective {
+        match &mut self.comm {
+            Carrier::Host(c) => c.as_mut(),
+            Carrier::Nccl(c) => c,
+        }
+    }
+
     pub fn rank(&self) -> usize {
-        self.comm.rank()
+        match &self.comm {
+            Carrier::Host(c) => c.rank(),
+            Carrier::Nccl(c) => c.rank(),
+        }
     }
 
     pub fn world_size(&self) -> usize {
-        self.comm.world_size()
+        match &self.comm {
+            Carrier::Host(c) => c.world_size(),
+            Carrier::Nccl(c) => c.world_size(),
+        }
     }
 
     /// Whether this rank writes the job's files (weights, metrics).
@@ -125,7 +157,7 @@ impl DataParallel {
                 .iter()
                 .flat_map(|v| v.to_le_bytes())
                 .collect();
-            self.comm
+            self.host()
                 .broadcast(&mut bytes, 0)
                 .map_err(collective_error("sharing initial weights"))?;
             let values: Vec<f32> = bytes
@@ -147,7 +179,7 @@ impl DataParallel {
     pub fn verify_identical(&mut self, params: &[(String, Tensor)]) -> Result<()> {
         let mine = digest(params)?;
         let mut theirs = mine.to_le_bytes();
-        self.comm
+        self.host()
             .broadcast(&mut theirs, 0)
             .map_err(collective_error("verifying initial weights"))?;
         let leader = u64::from_le_bytes(theirs);
@@ -178,7 +210,7 @@ impl DataParallel {
 
     /// Sums `values` over ranks.
     pub fn sum(&mut self, values: &mut [f32]) -> Result<()> {
-        self.comm
+        self.host()
             .all_reduce_sum(values)
             .map_err(collective_error("summing metrics"))
     }
@@ -254,20 +286,37 @@ impl DataParallel {
                 .collect::<Vec<_>>(),
             0,
         )
-        .to_device(Device::Cpu);
-        self.host.resize(elems, 0.0);
-        flat.copy_data(&mut self.host, elems);
-        self.comm
-            .all_reduce_sum(&mut self.host)
-            .map_err(collective_error("averaging gradients"))?;
-        let summed = Tensor::from_slice(&self.host);
+        .contiguous();
+        let summed = match &mut self.comm {
+            Carrier::Nccl(nccl) if flat.device().is_cuda() => {
+                // SAFETY: `flat` is a contiguous f32 CUDA tensor of `elems`
+                // values that outlives the call, which returns once NCCL is
+                // done with it (after waiting on libtorch's stream).
+                unsafe { nccl.all_reduce_sum_raw(flat.data_ptr() as u64, elems) }
+                    .map_err(collective_error("averaging gradients"))?;
+                flat
+            }
+            _ => {
+                let flat = flat.to_device(Device::Cpu);
+                self.host.resize(elems, 0.0);
+                flat.copy_data(&mut self.host, elems);
+                let mut host = std::mem::take(&mut self.host);
+                let reduced = self
+                    .host()
+                    .all_reduce_sum(&mut host)
+                    .map_err(collective_error("averaging gradients"));
+                self.host = host;
+                reduced?;
+                Tensor::from_slice(&self.host)
+            }
+        };
         let mut offset = 0;
         tch::no_grad(|| {
             for g in grads {
                 let n = g.numel() as i64;
                 let mut g = g.shallow_clone();
                 let part = summed.narrow(0, offset, n).view(g.size().as_slice());
-                g.copy_(&part);
+                g.copy_(&part.to_device(g.device()).to_kind(g.kind()));
                 offset += n;
             }
         });
