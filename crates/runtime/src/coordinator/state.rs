@@ -1,0 +1,946 @@
+//! The coordinator's state machine, behind one mutex: rendezvous, members,
+//! heartbeats, failures, the restart budget and the job's end.
+//!
+//! It does no I/O but logging: time comes in as `now`, Join replies leave
+//! through oneshot channels, and the gRPC service, the tick loop and the
+//! status page only call in. The life of a job:
+//!
+//! ```text
+//! Rendezvous(gen 0) --min joined + last call, or max--> Running(gen 1)
+//! Running --heartbeat timeout | Leave(failure) | member joins again-->
+//!     Rendezvous (survivors told REFORM; restart budget spent by one)
+//!     --every live survivor joined again (+ newcomers, up to max)--> Running(gen 2) ...
+//! Running --all members Leave(success)--> Ended(finished)
+//! any --budget spent | rendezvous_timeout | NCCL id failure--> Ended(failed)
+//! ```
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+use tonic::Status;
+
+use super::{
+    CoordinatorConfig, Failure, JobEnd, JobOutcome, JobPhase, JobStatus, NcclIdFn, WaitingWorker,
+    WorkerStatus,
+};
+use crate::proto::{self, Instruction};
+use crate::{Backend, PROTOCOL_VERSION};
+
+pub(super) type JoinResult = Result<proto::JoinReply, Status>;
+
+/// Who a worker is, as it said when joining.
+#[derive(Debug, Clone)]
+struct Identity {
+    worker_id: String,
+    host: String,
+    slot: String,
+    data_addr: String,
+    pid: u32,
+}
+
+impl Identity {
+    fn describe(&self) -> String {
+        format!(
+            "worker {} ({} {}, pid {}, data {})",
+            self.worker_id, self.host, self.slot, self.pid, self.data_addr
+        )
+    }
+}
+
+/// A Join call waiting for its group.
+struct Pending {
+    seq: u64,
+    who: Identity,
+    since: Instant,
+    reply: oneshot::Sender<JoinResult>,
+}
+
+/// A member of the current group (or, during a re-formation, of the last).
+struct Member {
+    who: Identity,
+    rank: u32,
+    last_seen: Instant,
+    step: Option<u64>,
+    metrics: Option<proto::StepMetrics>,
+    state: MemberState,
+}
+
+impl Member {
+    fn describe(&self) -> String {
+        format!(
+            "worker {} (rank {}, {} {}, pid {}, data {})",
+            self.who.worker_id,
+            self.rank,
+            self.who.host,
+            self.who.slot,
+            self.who.pid,
+            self.who.data_addr
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MemberState {
+    /// Training, or (during a re-formation) a survivor expected back.
+    Active,
+    /// Left with success at this step.
+    Finished { step: u64 },
+    /// Missed its heartbeats or left with a failure.
+    Failed,
+    /// Told STOP after the job ended.
+    Stopped,
+}
+
+impl MemberState {
+    fn as_str(self) -> &'static str {
+        match self {
+            MemberState::Active => "active",
+            MemberState::Finished { .. } => "finished",
+            MemberState::Failed => "failed",
+            MemberState::Stopped => "stopped",
+        }
+    }
+}
+
+enum Phase {
+    /// Waiting for joins; `last_call_until` runs once `min_workers` joined.
+    Rendezvous {
+        since: Instant,
+        last_call_until: Option<Instant>,
+    },
+    Running,
+    Ended,
+}
+
+pub(super) struct State {
+    config: Arc<CoordinatorConfig>,
+    nccl_id: NcclIdFn,
+    phase: Phase,
+    /// Of the group now running (or last run); 0 before the first.
+    generation: u64,
+    restarts: u32,
+    members: Vec<Member>,
+    pending: Vec<Pending>,
+    /// Why the group is re-forming (told to survivors with REFORM).
+    cause: Option<String>,
+    next_worker: u64,
+    next_seq: u64,
+    next_log_step: u64,
+    end: Option<JobEnd>,
+    published: bool,
+}
+
+impl State {
+    pub(super) fn new(config: Arc<CoordinatorConfig>, nccl_id: NcclIdFn, now: Instant) -> Self {
+        State {
+            config,
+            nccl_id,
+            phase: Phase::Rendezvous {
+                since: now,
+                last_call_until: None,
+            },
+            generation: 0,
+            restarts: 0,
+            members: Vec::new(),
+            pending: Vec::new(),
+            cause: None,
+            next_worker: 0,
+            next_seq: 0,
+            next_log_step: 0,
+            end: None,
+            published: false,
+        }
+    }
+
+    /// Registers a Join; the returned receiver gets the reply when the group
+    /// forms. Refusals come back at once.
+    pub(super) fn join(
+        &mut self,
+        request: proto::JoinRequest,
+        now: Instant,
+    ) -> Result<(u64, oneshot::Receiver<JoinResult>), Status> {
+        if request.protocol_version != PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(format!(
+                "protocol version mismatch: the worker on {} speaks dalle.v1 protocol version {}, \
+                 this coordinator speaks version {PROTOCOL_VERSION}; run the same dalle-rs release on both",
+                request.host, request.protocol_version
+            )));
+        }
+        if request.host.is_empty() || request.slot.is_empty() {
+            return Err(Status::invalid_argument(
+                "Join needs the worker's host and slot (e.g. \"cuda:0\" or \"cpu:3\")",
+            ));
+        }
+        if self.config.backend == Backend::TcpRing && !looks_like_host_port(&request.data_addr) {
+            return Err(Status::invalid_argument(format!(
+                "data_addr {:?} of the worker on {} {} is not host:port; the tcp-ring backend needs \
+                 the address where the worker listens for its ring neighbours",
+                request.data_addr, request.host, request.slot
+            )));
+        }
+        let worker_id = if request.worker_id.is_empty() {
+            self.next_worker += 1;
+            format!("w{}", self.next_worker)
+        } else {
+            request.worker_id
+        };
+        let who = Identity {
+            worker_id,
+            host: request.host,
+            slot: request.slot,
+            data_addr: request.data_addr,
+            pid: request.pid,
+        };
+        let running = matches!(self.phase, Phase::Running);
+        let mut broken = None;
+        if let Some(member) = self
+            .members
+            .iter_mut()
+            .find(|m| m.who.worker_id == who.worker_id)
+        {
+            member.last_seen = now;
+            if running && member.state == MemberState::Active {
+                // A member that joins again has left its collective: the
+                // group is broken whatever the heartbeats say.
+                broken = Some(format!(
+                    "{} joined again: its collective is broken",
+                    member.describe()
+                ));
+            }
+        }
+        if let Some(cause) = broken {
+            self.fail(now, cause, None);
+        }
+        if let Some(end) = &self.end {
+            return Err(Status::aborted(format!(
+                "the job has ended: {}",
+                end.reason()
+            )));
+        }
+        // A retry replaces the earlier call (whose caller is gone).
+        self.pending.retain(|p| p.who.worker_id != who.worker_id);
+        self.next_seq += 1;
+        let seq = self.next_seq;
+        let (reply, receiver) = oneshot::channel();
+        let description = who.describe();
+        self.pending.push(Pending {
+            seq,
+            who,
+            since: now,
+            reply,
+        });
+        tracing::info!("{description} asks to join ({})", self.rendezvous_state());
+        self.advance(now);
+        Ok((seq, receiver))
+    }
+
+    /// Takes back a Join whose wait ran out: `Some(what the rendezvous was
+    /// waiting for)`, or `None` when it is no longer pending (answered or
+    /// superseded meanwhile).
+    pub(super) fn withdraw(&mut self, seq: u64) -> Option<String> {
+        let at = self.pending.iter().position(|p| p.seq == seq)?;
+        let state = self.rendezvous_state();
+        let gone = self.pending.remove(at);
+        tracing::info!("{} stopped waiting to join: {state}", gone.who.describe());
+        Some(state)
+    }
+
+    pub(super) fn heartbeat(
+        &mut self,
+        request: proto::HeartbeatRequest,
+        now: Instant,
+    ) -> proto::HeartbeatReply {
+        let generation = self.generation;
+        let reply = |instruction: Instruction, reason: String| proto::HeartbeatReply {
+            instruction: instruction as i32,
+            reason,
+            generation,
+        };
+        let ended = self.end.as_ref().map(JobEnd::reason);
+        let Some(member) = self
+            .members
+            .iter_mut()
+            .find(|m| m.who.worker_id == request.worker_id)
+        else {
+            return match ended {
+                Some(reason) => reply(Instruction::Stop, reason),
+                None => reply(
+                    Instruction::Reform,
+                    format!(
+                        "worker {} is not a member of generation {generation}: join again",
+                        request.worker_id
+                    ),
+                ),
+            };
+        };
+        member.last_seen = now;
+        if let Some(reason) = ended {
+            if member.state == MemberState::Active {
+                member.state = MemberState::Stopped;
+            }
+            return reply(Instruction::Stop, reason);
+        }
+        if let MemberState::Finished { step } = member.state {
+            return reply(
+                Instruction::Stop,
+                format!("worker {} finished at step {step}", request.worker_id),
+            );
+        }
+        match self.phase {
+            Phase::Rendezvous { .. } => reply(
+                Instruction::Reform,
+                self.cause
+                    .clone()
+                    .unwrap_or_else(|| "the group is re-forming".into()),
+            ),
+            Phase::Running if request.generation != generation => reply(
+                Instruction::Reform,
+                format!(
+                    "generation {} is over; the group is at generation {generation}",
+                    request.generation
+                ),
+            ),
+            Phase::Running if member.state == MemberState::Failed => reply(
+                Instruction::Reform,
+                format!(
+                    "worker {} was dropped from generation {generation}: join again",
+                    request.worker_id
+                ),
+            ),
+            Phase::Running | Phase::Ended => {
+                member.step = request.step;
+                member.metrics = request.metrics;
+                self.log_progress();
+                reply(Instruction::Continue, String::new())
+            }
+        }
+    }
+
+    pub(super) fn leave(&mut self, request: proto::LeaveRequest, now: Instant) {
+        let Some(member) = self
+            .members
+            .iter_mut()
+            .find(|m| m.who.worker_id == request.worker_id)
+        else {
+            if let Some(at) = self
+                .pending
+                .iter()
+                .position(|p| p.who.worker_id == request.worker_id)
+            {
+                let gone = self.pending.remove(at);
+                tracing::info!("{} left before it was taken in", gone.who.describe());
+            }
+            return;
+        };
+        member.last_seen = now;
+        if member.state != MemberState::Active {
+            return;
+        }
+        let description = member.describe();
+        if request.success {
+            member.state = MemberState::Finished {
+                step: request.final_step,
+            };
+            tracing::info!("{description} finished at step {}", request.final_step);
+            self.finish_if_done();
+        } else {
+            let cause = format!(
+                "{description} failed at step {}: {}",
+                request.final_step, request.error
+            );
+            let id = request.worker_id;
+            self.fail(now, cause, Some(&id));
+        }
+    }
+
+    /// Timeouts, last calls and formations that are due.
+    pub(super) fn tick(&mut self, now: Instant) {
+        self.advance(now);
+    }
+
+    /// The end of the job, once decided and every live member has heard
+    /// STOP (or stopped heartbeating); once.
+    pub(super) fn take_end(&mut self, now: Instant) -> Option<JobEnd> {
+        if self.published {
+            return None;
+        }
+        let end = self.end.as_ref()?;
+        let timeout = self.config.heartbeat_timeout;
+        let drained = self.members.iter().all(|m| {
+            m.state != MemberState::Active || now.saturating_duration_since(m.last_seen) > timeout
+        });
+        if !drained {
+            return None;
+        }
+        self.published = true;
+        Some(end.clone())
+    }
+
+    /// Answers every waiting Join: the coordinator is going away.
+    pub(super) fn shutdown(&mut self) {
+        for pending in self.pending.drain(..) {
+            let _ = pending
+                .reply
+                .send(Err(Status::unavailable("the coordinator is shutting down")));
+        }
+    }
+
+    pub(super) fn status(&self, now: Instant) -> JobStatus {
+        let phase = match (&self.phase, &self.end) {
+            (_, Some(JobEnd::Finished(_))) => JobPhase::Finished,
+            (_, Some(JobEnd::Failed(_))) => JobPhase::Failed,
+            (Phase::Rendezvous { .. }, None) => JobPhase::Rendezvous,
+            (_, None) => JobPhase::Running,
+        };
+        let active = || {
+            self.members
+                .iter()
+                .filter(|m| m.state == MemberState::Active)
+        };
+        let step = active().map(|m| m.step).collect::<Option<Vec<_>>>();
+        let losses: Vec<f64> = active().filter_map(|m| m.metrics.map(|x| x.loss)).collect();
+        JobStatus {
+            phase,
+            generation: self.generation,
+            world_size: if matches!(self.phase, Phase::Running) {
+                self.members.len() as u32
+            } else {
+                0
+            },
+            min_workers: self.config.min_workers,
+            max_workers: self.config.max_workers,
+            restarts: self.restarts,
+            max_restarts: self.config.max_restarts,
+            step: step.and_then(|s| s.into_iter().min()),
+            loss: (!losses.is_empty()).then(|| losses.iter().sum::<f64>() / losses.len() as f64),
+            samples_per_second: active()
+                .filter_map(|m| m.metrics.map(|x| x.samples_per_second))
+                .sum(),
+            reason: match &self.end {
+                Some(end) => Some(end.reason()),
+                None => self.cause.clone(),
+            },
+            workers: self
+                .members
+                .iter()
+                .map(|m| WorkerStatus {
+                    worker_id: m.who.worker_id.clone(),
+                    rank: m.rank,
+                    host: m.who.host.clone(),
+                    slot: m.who.slot.clone(),
+                    data_addr: m.who.data_addr.clone(),
+                    pid: m.who.pid,
+                    state: m.state.as_str(),
+                    step: m.step,
+                    heartbeat_age: now.saturating_duration_since(m.last_seen),
+                    loss: m.metrics.map(|x| x.loss),
+                    samples_per_second: m.metrics.map(|x| x.samples_per_second),
+                    data_wait_share: m.metrics.map(|x| x.data_wait_share),
+                })
+                .collect(),
+            waiting: self
+                .pending
+                .iter()
+                .map(|p| WaitingWorker {
+                    worker_id: p.who.worker_id.clone(),
+                    host: p.who.host.clone(),
+                    slot: p.who.slot.clone(),
+                    waiting: now.saturating_duration_since(p.since),
+                })
+                .collect(),
+        }
+    }
+
+    fn advance(&mut self, now: Instant) {
+        self.pending.retain(|p| {
+            let waiting = !p.reply.is_closed();
+            if !waiting {
+                tracing::debug!("{} gave up waiting to join", p.who.describe());
+            }
+            waiting
+        });
+        let timeout = self.config.heartbeat_timeout;
+        if matches!(self.phase, Phase::Running) {
+            let late: Vec<(String, String, Duration)> = self
+                .members
+                .iter()
+                .filter(|m| m.state == MemberState::Active)
+                .map(|m| (m, now.saturating_duration_since(m.last_seen)))
+                .filter(|(_, age)| *age > timeout)
+                .map(|(m, age)| (m.who.worker_id.clone(), m.describe(), age))
+                .collect();
+            for (id, description, age) in late {
+                let cause = format!(
+                    "{description} missed its heartbeats: none for {} ms (heartbeat_timeout {} ms)",
+                    age.as_millis(),
+                    timeout.as_millis()
+                );
+                self.fail(now, cause, Some(&id));
+            }
+        }
+        if let Phase::Rendezvous { since, .. } = self.phase {
+            let pending = &self.pending;
+            for member in self.members.iter_mut() {
+                let rejoined = pending
+                    .iter()
+                    .any(|p| p.who.worker_id == member.who.worker_id);
+                let age = now.saturating_duration_since(member.last_seen);
+                if member.state == MemberState::Active && !rejoined && age > timeout {
+                    member.state = MemberState::Failed;
+                    tracing::warn!(
+                        "{} dropped from the re-formation: no heartbeat for {} ms",
+                        member.describe(),
+                        age.as_millis()
+                    );
+                }
+            }
+            if let Some(limit) = self.config.rendezvous_timeout
+                && now.saturating_duration_since(since) > limit
+            {
+                let reason = format!(
+                    "no group formed within rendezvous_timeout ({} ms): {}",
+                    limit.as_millis(),
+                    self.rendezvous_state()
+                );
+                self.finish(JobEnd::Failed(Failure::Other(reason)));
+                return;
+            }
+            self.try_form(now);
+        }
+    }
+
+    fn is_survivor(&self, worker_id: &str) -> bool {
+        self.members
+            .iter()
+            .any(|m| m.state == MemberState::Active && m.who.worker_id == worker_id)
+    }
+
+    /// Live survivors of the last group that have not joined again yet.
+    fn outstanding(&self) -> Vec<&Member> {
+        self.members
+            .iter()
+            .filter(|m| {
+                m.state == MemberState::Active
+                    && !self
+                        .pending
+                        .iter()
+                        .any(|p| p.who.worker_id == m.who.worker_id)
+            })
+            .collect()
+    }
+
+    fn try_form(&mut self, now: Instant) {
+        let outstanding = self.outstanding().len();
+        let joined = self.pending.len();
+        let reforming = self.generation > 0;
+        let (min, max) = (
+            self.config.min_workers as usize,
+            self.config.max_workers as usize,
+        );
+        let last_call = self.config.last_call;
+        let Phase::Rendezvous {
+            last_call_until, ..
+        } = &mut self.phase
+        else {
+            return;
+        };
+        if joined < min {
+            *last_call_until = None;
+            return;
+        }
+        // Every live survivor is waited for: each comes back at its next
+        // step boundary, and one that dies stops heartbeating.
+        if outstanding > 0 {
+            return;
+        }
+        // Newcomers waited during the run already; a first group gives late
+        // starters a last call.
+        let ready =
+            joined >= max || reforming || now >= *last_call_until.get_or_insert(now + last_call);
+        if ready {
+            self.form(now);
+        }
+    }
+
+    fn form(&mut self, now: Instant) {
+        let max = self.config.max_workers as usize;
+        // Survivors first, then newcomers in join order; the rest wait for
+        // the next re-formation.
+        let mut chosen = std::mem::take(&mut self.pending);
+        chosen.sort_by_key(|p| (!self.is_survivor(&p.who.worker_id), p.seq));
+        if chosen.len() > max {
+            self.pending = chosen.split_off(max);
+        }
+        // Ranks by (host, slot, join order): the same inputs give the same
+        // ranks, and a host's workers sit side by side in the ring.
+        chosen.sort_by(|a, b| {
+            (&a.who.host, slot_order(&a.who.slot), a.seq).cmp(&(
+                &b.who.host,
+                slot_order(&b.who.slot),
+                b.seq,
+            ))
+        });
+        let generation = self.generation + 1;
+        let nccl_unique_id = match self.config.backend {
+            Backend::TcpRing => Vec::new(),
+            Backend::Nccl => match (self.nccl_id)(generation) {
+                Ok(id) => id,
+                Err(error) => {
+                    self.pending.extend(chosen);
+                    self.finish(JobEnd::Failed(Failure::Other(format!(
+                        "cannot create the NCCL unique id for generation {generation}: {error}"
+                    ))));
+                    return;
+                }
+            },
+        };
+        self.generation = generation;
+        let world_size = chosen.len() as u32;
+        let ring_peers: Vec<String> = chosen.iter().map(|p| p.who.data_addr.clone()).collect();
+        let heartbeat_interval_ms = millis(self.config.heartbeat_interval);
+        let heartbeat_timeout_ms = millis(self.config.heartbeat_timeout);
+        let mut members = Vec::with_capacity(chosen.len());
+        for (rank, pending) in chosen.into_iter().enumerate() {
+            let rank = rank as u32;
+            let reply = proto::JoinReply {
+                rank,
+                world_size,
+                generation,
+                ring_peers: ring_peers.clone(),
+                nccl_unique_id: nccl_unique_id.clone(),
+                backend: self.config.backend.as_str().into(),
+                worker_id: pending.who.worker_id.clone(),
+                job: self.config.job_toml.clone(),
+                heartbeat_interval_ms,
+                heartbeat_timeout_ms,
+            };
+            let member = Member {
+                who: pending.who,
+                rank,
+                last_seen: now,
+                step: None,
+                metrics: None,
+                state: MemberState::Active,
+            };
+            if pending.reply.send(Ok(reply)).is_err() {
+                tracing::warn!(
+                    "{} stopped waiting just as generation {generation} formed; it is dropped \
+                     when its heartbeats do not come",
+                    member.describe()
+                );
+            }
+            members.push(member);
+        }
+        let roster: Vec<String> = members
+            .iter()
+            .map(|m| {
+                format!(
+                    "{}={} {} {}",
+                    m.rank, m.who.worker_id, m.who.host, m.who.slot
+                )
+            })
+            .collect();
+        tracing::info!(
+            "generation {generation} formed: {world_size} worker(s), backend {}, ranks [{}]{}",
+            self.config.backend,
+            roster.join(", "),
+            if self.pending.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; {} more wait for the next re-formation",
+                    self.pending.len()
+                )
+            }
+        );
+        self.members = members;
+        self.phase = Phase::Running;
+        self.cause = None;
+        self.next_log_step = 0;
+    }
+
+    /// A member failed (or the group broke): re-form within the budget.
+    fn fail(&mut self, now: Instant, cause: String, failed: Option<&str>) {
+        if let Some(id) = failed
+            && let Some(member) = self.members.iter_mut().find(|m| m.who.worker_id == id)
+        {
+            member.state = MemberState::Failed;
+        }
+        match self.phase {
+            Phase::Running => {}
+            Phase::Rendezvous { .. } => {
+                tracing::warn!("{cause} (the group is re-forming already)");
+                return;
+            }
+            Phase::Ended => {
+                tracing::warn!("{cause} (after the job ended)");
+                return;
+            }
+        }
+        if self
+            .members
+            .iter()
+            .any(|m| matches!(m.state, MemberState::Finished { .. }))
+        {
+            // All ranks run the same steps: one finished means the training
+            // is done, whatever happens to the others now.
+            tracing::warn!("{cause} (after other workers finished the job)");
+            self.finish_if_done();
+            return;
+        }
+        if self.restarts >= self.config.max_restarts {
+            self.finish(JobEnd::Failed(Failure::RestartBudget {
+                max_restarts: self.config.max_restarts,
+                cause,
+            }));
+            return;
+        }
+        self.restarts += 1;
+        tracing::warn!(
+            "{cause}: re-forming the group (restart {} of {})",
+            self.restarts,
+            self.config.max_restarts
+        );
+        self.cause = Some(cause);
+        self.phase = Phase::Rendezvous {
+            since: now,
+            last_call_until: None,
+        };
+    }
+
+    fn finish_if_done(&mut self) {
+        if !matches!(self.phase, Phase::Running)
+            || self.members.iter().any(|m| m.state == MemberState::Active)
+        {
+            return;
+        }
+        let finished: Vec<u64> = self
+            .members
+            .iter()
+            .filter_map(|m| match m.state {
+                MemberState::Finished { step } => Some(step),
+                _ => None,
+            })
+            .collect();
+        let Some(&final_step) = finished.iter().max() else {
+            return;
+        };
+        self.finish(JobEnd::Finished(JobOutcome {
+            final_step,
+            generation: self.generation,
+            world_size: self.members.len() as u32,
+            restarts: self.restarts,
+        }));
+    }
+
+    fn finish(&mut self, end: JobEnd) {
+        let reason = end.reason();
+        match &end {
+            JobEnd::Finished(_) => tracing::info!("the job is over: {reason}"),
+            JobEnd::Failed(_) => tracing::error!("the job failed: {reason}"),
+        }
+        for pending in self.pending.drain(..) {
+            // A survivor waiting in Join hears it there.
+            if let Some(member) = self
+                .members
+                .iter_mut()
+                .find(|m| m.who.worker_id == pending.who.worker_id)
+                && member.state == MemberState::Active
+            {
+                member.state = MemberState::Stopped;
+            }
+            let _ = pending
+                .reply
+                .send(Err(Status::aborted(format!("the job has ended: {reason}"))));
+        }
+        self.phase = Phase::Ended;
+        self.end = Some(end);
+    }
+
+    /// One job-level line whenever the slowest member passes a multiple of
+    /// `log_every` steps.
+    fn log_progress(&mut self) {
+        let active: Vec<&Member> = self
+            .members
+            .iter()
+            .filter(|m| m.state == MemberState::Active)
+            .collect();
+        let Some(step) = active
+            .iter()
+            .map(|m| m.step)
+            .collect::<Option<Vec<_>>>()
+            .and_then(|steps| steps.into_iter().min())
+        else {
+            return;
+        };
+        if step < self.next_log_step {
+            return;
+        }
+        let every = self.config.log_every.max(1);
+        self.next_log_step = (step / every + 1) * every;
+        let metrics: Vec<proto::StepMetrics> = active.iter().filter_map(|m| m.metrics).collect();
+        if metrics.is_empty() {
+            return;
+        }
+        let n = metrics.len() as f64;
+        let loss = metrics.iter().map(|m| m.loss).sum::<f64>() / n;
+        let samples_per_second: f64 = metrics.iter().map(|m| m.samples_per_second).sum();
+        let wait = metrics.iter().map(|m| m.data_wait_share).sum::<f64>() / n;
+        tracing::info!(
+            "step {step}: loss {loss:.4}, {samples_per_second:.1} samples/s across {} workers, \
+             data wait {:.0}%, generation {}",
+            active.len(),
+            wait * 100.0,
+            self.generation
+        );
+    }
+
+    /// What a rendezvous waits for, in words (for timeouts and logs).
+    fn rendezvous_state(&self) -> String {
+        match &self.phase {
+            Phase::Ended => format!(
+                "the job has ended: {}",
+                self.end.as_ref().map(JobEnd::reason).unwrap_or_default()
+            ),
+            Phase::Running => format!(
+                "generation {} is running with {} worker(s); newcomers are taken in when the group re-forms \
+                 ({} waiting)",
+                self.generation,
+                self.members.len(),
+                self.pending.len()
+            ),
+            Phase::Rendezvous { .. } => {
+                let generation = self.generation + 1;
+                let outstanding = self.outstanding();
+                let (min, joined) = (self.config.min_workers, self.pending.len());
+                if !outstanding.is_empty() {
+                    let who = some_of(outstanding.iter().map(|m| m.describe()).collect());
+                    format!(
+                        "rendezvous for generation {generation}: {joined} worker(s) joined, waiting for \
+                         survivors to join again: {}",
+                        who
+                    )
+                } else if joined < min as usize {
+                    format!(
+                        "rendezvous for generation {generation}: {joined} worker(s) joined, min_workers is {min}"
+                    )
+                } else {
+                    format!(
+                        "rendezvous for generation {generation}: {joined} worker(s) joined, last call for more \
+                         (max_workers {})",
+                        self.config.max_workers
+                    )
+                }
+            }
+        }
+    }
+}
+
+/// Slots in natural order: "cpu:2" before "cpu:10".
+fn slot_order(slot: &str) -> (&str, Option<u64>, &str) {
+    match slot.rsplit_once(':') {
+        Some((kind, index)) => (kind, index.parse().ok(), slot),
+        None => (slot, None, slot),
+    }
+}
+
+/// At most a few names, then how many more.
+fn some_of(names: Vec<String>) -> String {
+    const SHOWN: usize = 4;
+    let more = names.len().saturating_sub(SHOWN);
+    let mut text = names.into_iter().take(SHOWN).collect::<Vec<_>>().join("; ");
+    if more > 0 {
+        text.push_str(&format!("; and {more} more"));
+    }
+    text
+}
+
+fn millis(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}
+
+fn looks_like_host_port(addr: &str) -> bool {
+    addr.rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Token;
+
+    fn config(min: u32, max: u32) -> Arc<CoordinatorConfig> {
+        let mut config = CoordinatorConfig::new(Token::new("t").unwrap(), "[job]\n".into());
+        config.min_workers = min;
+        config.max_workers = max;
+        config.last_call = Duration::from_millis(100);
+        config.heartbeat_interval = Duration::from_millis(10);
+        config.heartbeat_timeout = Duration::from_millis(50);
+        config.max_restarts = 1;
+        Arc::new(config)
+    }
+
+    fn request(host: &str, slot: &str, port: u16) -> proto::JoinRequest {
+        proto::JoinRequest {
+            protocol_version: PROTOCOL_VERSION,
+            host: host.into(),
+            slot: slot.into(),
+            data_addr: format!("{host}:{port}"),
+            pid: 1,
+            worker_id: String::new(),
+            wait_ms: 0,
+        }
+    }
+
+    fn state(min: u32, max: u32, now: Instant) -> State {
+        State::new(config(min, max), Arc::new(|_| Ok(Vec::new())), now)
+    }
+
+    #[test]
+    fn ranks_follow_host_and_slot_not_join_order() {
+        let t0 = Instant::now();
+        let mut s = state(3, 3, t0);
+        let mut rx = Vec::new();
+        for (host, slot, port) in [("b", "cpu:0", 1), ("a", "cpu:10", 2), ("a", "cpu:2", 3)] {
+            rx.push(s.join(request(host, slot, port), t0).unwrap().1);
+        }
+        let replies: Vec<proto::JoinReply> = rx
+            .into_iter()
+            .map(|mut r| r.try_recv().unwrap().unwrap())
+            .collect();
+        let ranks: Vec<u32> = replies.iter().map(|r| r.rank).collect();
+        assert_eq!(ranks, [2, 1, 0]);
+        assert_eq!(replies[0].ring_peers, ["a:3", "a:2", "b:1"]);
+    }
+
+    #[test]
+    fn the_last_call_waits_for_more_after_min_workers() {
+        let t0 = Instant::now();
+        let mut s = state(1, 3, t0);
+        let (_, mut first) = s.join(request("a", "cpu:0", 1), t0).unwrap();
+        assert!(
+            first.try_recv().is_err(),
+            "formed before the last call ended"
+        );
+        let (_, mut second) = s
+            .join(request("a", "cpu:1", 2), t0 + Duration::from_millis(50))
+            .unwrap();
+        s.tick(t0 + Duration::from_millis(99));
+        assert!(second.try_recv().is_err());
+        s.tick(t0 + Duration::from_millis(101));
+        assert_eq!(first.try_recv().unwrap().unwrap().world_size, 2);
+        assert_eq!(second.try_recv().unwrap().unwrap().world_size, 2);
+    }
+
+    #[test]
+    fn bad_data_addresses_are_refused() {
+        let mut s = state(1, 1, Instant::now());
+        for addr in ["", "nohost", ":123", "h:notaport"] {
+            let mut r = request("a", "cpu:0", 1);
+            r.data_addr = addr.into();
+            let err = s.join(r, Instant::now()).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{addr:?}");
+        }
+    }
+}

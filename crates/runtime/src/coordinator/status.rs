@@ -1,0 +1,367 @@
+//! The coordinator's HTTP status page: `GET /` for people, `GET /metrics`
+//! in Prometheus' text format. A tiny HTTP/1.1 responder (one request per
+//! connection) is all this needs; both pages render a [`JobStatus`].
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use super::{JobPhase, JobStatus, Shared};
+
+/// Largest request head read; a status page needs no more.
+const MAX_HEAD: usize = 8 * 1024;
+
+pub(super) async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    tokio::spawn(respond(stream, shared.clone()));
+                }
+                Err(error) => {
+                    // Out of file descriptors, say: wait rather than spin.
+                    tracing::warn!("the status page cannot accept a connection: {error}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            _ = super::stopped(&mut stop) => break,
+        }
+    }
+}
+
+async fn respond(mut stream: TcpStream, shared: Arc<Shared>) {
+    let mut head = Vec::with_capacity(1024);
+    let read = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut chunk = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_HEAD {
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                break;
+            }
+            head.extend_from_slice(&chunk[..n]);
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
+    if !matches!(read, Ok(Ok(()))) {
+        return;
+    }
+    let head = String::from_utf8_lossy(&head);
+    let mut request_line = head.lines().next().unwrap_or_default().split_whitespace();
+    let (method, target) = (
+        request_line.next().unwrap_or_default(),
+        request_line.next().unwrap_or_default(),
+    );
+    let path = target.split('?').next().unwrap_or_default();
+    let (code, content_type, body) = match (method, path) {
+        ("GET" | "HEAD", "/") => {
+            let status = shared.lock().status(Instant::now());
+            ("200 OK", "text/plain; charset=utf-8", render_page(&status))
+        }
+        ("GET" | "HEAD", "/metrics") => {
+            let status = shared.lock().status(Instant::now());
+            (
+                "200 OK",
+                "text/plain; version=0.0.4; charset=utf-8",
+                render_metrics(&status),
+            )
+        }
+        ("GET" | "HEAD", _) => (
+            "404 Not Found",
+            "text/plain; charset=utf-8",
+            format!("no page {path:?}: try / or /metrics\n"),
+        ),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain; charset=utf-8",
+            "only GET and HEAD\n".to_string(),
+        ),
+    };
+    let mut response = format!(
+        "HTTP/1.1 {code}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
+         Cache-Control: no-store\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    if method != "HEAD" {
+        response.push_str(&body);
+    }
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
+/// The page for people.
+pub(super) fn render_page(status: &JobStatus) -> String {
+    let mut page = String::new();
+    let optional = |value: Option<String>| value.unwrap_or_else(|| "-".into());
+    let _ = writeln!(page, "dalle coordinator");
+    let _ = writeln!(page, "phase:       {}", status.phase.as_str());
+    let _ = writeln!(page, "generation:  {}", status.generation);
+    let _ = writeln!(
+        page,
+        "world size:  {} (min_workers {}, max_workers {})",
+        status.world_size, status.min_workers, status.max_workers
+    );
+    let _ = writeln!(
+        page,
+        "restarts:    {} of {}",
+        status.restarts, status.max_restarts
+    );
+    let _ = writeln!(
+        page,
+        "step:        {}",
+        optional(status.step.map(|s| s.to_string()))
+    );
+    let _ = writeln!(
+        page,
+        "loss:        {}",
+        optional(status.loss.map(|l| format!("{l:.4}")))
+    );
+    let _ = writeln!(page, "samples/s:   {:.1}", status.samples_per_second);
+    if let Some(reason) = &status.reason {
+        let _ = writeln!(page, "reason:      {reason}");
+    }
+    let _ = writeln!(page);
+    let _ = writeln!(
+        page,
+        "{:<5} {:<8} {:<20} {:<8} {:<9} {:>8} {:>14} {:>10} {:>10} {:>6}  data address",
+        "rank",
+        "worker",
+        "host",
+        "slot",
+        "state",
+        "step",
+        "heartbeat age",
+        "loss",
+        "samples/s",
+        "wait"
+    );
+    for w in &status.workers {
+        let _ = writeln!(
+            page,
+            "{:<5} {:<8} {:<20} {:<8} {:<9} {:>8} {:>13.3}s {:>10} {:>10} {:>6}  {}",
+            w.rank,
+            w.worker_id,
+            w.host,
+            w.slot,
+            w.state,
+            optional(w.step.map(|s| s.to_string())),
+            w.heartbeat_age.as_secs_f64(),
+            optional(w.loss.map(|l| format!("{l:.4}"))),
+            optional(w.samples_per_second.map(|s| format!("{s:.1}"))),
+            optional(w.data_wait_share.map(|s| format!("{:.0}%", s * 100.0))),
+            w.data_addr
+        );
+    }
+    if !status.waiting.is_empty() {
+        let _ = writeln!(page);
+        let _ = writeln!(page, "waiting to join ({}):", status.waiting.len());
+        for w in &status.waiting {
+            let _ = writeln!(
+                page,
+                "  {} {} {} (for {:.1}s)",
+                w.worker_id,
+                w.host,
+                w.slot,
+                w.waiting.as_secs_f64()
+            );
+        }
+    }
+    page
+}
+
+/// Prometheus' text exposition format.
+pub(super) fn render_metrics(status: &JobStatus) -> String {
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "{name}{labels} {value}");
+        }
+    };
+    let job = |value: f64| vec![(String::new(), value)];
+    metric(
+        "dalle_world_size",
+        "gauge",
+        "Workers in the running group (0 while none runs).",
+        &job(status.world_size.into()),
+    );
+    metric(
+        "dalle_generation",
+        "gauge",
+        "Generation of the group running or last run (+1 per re-formation).",
+        &job(status.generation as f64),
+    );
+    metric(
+        "dalle_restarts_total",
+        "counter",
+        "Re-formations of the group after failures.",
+        &job(status.restarts.into()),
+    );
+    metric(
+        "dalle_workers_waiting",
+        "gauge",
+        "Workers waiting in Join for the next group.",
+        &job(status.waiting.len() as f64),
+    );
+    let phases = [
+        JobPhase::Rendezvous,
+        JobPhase::Running,
+        JobPhase::Finished,
+        JobPhase::Failed,
+    ];
+    metric(
+        "dalle_job_phase",
+        "gauge",
+        "1 for the phase the job is in.",
+        &phases.map(|p| {
+            (
+                format!("{{phase=\"{}\"}}", p.as_str()),
+                f64::from(u8::from(p == status.phase)),
+            )
+        }),
+    );
+    if let Some(step) = status.step {
+        metric(
+            "dalle_step",
+            "gauge",
+            "Last step finished by every active worker.",
+            &job(step as f64),
+        );
+    }
+    if let Some(loss) = status.loss {
+        metric(
+            "dalle_loss",
+            "gauge",
+            "Mean of the active workers' last losses.",
+            &job(loss),
+        );
+    }
+    metric(
+        "dalle_samples_per_second",
+        "gauge",
+        "Samples per second, summed over the active workers.",
+        &job(status.samples_per_second),
+    );
+    let labelled = |value: &dyn Fn(&super::WorkerStatus) -> Option<f64>| -> Vec<(String, f64)> {
+        status
+            .workers
+            .iter()
+            .filter_map(|w| {
+                let labels = format!(
+                    "{{worker=\"{}\",rank=\"{}\",host=\"{}\",slot=\"{}\",state=\"{}\"}}",
+                    escape(&w.worker_id),
+                    w.rank,
+                    escape(&w.host),
+                    escape(&w.slot),
+                    w.state
+                );
+                value(w).map(|v| (labels, v))
+            })
+            .collect()
+    };
+    metric(
+        "dalle_worker_heartbeat_age_seconds",
+        "gauge",
+        "Seconds since each worker's last heartbeat.",
+        &labelled(&|w| Some(w.heartbeat_age.as_secs_f64())),
+    );
+    metric(
+        "dalle_worker_step",
+        "gauge",
+        "Each worker's last finished step.",
+        &labelled(&|w| w.step.map(|s| s as f64)),
+    );
+    metric(
+        "dalle_worker_loss",
+        "gauge",
+        "Each worker's last loss.",
+        &labelled(&|w| w.loss),
+    );
+    metric(
+        "dalle_worker_samples_per_second",
+        "gauge",
+        "Each worker's samples per second.",
+        &labelled(&|w| w.samples_per_second),
+    );
+    out
+}
+
+/// A Prometheus label value: backslash, quote and newline escaped.
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::coordinator::WorkerStatus;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape(r#"a"b\c"#), r#"a\"b\\c"#);
+        assert_eq!(escape("two\nlines"), "two\\nlines");
+    }
+
+    #[test]
+    fn metrics_name_every_worker() {
+        let status = JobStatus {
+            phase: JobPhase::Running,
+            generation: 2,
+            world_size: 1,
+            min_workers: 1,
+            max_workers: 2,
+            restarts: 1,
+            max_restarts: 3,
+            step: Some(7),
+            loss: Some(1.5),
+            samples_per_second: 10.0,
+            reason: None,
+            workers: vec![WorkerStatus {
+                worker_id: "w3".into(),
+                rank: 0,
+                host: "node\"1".into(),
+                slot: "cpu:0".into(),
+                data_addr: "node1:5000".into(),
+                pid: 42,
+                state: "active",
+                step: Some(7),
+                heartbeat_age: Duration::from_millis(250),
+                loss: Some(1.5),
+                samples_per_second: Some(10.0),
+                data_wait_share: Some(0.1),
+            }],
+            waiting: Vec::new(),
+        };
+        let text = render_metrics(&status);
+        for line in [
+            "dalle_world_size 1",
+            "dalle_generation 2",
+            "dalle_restarts_total 1",
+            "dalle_step 7",
+            "dalle_loss 1.5",
+            "dalle_samples_per_second 10",
+            "dalle_job_phase{phase=\"running\"} 1",
+            "dalle_worker_heartbeat_age_seconds{worker=\"w3\",rank=\"0\",host=\"node\\\"1\",slot=\"cpu:0\",state=\"active\"} 0.25",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "no line {line:?} in\n{text}"
+            );
+        }
+        let page = render_page(&status);
+        assert!(page.contains("generation:  2"), "{page}");
+        assert!(page.contains("node1:5000"), "{page}");
+    }
+}

@@ -1,0 +1,109 @@
+//! The distributed runtime's control plane: a gRPC coordinator and the
+//! worker's side of it.
+//!
+//! - [`coordinator`]: rendezvous (ranks, world size, ring peers or the NCCL
+//!   id, the job's config), heartbeats, failure detection and re-formation
+//!   of the group within a restart budget, a job-level log line, and an HTTP
+//!   status page with Prometheus metrics.
+//! - [`worker`]: a blocking client for the synchronous training loop: join,
+//!   heartbeats fed with step metrics in the background, the coordinator's
+//!   latest [`Instruction`], leave.
+//!
+//! The service is `dalle.v1.Coordinator` (`proto/dalle/v1/coordinator.proto`);
+//! every call carries the job [`Token`]. The coordinator holds no tensors and
+//! does not depend on CUDA: the NCCL unique id comes from a callback.
+
+mod auth;
+pub mod coordinator;
+mod error;
+pub mod worker;
+
+/// The generated gRPC types and stubs of `dalle.v1`.
+#[allow(clippy::all, missing_docs)]
+pub mod proto {
+    tonic::include_proto!("dalle.v1");
+}
+
+use std::fmt;
+use std::str::FromStr;
+
+pub use auth::Token;
+pub use coordinator::{Coordinator, CoordinatorConfig, CoordinatorHandle, JobOutcome, JobStatus};
+pub use error::RuntimeError;
+pub use worker::{Assignment, Departure, Heartbeats, JoinInfo, Membership};
+
+/// The protocol a worker and its coordinator must both speak; bumped with
+/// any incompatible change of `dalle.v1` (see the proto file).
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Which collective carries the gradients; chosen by the coordinator and
+/// handed to every worker in its assignment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The TCP ring all-reduce between the workers' `data_addr`s (CPU).
+    TcpRing,
+    /// NCCL, bootstrapped from the unique id in the assignment (GPU).
+    Nccl,
+}
+
+impl Backend {
+    /// The name on the wire and in configs: `tcp-ring` or `nccl`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::TcpRing => "tcp-ring",
+            Backend::Nccl => "nccl",
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Backend {
+    type Err = RuntimeError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "tcp-ring" => Ok(Backend::TcpRing),
+            "nccl" => Ok(Backend::Nccl),
+            other => Err(RuntimeError::Config(format!(
+                "unknown backend {other:?}: expected \"tcp-ring\" or \"nccl\""
+            ))),
+        }
+    }
+}
+
+/// What a worker reports after a finished step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepReport {
+    /// The step just finished (global step, the same on every rank).
+    pub step: u64,
+    /// This worker's loss at that step.
+    pub loss: f64,
+    /// Samples per second this worker processed.
+    pub samples_per_second: f64,
+    /// Share of step time spent waiting on data, 0..1.
+    pub data_wait_share: f64,
+}
+
+/// What the coordinator tells a worker to do at its next step boundary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Instruction {
+    /// Carry on training.
+    Continue,
+    /// Leave the collective at the next step boundary and join again
+    /// ([`Membership::join`]); then resume from the newest checkpoint.
+    Reform {
+        /// Why (which worker failed, and how).
+        reason: String,
+    },
+    /// The job is over, finished or aborted: stop and exit.
+    Stop {
+        /// Why (finished at step N, the restart budget is spent, the
+        /// coordinator is unreachable...).
+        reason: String,
+    },
+}

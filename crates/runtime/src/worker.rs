@@ -1,0 +1,537 @@
+//! The worker's side of the coordinator, as a blocking API for the
+//! synchronous training loop (it owns a small tokio runtime).
+//!
+//! ```no_run
+//! # use std::time::{Duration, Instant};
+//! # use dalle_runtime::{Departure, Heartbeats, Instruction, JoinInfo, Membership, StepReport, Token};
+//! # fn train_step(_: u64) -> f64 { 0.0 }
+//! # let secret = String::from("the job's token");
+//! let token = Token::new(secret)?;
+//! let info = JoinInfo::this_process("cpu:0", "10.0.0.2:29600");
+//! let mut membership = Membership::new("http://10.0.0.1:29500", &token, info)?;
+//! let deadline = || Instant::now() + Duration::from_secs(300);
+//! let mut assignment = membership.join(deadline())?;
+//! let mut heartbeats = Heartbeats::start(&membership, &assignment);
+//! let mut step = 0;
+//! loop {
+//!     // ... build the collective from `assignment`, restore the newest checkpoint ...
+//!     match heartbeats.instruction() {
+//!         Instruction::Continue => {}
+//!         Instruction::Reform { reason } => {
+//!             // Leave the collective, then join again while the old
+//!             // heartbeats still say this worker is alive.
+//!             assignment = membership.join(deadline())?;
+//!             heartbeats = Heartbeats::start(&membership, &assignment);
+//!             continue;
+//!         }
+//!         Instruction::Stop { reason } => break,
+//!     }
+//!     let loss = train_step(step);
+//!     step += 1;
+//!     heartbeats.report(StepReport { step, loss, samples_per_second: 0.0, data_wait_share: 0.0 });
+//!     # if step == 10 { break; }
+//! }
+//! membership.leave(&assignment, step, Departure::Finished)?;
+//! # Ok::<(), dalle_runtime::RuntimeError>(())
+//! ```
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tonic::Code;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::auth::AttachToken;
+use crate::proto::{self, coordinator_client::CoordinatorClient};
+use crate::{Backend, Instruction, PROTOCOL_VERSION, RuntimeError, StepReport, Token};
+
+type Client = CoordinatorClient<InterceptedService<Channel, AttachToken>>;
+
+/// Beyond the wait it asked for, how long a worker gives the coordinator to
+/// answer Join before calling it unresponsive.
+const JOIN_GRACE: Duration = Duration::from_secs(5);
+
+/// Who a worker is, for the coordinator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinInfo {
+    /// Host name (ranks are ordered by host, then slot).
+    pub host: String,
+    /// The device this worker drives, e.g. "cuda:0" or "cpu:3".
+    pub slot: String,
+    /// host:port where this worker listens for its ring neighbours
+    /// (reachable from the other workers); may be empty for NCCL.
+    pub data_addr: String,
+    /// This worker's process id.
+    pub pid: u32,
+}
+
+impl JoinInfo {
+    /// This process on this machine (host name from the kernel).
+    pub fn this_process(slot: impl Into<String>, data_addr: impl Into<String>) -> Self {
+        JoinInfo {
+            host: hostname(),
+            slot: slot.into(),
+            data_addr: data_addr.into(),
+            pid: std::process::id(),
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|name| name.trim().to_string())
+        .filter(|name| !name.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// What the coordinator assigned this worker for one generation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assignment {
+    /// This worker's id (kept across re-formations).
+    pub worker_id: String,
+    /// 0..world_size.
+    pub rank: u32,
+    /// Workers in the group.
+    pub world_size: u32,
+    /// 1 for the first group, +1 per re-formation.
+    pub generation: u64,
+    /// Every member's data address, in rank order.
+    pub ring_peers: Vec<String>,
+    /// The NCCL unique id (empty for the TCP ring).
+    pub nccl_unique_id: Vec<u8>,
+    /// The collective to build.
+    pub backend: Backend,
+    /// The job's config as TOML (the coordinator's).
+    pub job_toml: String,
+    /// How often to heartbeat.
+    pub heartbeat_interval: Duration,
+    /// Silence after which the coordinator drops a worker (and a worker
+    /// that cannot reach the coordinator stops).
+    pub heartbeat_timeout: Duration,
+}
+
+impl Assignment {
+    fn from_reply(reply: proto::JoinReply) -> Result<Self, RuntimeError> {
+        Ok(Assignment {
+            backend: reply.backend.parse()?,
+            worker_id: reply.worker_id,
+            rank: reply.rank,
+            world_size: reply.world_size,
+            generation: reply.generation,
+            ring_peers: reply.ring_peers,
+            nccl_unique_id: reply.nccl_unique_id,
+            job_toml: reply.job,
+            heartbeat_interval: Duration::from_millis(reply.heartbeat_interval_ms.max(1).into()),
+            heartbeat_timeout: Duration::from_millis(reply.heartbeat_timeout_ms.max(1).into()),
+        })
+    }
+}
+
+/// How a worker leaves the job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Departure {
+    /// It finished its job.
+    Finished,
+    /// It gives up, with what went wrong (e.g. "collective broken: peer 2
+    /// (10.0.0.3:4567) timed out"); the others re-form without it.
+    Failed(String),
+}
+
+/// A worker's connection to its coordinator. Blocking: call it from the
+/// training thread, not from async code.
+pub struct Membership {
+    runtime: Arc<tokio::runtime::Runtime>,
+    url: String,
+    client: Client,
+    info: JoinInfo,
+    worker_id: Option<String>,
+}
+
+impl Membership {
+    /// Prepares the connection (nothing is sent yet; the coordinator need
+    /// not be up). `coordinator_url` is `http://host:port` (or `host:port`).
+    pub fn new(coordinator_url: &str, token: &Token, info: JoinInfo) -> Result<Self, RuntimeError> {
+        let url = if coordinator_url.contains("://") {
+            coordinator_url.to_string()
+        } else {
+            format!("http://{coordinator_url}")
+        };
+        let endpoint = Endpoint::from_shared(url.clone())
+            .map_err(|e| RuntimeError::Url {
+                url: coordinator_url.to_string(),
+                reason: e.to_string(),
+            })?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_while_idle(true);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("dalle-membership")
+            .enable_all()
+            .build()
+            .map_err(|source| RuntimeError::Runtime {
+                what: "worker membership",
+                source,
+            })?;
+        let channel = {
+            let _entered = runtime.enter();
+            endpoint.connect_lazy()
+        };
+        Ok(Membership {
+            runtime: Arc::new(runtime),
+            url,
+            client: CoordinatorClient::with_interceptor(channel, AttachToken::new(token)),
+            info,
+            worker_id: None,
+        })
+    }
+
+    /// The coordinator's URL.
+    pub fn coordinator_url(&self) -> &str {
+        &self.url
+    }
+
+    /// Joins the next group (first join, or again after REFORM) and blocks
+    /// until it forms. Connection failures are retried until `deadline`, so
+    /// a worker may start before its coordinator; refusals (token, protocol
+    /// version, job over) fail at once.
+    pub fn join(&mut self, deadline: Instant) -> Result<Assignment, RuntimeError> {
+        let runtime = self.runtime.clone();
+        runtime.block_on(self.join_async(deadline))
+    }
+
+    async fn join_async(&mut self, deadline: Instant) -> Result<Assignment, RuntimeError> {
+        let started = Instant::now();
+        let mut backoff = Duration::from_millis(20);
+        let mut last_error = None;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let timed_out = |detail: String| RuntimeError::JoinTimeout {
+                coordinator: self.url.clone(),
+                waited: started.elapsed(),
+                detail,
+            };
+            if remaining.is_zero() {
+                return Err(timed_out(last_error.unwrap_or_else(|| {
+                    "the deadline passed before the first try".into()
+                })));
+            }
+            let request = proto::JoinRequest {
+                protocol_version: PROTOCOL_VERSION,
+                host: self.info.host.clone(),
+                slot: self.info.slot.clone(),
+                data_addr: self.info.data_addr.clone(),
+                pid: self.info.pid,
+                worker_id: self.worker_id.clone().unwrap_or_default(),
+                wait_ms: u32::try_from(remaining.as_millis())
+                    .unwrap_or(u32::MAX)
+                    .max(1),
+            };
+            let mut client = self.client.clone();
+            let answer = tokio::time::timeout(remaining + JOIN_GRACE, client.join(request)).await;
+            let status = match answer {
+                Ok(Ok(reply)) => {
+                    let assignment = Assignment::from_reply(reply.into_inner())?;
+                    self.worker_id = Some(assignment.worker_id.clone());
+                    tracing::info!(
+                        "joined generation {} as rank {} of {} (worker {}, backend {})",
+                        assignment.generation,
+                        assignment.rank,
+                        assignment.world_size,
+                        assignment.worker_id,
+                        assignment.backend
+                    );
+                    return Ok(assignment);
+                }
+                Ok(Err(status)) => status,
+                Err(_) => {
+                    return Err(timed_out(format!(
+                        "the coordinator accepted the call but did not answer {} after the deadline",
+                        humanize(JOIN_GRACE)
+                    )));
+                }
+            };
+            match status.code() {
+                Code::DeadlineExceeded => return Err(timed_out(status.message().to_string())),
+                Code::Unavailable | Code::Unknown | Code::Cancelled => {
+                    let detail = describe(&status);
+                    tracing::debug!("coordinator {} not reachable yet: {detail}", self.url);
+                    last_error = Some(format!("last try: {detail}"));
+                    let pause = backoff.min(deadline.saturating_duration_since(Instant::now()));
+                    tokio::time::sleep(pause).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                code => {
+                    return Err(RuntimeError::Refused {
+                        coordinator: self.url.clone(),
+                        rpc: "Join",
+                        code,
+                        message: status.message().to_string(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Tells the coordinator this worker is done: finished (every member
+    /// finishing ends the job) or failed (the others re-form).
+    pub fn leave(
+        &self,
+        assignment: &Assignment,
+        final_step: u64,
+        departure: Departure,
+    ) -> Result<(), RuntimeError> {
+        let (success, error) = match departure {
+            Departure::Finished => (true, String::new()),
+            Departure::Failed(error) => (false, error),
+        };
+        let request = proto::LeaveRequest {
+            worker_id: assignment.worker_id.clone(),
+            generation: assignment.generation,
+            final_step,
+            success,
+            error,
+        };
+        let mut client = self.client.clone();
+        let patience = assignment.heartbeat_timeout.max(Duration::from_secs(5));
+        // The timer must be made inside the runtime.
+        let answer = self
+            .runtime
+            .block_on(async { tokio::time::timeout(patience, client.leave(request)).await });
+        match answer {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(status)) => Err(rpc_error(&self.url, "Leave", &status)),
+            Err(_) => Err(RuntimeError::Unreachable {
+                coordinator: self.url.clone(),
+                rpc: "Leave",
+                detail: format!("no answer within {}", humanize(patience)),
+            }),
+        }
+    }
+}
+
+impl std::fmt::Debug for Membership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Membership")
+            .field("url", &self.url)
+            .field("info", &self.info)
+            .field("worker_id", &self.worker_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Heartbeats of one generation, sent in the background every
+/// `heartbeat_interval` with the latest [`StepReport`]; the coordinator's
+/// answer becomes [`Heartbeats::instruction`]. Dropping it stops them.
+pub struct Heartbeats {
+    reports: watch::Sender<Option<StepReport>>,
+    instruction: watch::Receiver<Instruction>,
+    task: tokio::task::JoinHandle<()>,
+    // Keeps the runtime the task runs on alive.
+    _runtime: Arc<tokio::runtime::Runtime>,
+}
+
+impl Heartbeats {
+    /// Starts heartbeating for `assignment` (its worker id and generation).
+    pub fn start(membership: &Membership, assignment: &Assignment) -> Self {
+        let (reports, reports_rx) = watch::channel(None);
+        let (instruction_tx, instruction) = watch::channel(Instruction::Continue);
+        let beat = Beat {
+            client: membership.client.clone(),
+            url: membership.url.clone(),
+            worker_id: assignment.worker_id.clone(),
+            generation: assignment.generation,
+            interval: assignment.heartbeat_interval,
+            timeout: assignment.heartbeat_timeout,
+        };
+        let task = membership
+            .runtime
+            .spawn(beat.run(reports_rx, instruction_tx));
+        Heartbeats {
+            reports,
+            instruction,
+            task,
+            _runtime: membership.runtime.clone(),
+        }
+    }
+
+    /// Hands the latest step's figures to the next heartbeat; never blocks.
+    pub fn report(&self, report: StepReport) {
+        self.reports.send_replace(Some(report));
+    }
+
+    /// What to do at this step boundary. REFORM and STOP stay once heard
+    /// (STOP wins); STOP also comes when the coordinator stays unreachable
+    /// for the heartbeat timeout or refuses the heartbeats.
+    pub fn instruction(&self) -> Instruction {
+        self.instruction.borrow().clone()
+    }
+
+    /// Stops heartbeating (as dropping does).
+    pub fn stop(self) {}
+}
+
+impl Drop for Heartbeats {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl std::fmt::Debug for Heartbeats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Heartbeats")
+            .field("instruction", &*self.instruction.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Beat {
+    client: Client,
+    url: String,
+    worker_id: String,
+    generation: u64,
+    interval: Duration,
+    timeout: Duration,
+}
+
+impl Beat {
+    async fn run(
+        mut self,
+        reports: watch::Receiver<Option<StepReport>>,
+        instruction: watch::Sender<Instruction>,
+    ) {
+        let mut ticks = tokio::time::interval(self.interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_answer = Instant::now();
+        loop {
+            ticks.tick().await;
+            let report = *reports.borrow();
+            let request = proto::HeartbeatRequest {
+                worker_id: self.worker_id.clone(),
+                generation: self.generation,
+                step: report.map(|r| r.step),
+                metrics: report.map(|r| proto::StepMetrics {
+                    loss: r.loss,
+                    samples_per_second: r.samples_per_second,
+                    data_wait_share: r.data_wait_share,
+                }),
+            };
+            let answer = tokio::time::timeout(self.timeout, self.client.heartbeat(request)).await;
+            let heard = match answer {
+                Ok(Ok(reply)) => {
+                    last_answer = Instant::now();
+                    let reply = reply.into_inner();
+                    match proto::Instruction::try_from(reply.instruction) {
+                        Ok(proto::Instruction::Reform) => Some(Instruction::Reform {
+                            reason: reply.reason,
+                        }),
+                        Ok(proto::Instruction::Stop) => Some(Instruction::Stop {
+                            reason: reply.reason,
+                        }),
+                        _ => None,
+                    }
+                }
+                Ok(Err(status))
+                    if !matches!(
+                        status.code(),
+                        Code::Unavailable
+                            | Code::Unknown
+                            | Code::Cancelled
+                            | Code::DeadlineExceeded
+                    ) =>
+                {
+                    Some(Instruction::Stop {
+                        reason: rpc_error(&self.url, "Heartbeat", &status).to_string(),
+                    })
+                }
+                failed => {
+                    let detail = match failed {
+                        Ok(Err(status)) => describe(&status),
+                        _ => format!("no answer within {}", humanize(self.timeout)),
+                    };
+                    let silent = last_answer.elapsed();
+                    if silent >= self.timeout {
+                        Some(Instruction::Stop {
+                            reason: format!(
+                                "lost the coordinator {}: no heartbeat answered for {} ({detail})",
+                                self.url,
+                                humanize(silent)
+                            ),
+                        })
+                    } else {
+                        tracing::debug!("heartbeat to {} failed: {detail}", self.url);
+                        None
+                    }
+                }
+            };
+            let Some(heard) = heard else { continue };
+            let stop = matches!(heard, Instruction::Stop { .. });
+            instruction.send_if_modified(|current| {
+                // STOP stays; REFORM stays until STOP.
+                let news = !matches!(
+                    (&*current, &heard),
+                    (Instruction::Stop { .. }, _)
+                        | (Instruction::Reform { .. }, Instruction::Reform { .. })
+                );
+                if news {
+                    tracing::warn!(
+                        "worker {} (generation {}): the coordinator says {heard:?}",
+                        self.worker_id,
+                        self.generation
+                    );
+                    *current = heard.clone();
+                }
+                news
+            });
+            if stop {
+                break;
+            }
+        }
+    }
+}
+
+fn rpc_error(url: &str, rpc: &'static str, status: &tonic::Status) -> RuntimeError {
+    match status.code() {
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded => {
+            RuntimeError::Unreachable {
+                coordinator: url.to_string(),
+                rpc,
+                detail: describe(status),
+            }
+        }
+        code => RuntimeError::Refused {
+            coordinator: url.to_string(),
+            rpc,
+            code,
+            message: status.message().to_string(),
+        },
+    }
+}
+
+/// A status' message with the chain of its sources (the transport's reason).
+fn describe(status: &tonic::Status) -> String {
+    let mut text = status.message().to_string();
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        let more = error.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = error.source();
+    }
+    text
+}
+
+fn humanize(d: Duration) -> String {
+    if d < Duration::from_secs(1) {
+        format!("{} ms", d.as_millis())
+    } else {
+        format!("{:.1} s", d.as_secs_f64())
+    }
+}
