@@ -48,6 +48,7 @@ pub fn run(cmd: DataCommand, job: &JobConfig) -> Result<()> {
             let input = input.unwrap_or_else(|| job.data_url());
             let out = out.unwrap_or_else(|| job.tokens_url());
             let args = tokenize::TokenizeArgs {
+                shard: (0, 1),
                 model: &model,
                 input: Location::parse(&input, &job.store)?,
                 output: Location::parse(&out, &job.store)?,

@@ -7,9 +7,12 @@ mod dvae;
 mod export;
 mod gpt;
 mod inputs;
+mod launch;
 mod progress;
+mod stages;
 mod text;
 mod tokenize;
+mod worker;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -54,6 +57,12 @@ enum Command {
         #[arg(long)]
         out: Option<String>,
     },
+    /// Run the whole job (every stage) with a coordinator and N local
+    /// worker processes.
+    Launch(launch::LaunchArgs),
+    /// One training process of a distributed job: join the coordinator,
+    /// train data-parallel, follow its instructions.
+    Worker(worker::WorkerArgs),
     /// Throughput benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -78,6 +87,8 @@ fn main() -> Result<()> {
         Command::Text(cmd) => text::run(cmd, &job()?),
         Command::Gpt(cmd) => gpt::run(cmd, &job()?),
         Command::Export { out } => export::run(&job()?, out),
+        Command::Launch(args) => launch::run(args, &job()?),
+        Command::Worker(args) => worker::run(args),
         Command::Bench(cmd) => bench::run(cmd, &job()?),
         Command::Config => {
             print!("{}", toml::to_string(&job()?)?);

@@ -27,6 +27,9 @@ pub struct TokenizeArgs<'a> {
     pub input: Location,
     pub output: Location,
     pub batch_size: usize,
+    /// This worker's share: files `i` with `i % world == rank` (of the
+    /// dataset's files in key order, the loader's plan), `(0, 1)` for all.
+    pub shard: (usize, usize),
 }
 
 pub fn run(job: &JobConfig, args: TokenizeArgs) -> Result<()> {
@@ -35,6 +38,7 @@ pub fn run(job: &JobConfig, args: TokenizeArgs) -> Result<()> {
         input,
         output,
         batch_size,
+        shard: (rank, world),
     } = args;
     if model.config().vocab_size > i64::from(u16::MAX) + 1 {
         bail!(
@@ -59,10 +63,16 @@ pub fn run(job: &JobConfig, args: TokenizeArgs) -> Result<()> {
             unit.file.url
         );
     }
-    let total: usize = units.iter().map(|u| u.rows).sum();
+    let mine: Vec<&[Unit]> = units
+        .chunk_by(|a, b| Arc::ptr_eq(&a.file, &b.file))
+        .enumerate()
+        .filter(|(i, _)| i % world.max(1) == rank)
+        .map(|(_, file_units)| file_units)
+        .collect();
+    let total: usize = mine.iter().flat_map(|f| f.iter()).map(|u| u.rows).sum();
     let bar = progress::bar(total as u64, "tokenizing");
     let (mut written, mut skipped, mut files) = (0usize, 0usize, 0usize);
-    for file_units in units.chunk_by(|a, b| Arc::ptr_eq(&a.file, &b.file)) {
+    for file_units in mine {
         let mut rows = Vec::new();
         for unit in file_units {
             let samples = runtime.block_on(parquet_source::read_unit(unit))?;

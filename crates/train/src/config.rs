@@ -294,6 +294,26 @@ impl JobConfig {
         Ok(job)
     }
 
+    /// A resolved job config as TOML text (what `dalle config` prints, and
+    /// what a coordinator hands its workers); `origin` names it in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self> {
+        let defaults = config::Config::try_from(&JobConfig::default())
+            .map_err(|e| TrainError::Config(format!("default config: {e}")))?;
+        let job: JobConfig = config::Config::builder()
+            .add_source(defaults)
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .build()
+            .and_then(|merged| merged.try_deserialize())
+            .map_err(|e| TrainError::Config(format!("{origin}: {e}")))?;
+        job.validate()?;
+        Ok(job)
+    }
+
+    /// The job as TOML text, read back exactly by [`JobConfig::from_toml`].
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("the job config serialises to TOML")
+    }
+
     pub fn validate(&self) -> Result<()> {
         self.dvae.model.validate()?;
         let t = &self.dvae.train;
@@ -416,6 +436,19 @@ mod tests {
         let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
         JobConfig::load_with_env(Some(&path), &overrides, env.collect::<Vec<_>>().into_iter())
+    }
+
+    #[test]
+    fn a_job_travels_as_toml_unchanged() {
+        let mut job = JobConfig::load_with_env(None, &[], std::iter::empty()).unwrap();
+        job.gpt.train.data_url = Some("s3://bucket/tokens".into());
+        job.run.verify_every = 3;
+        let back = JobConfig::from_toml(&job.to_toml(), "the coordinator's job").unwrap();
+        assert_eq!(back, job);
+        let err = JobConfig::from_toml("[run]\nsteps = 1\n", "the coordinator's job")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("the coordinator's job") && err.contains("steps"), "{err}");
     }
 
     #[test]

@@ -208,6 +208,12 @@ impl DataParallel {
         Ok(())
     }
 
+    /// Returns once every rank has called it (between stages that one rank
+    /// prepares for all).
+    pub fn barrier(&mut self) -> Result<()> {
+        self.host().barrier().map_err(collective_error("waiting for every rank"))
+    }
+
     /// Sums `values` over ranks.
     pub fn sum(&mut self, values: &mut [f32]) -> Result<()> {
         self.host()

@@ -1,0 +1,207 @@
+//! `dalle worker --coordinator URL`: one training process of a job. It
+//! joins the coordinator, builds the collective it is told to (TCP ring or
+//! NCCL), runs the job's stages data-parallel, reports every step in its
+//! heartbeats, and at a step boundary obeys the coordinator: carry on, stop,
+//! or leave the group and join the re-formed one.
+
+use crate::stages;
+use anyhow::{Context, Result, bail};
+use dalle_collective::{NcclCollective, RingConfig, TcpRing};
+use dalle_runtime::worker::Departure;
+use dalle_runtime::{Assignment, Heartbeats, Instruction, JoinInfo, Membership, Token};
+use dalle_train::TrainError;
+use dalle_train::config::JobConfig;
+use dalle_train::ddp::{DEFAULT_BUCKET_BYTES, DataParallel, StepEnd};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args)]
+pub struct WorkerArgs {
+    /// The coordinator, e.g. `http://10.0.0.1:7000`.
+    #[arg(long)]
+    pub coordinator: String,
+    /// The job token (never logged).
+    #[arg(long, env = "DALLE_JOB_TOKEN", hide_env_values = true)]
+    pub token: String,
+    /// The device this worker drives: `cpu:N`, or `cuda:N` for GPU N.
+    #[arg(long, default_value = "cpu:0")]
+    pub slot: String,
+    /// Where this worker listens for its ring neighbours.
+    #[arg(long, default_value = "0.0.0.0:0")]
+    pub listen: SocketAddr,
+    /// The host name or address other workers reach this one at (default:
+    /// 127.0.0.1 when the coordinator is on loopback, else this host's name).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// How long to keep trying to join (the coordinator may start later).
+    #[arg(long, default_value_t = 600)]
+    pub join_timeout_secs: u64,
+}
+
+/// Why a generation of training ended.
+enum Ending {
+    Finished,
+    Reform(String),
+}
+
+pub fn run(args: WorkerArgs) -> Result<()> {
+    let listener = TcpListener::bind(args.listen)
+        .with_context(|| format!("cannot listen for ring peers on {}", args.listen))?;
+    let mut info = JoinInfo::this_process(args.slot.clone(), String::new());
+    let host = match &args.advertise {
+        Some(host) => host.clone(),
+        None if args.coordinator.contains("127.0.0.1")
+            || args.coordinator.contains("localhost") =>
+        {
+            "127.0.0.1".into()
+        }
+        None => info.host.clone(),
+    };
+    info.data_addr = format!("{host}:{}", listener.local_addr()?.port());
+    let token = Token::new(args.token.clone())?;
+    let mut membership = Membership::new(&args.coordinator, &token, info)?;
+    let join_timeout = Duration::from_secs(args.join_timeout_secs);
+    loop {
+        let assignment = membership.join(Instant::now() + join_timeout)?;
+        let mut job = JobConfig::from_toml(&assignment.job_toml, "the coordinator's job config")?;
+        job.run.device = device_of_slot(&args.slot);
+        tracing::info!(
+            rank = assignment.rank,
+            world = assignment.world_size,
+            generation = assignment.generation,
+            backend = assignment.backend.as_str(),
+            "joined the job"
+        );
+        let heartbeats = Arc::new(Heartbeats::start(&membership, &assignment));
+        let last_step = Arc::new(AtomicU64::new(0));
+        let outcome = train_generation(
+            &job,
+            &assignment,
+            &listener,
+            heartbeats.clone(),
+            last_step.clone(),
+        );
+        drop(heartbeats);
+        let last_step = last_step.load(Ordering::Relaxed);
+        match outcome {
+            Ok(Ending::Finished) => {
+                membership.leave(&assignment, last_step, Departure::Finished)?;
+                tracing::info!("job finished");
+                return Ok(());
+            }
+            Ok(Ending::Reform(reason)) => {
+                tracing::warn!(%reason, "leaving the group to join the re-formed one");
+                continue;
+            }
+            Err(e) => {
+                let text = format!("{e:#}");
+                let _ = membership.leave(&assignment, last_step, Departure::Failed(text.clone()));
+                bail!("worker failed: {text}");
+            }
+        }
+    }
+}
+
+/// `cuda:N` drives GPU N; anything else the CPU.
+fn device_of_slot(slot: &str) -> String {
+    if slot.starts_with("cuda") {
+        slot.to_string()
+    } else {
+        "cpu".into()
+    }
+}
+
+/// One generation: build the collective, run the stages, and read how it
+/// ended from the coordinator's instruction when training stopped early.
+fn train_generation(
+    job: &JobConfig,
+    assignment: &Assignment,
+    listener: &TcpListener,
+    heartbeats: Arc<Heartbeats>,
+    last_step: Arc<AtomicU64>,
+) -> Result<Ending> {
+    let mut ddp = collective(job, assignment, listener)?;
+    let beats = heartbeats.clone();
+    ddp = ddp.with_step_hook(Box::new(move |end: &StepEnd| {
+        last_step.store(end.step, Ordering::Relaxed);
+        beats.report(dalle_runtime::StepReport {
+            step: end.step,
+            loss: end.loss,
+            samples_per_second: end.samples_per_second,
+            data_wait_share: end.data_wait,
+        });
+        match beats.instruction() {
+            Instruction::Continue => Ok(()),
+            Instruction::Reform { reason } | Instruction::Stop { reason } => {
+                Err(TrainError::Stopped(reason))
+            }
+        }
+    }));
+    match stages::run_all(job, &mut ddp) {
+        Ok(()) => Ok(Ending::Finished),
+        Err(e) => match heartbeats.instruction() {
+            Instruction::Reform { reason } => Ok(Ending::Reform(reason)),
+            Instruction::Stop { reason } => bail!("the coordinator stopped the job: {reason}"),
+            Instruction::Continue => Err(e),
+        },
+    }
+}
+
+/// The collective of this generation: NCCL for GPU slots, else the TCP
+/// ring over every member's data address.
+fn collective(
+    job: &JobConfig,
+    assignment: &Assignment,
+    listener: &TcpListener,
+) -> Result<DataParallel> {
+    let rank = assignment.rank as usize;
+    let world = assignment.world_size as usize;
+    match assignment.backend {
+        dalle_runtime::Backend::Nccl => {
+            let id: [u8; 128] = assignment
+                .nccl_unique_id
+                .as_slice()
+                .try_into()
+                .context("the coordinator sent no NCCL unique id (128 bytes)")?;
+            let ordinal = match dalle_model::device::parse_device(&job.run.device)? {
+                tch::Device::Cuda(n) => n,
+                other => bail!("NCCL needs a CUDA slot, this worker drives {other:?}"),
+            };
+            let nccl = NcclCollective::new(rank, world, &id, ordinal)?;
+            Ok(DataParallel::nccl(nccl, DEFAULT_BUCKET_BYTES))
+        }
+        dalle_runtime::Backend::TcpRing => {
+            let peers: Vec<SocketAddr> = assignment
+                .ring_peers
+                .iter()
+                .map(|p| resolve(p))
+                .collect::<Result<_>>()?;
+            let config = RingConfig {
+                session: session_id(assignment),
+                ..RingConfig::default()
+            };
+            let ring = TcpRing::connect(rank, peers, listener.try_clone()?, config)?;
+            Ok(DataParallel::new(Box::new(ring), DEFAULT_BUCKET_BYTES))
+        }
+    }
+}
+
+fn resolve(peer: &str) -> Result<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    peer.to_socket_addrs()
+        .with_context(|| format!("ring peer address {peer}"))?
+        .next()
+        .with_context(|| format!("ring peer address {peer} resolves to nothing"))
+}
+
+/// A ring session per job and generation: links of an older group are
+/// refused.
+fn session_id(assignment: &Assignment) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    assignment.job_toml.hash(&mut h);
+    assignment.generation.hash(&mut h);
+    h.finish()
+}
