@@ -448,7 +448,10 @@ mod tests {
         let err = JobConfig::from_toml("[run]\nsteps = 1\n", "the coordinator's job")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("the coordinator's job") && err.contains("steps"), "{err}");
+        assert!(
+            err.contains("the coordinator's job") && err.contains("steps"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -68,6 +68,8 @@ pub struct DataParallel {
     /// Host staging for one bucket, kept between steps.
     host: Vec<f32>,
     hook: Option<StepHook>,
+    /// Time spent in collectives since [`DataParallel::take_comm_time`].
+    comm_time: std::time::Duration,
 }
 
 fn collective_error(what: &str) -> impl FnOnce(dalle_collective::Error) -> TrainError + '_ {
@@ -91,6 +93,7 @@ impl DataParallel {
             bucket_elems: (bucket_bytes / 4).max(1),
             host: Vec::new(),
             hook: None,
+            comm_time: std::time::Duration::ZERO,
         }
     }
 
@@ -211,14 +214,25 @@ impl DataParallel {
     /// Returns once every rank has called it (between stages that one rank
     /// prepares for all).
     pub fn barrier(&mut self) -> Result<()> {
-        self.host().barrier().map_err(collective_error("waiting for every rank"))
+        self.host()
+            .barrier()
+            .map_err(collective_error("waiting for every rank"))
     }
 
     /// Sums `values` over ranks.
     pub fn sum(&mut self, values: &mut [f32]) -> Result<()> {
-        self.host()
+        let started = std::time::Instant::now();
+        let result = self
+            .host()
             .all_reduce_sum(values)
-            .map_err(collective_error("summing metrics"))
+            .map_err(collective_error("summing metrics"));
+        self.comm_time += started.elapsed();
+        result
+    }
+
+    /// Time spent in collectives since the last call.
+    pub fn take_comm_time(&mut self) -> std::time::Duration {
+        std::mem::take(&mut self.comm_time)
     }
 
     /// Means over every rank's samples of per-rank means `values` over
@@ -285,6 +299,13 @@ impl DataParallel {
     }
 
     fn reduce_bucket(&mut self, grads: &[Tensor], elems: usize, scale: f64) -> Result<()> {
+        let started = std::time::Instant::now();
+        let result = self.reduce_bucket_timed(grads, elems, scale);
+        self.comm_time += started.elapsed();
+        result
+    }
+
+    fn reduce_bucket_timed(&mut self, grads: &[Tensor], elems: usize, scale: f64) -> Result<()> {
         let flat = Tensor::cat(
             &grads
                 .iter()

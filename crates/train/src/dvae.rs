@@ -109,6 +109,7 @@ pub fn train(
             mse,
             images,
             data_wait,
+            comm: ddp.take_comm_time(),
             step_time: started.elapsed(),
         });
         let step_seconds = started.elapsed().as_secs_f64().max(1e-9);

@@ -53,6 +53,8 @@ pub struct DvaeStepMetrics {
     pub mse: f64,
     pub images: usize,
     pub data_wait: Duration,
+    /// Time spent in collectives (gradient averaging, metric sums).
+    pub comm: Duration,
     pub step_time: Duration,
 }
 
@@ -77,6 +79,8 @@ pub struct DvaeLog {
     pub images_per_s: f64,
     /// Share of wall time the step loop waited for the loader (0..1).
     pub data_wait: f64,
+    /// Share of wall time spent communicating with other ranks (0..1).
+    pub comm: f64,
 }
 
 impl std::fmt::Display for DvaeLog {
@@ -97,7 +101,11 @@ impl std::fmt::Display for DvaeLog {
             self.code_perplexity,
             self.images_per_s,
             100.0 * self.data_wait
-        )
+        )?;
+        if self.comm > 0.0 {
+            write!(f, " | comm {:.1}%", 100.0 * self.comm)?;
+        }
+        Ok(())
     }
 }
 
@@ -117,6 +125,7 @@ impl Window {
         self.sum.mse += m.mse;
         self.sum.images += m.images;
         self.sum.data_wait += m.data_wait;
+        self.sum.comm += m.comm;
         self.sum.step_time += m.step_time;
     }
 
@@ -131,6 +140,7 @@ impl Window {
         line.psnr = dalle_model::dvae::loss::psnr(self.sum.mse / n);
         line.images_per_s = self.sum.images as f64 / wall;
         line.data_wait = self.sum.data_wait.as_secs_f64() / wall;
+        line.comm = self.sum.comm.as_secs_f64() / wall;
         *self = Self::default();
         line
     }
@@ -148,6 +158,8 @@ pub struct GptStepMetrics {
     pub tokens: usize,
     pub truncated_captions: usize,
     pub data_wait: Duration,
+    /// Time spent in collectives (gradient averaging, metric sums).
+    pub comm: Duration,
     pub step_time: Duration,
 }
 
@@ -168,6 +180,8 @@ pub struct GptLog {
     pub truncated_captions: usize,
     /// Share of wall time the step loop waited for the loader (0..1).
     pub data_wait: f64,
+    /// Share of wall time spent communicating with other ranks (0..1).
+    pub comm: f64,
 }
 
 impl std::fmt::Display for GptLog {
@@ -186,6 +200,9 @@ impl std::fmt::Display for GptLog {
             self.images_per_s,
             100.0 * self.data_wait
         )?;
+        if self.comm > 0.0 {
+            write!(f, " | comm {:.1}%", 100.0 * self.comm)?;
+        }
         if self.truncated_captions > 0 {
             write!(f, " | {} captions truncated", self.truncated_captions)?;
         }
@@ -212,6 +229,7 @@ impl GptWindow {
         s.tokens += m.tokens;
         s.truncated_captions += m.truncated_captions;
         s.data_wait += m.data_wait;
+        s.comm += m.comm;
         s.step_time += m.step_time;
     }
 
@@ -232,6 +250,7 @@ impl GptWindow {
             images_per_s: s.images as f64 / wall,
             truncated_captions: s.truncated_captions,
             data_wait: s.data_wait.as_secs_f64() / wall,
+            comm: s.comm.as_secs_f64() / wall,
         };
         *self = Self::default();
         line
@@ -280,6 +299,7 @@ mod tests {
                 tokens: 400,
                 truncated_captions: truncated,
                 data_wait: Duration::from_millis(20),
+                comm: Duration::from_millis(40),
                 step_time: Duration::from_millis(200),
                 ..Default::default()
             });
