@@ -21,6 +21,13 @@ exec > >(tee "$results/gpu-check.log") 2>&1
 
 torch_lib=$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
 export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# cudarc looks for libnccl.so, PyPI ships libnccl.so.2 (torch's own NCCL):
+# put a libnccl.so link to it first on the loader path.
+nccl_so=$(python3 -c 'import glob, os, torch; d = os.path.dirname(os.path.dirname(torch.__file__)); print((glob.glob(d + "/nvidia/nccl/lib/libnccl.so*") + [""])[0])')
+if [[ -n $nccl_so ]]; then
+  mkdir -p /tmp/dalle-nccl && ln -sf "$nccl_so" /tmp/dalle-nccl/libnccl.so
+  export LD_LIBRARY_PATH="/tmp/dalle-nccl:$LD_LIBRARY_PATH"
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || [[ ${DALLE_CHECK_DEVICE:-cuda} == cpu ]]
 python3 -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda, "available", torch.cuda.is_available())'
 "$bin/dalle" --version
@@ -56,6 +63,15 @@ step "dalle-sample"
   -p "a large red circle on a blue background" -p "a large yellow square on a black background" \
   -p "a medium green star on a white background" -p "a large purple ring on a gray background"
 echo "pipeline: $(( $(date +%s) - t0 )) s"
+
+if [[ $device != cpu ]]; then
+  step "distributed: dalle launch --nproc 1 on the GPU (NCCL through the coordinator)"
+  dalle --set run.dir="$out/launch" --set synth.count=2048 --set dvae.train.steps=50 \
+    --set gpt.train.steps=50 --set dvae.train.log_every=25 --set gpt.train.log_every=25 \
+    launch --nproc 1 2>&1 | tee "$out/launch.log"
+  grep -q 'backend="nccl"' "$out/launch.log" || { echo "FAILED: the launch did not use NCCL" >&2; exit 1; }
+  on_cuda "$out/launch.log"
+fi
 
 if [[ ${DALLE_CHECK_BENCH:-1} == 0 ]]; then
   cp "$out/samples/"*grid.png "$run/"*-metrics.jsonl "$results/"

@@ -74,6 +74,7 @@ save_every = 0
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "launch failed:\n{stderr}");
     assert!(stdout.contains("with 2 workers"), "{stdout}");
+    assert!(!stderr.contains("exited with an error"), "{stderr}");
     // Both ranks joined, and both logged the same global losses.
     for rank in [0, 1] {
         assert!(stderr.contains(&format!("rank={rank} world=2")), "{stderr}");

@@ -98,7 +98,8 @@ pub fn run(args: LaunchArgs, job: &JobConfig) -> Result<()> {
         })
         .collect::<Result<_>>()?;
     let outcome = coordinator.wait();
-    coordinator.shutdown();
+    // Workers exit after their last answer from the coordinator: keep it
+    // serving until they have.
     for (i, worker) in workers.iter_mut().enumerate() {
         match outcome {
             Ok(_) => {
@@ -113,6 +114,7 @@ pub fn run(args: LaunchArgs, job: &JobConfig) -> Result<()> {
             }
         }
     }
+    coordinator.shutdown();
     let outcome = outcome?;
     println!(
         "job finished at step {} with {} workers (generation {}, {} restarts); run directory {}",

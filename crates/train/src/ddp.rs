@@ -44,7 +44,7 @@ pub struct StepEnd {
     pub step: u64,
     /// The step's loss (mean over every rank's samples).
     pub loss: f64,
-    /// Samples per second over every rank.
+    /// Samples per second this rank trained on (a coordinator sums them).
     pub samples_per_second: f64,
     /// Share of this rank's step time spent waiting on data (0..1).
     pub data_wait: f64,

@@ -116,7 +116,7 @@ pub fn train(
         let step_end = StepEnd {
             step: step + 1,
             loss: loss_v,
-            samples_per_second: images as f64 / step_seconds,
+            samples_per_second: batch.len() as f64 / step_seconds,
             data_wait: data_wait.as_secs_f64() / step_seconds,
         };
 
