@@ -69,7 +69,7 @@ if [[ $device != cpu ]]; then
   dalle --set run.dir="$out/launch" --set synth.count=2048 --set dvae.train.steps=50 \
     --set gpt.train.steps=50 --set dvae.train.log_every=25 --set gpt.train.log_every=25 \
     launch --nproc 1 2>&1 | tee "$out/launch.log"
-  grep -q 'backend="nccl"' "$out/launch.log" || { echo "FAILED: the launch did not use NCCL" >&2; exit 1; }
+  grep -q 'backend nccl' "$out/launch.log" || { echo "FAILED: the launch did not use NCCL" >&2; exit 1; }
   on_cuda "$out/launch.log"
 fi
 

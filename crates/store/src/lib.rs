@@ -9,7 +9,11 @@
 //!
 //! A [`Location`] is a store plus a prefix inside it. Transient errors are
 //! retried with backoff up to a deadline; past it, the error names the URL.
+//!
+//! [`checkpoint`] stores training checkpoints on any of them: atomic commit
+//! (objects, then a manifest), background upload, retention, verified loads.
 
+pub mod checkpoint;
 mod glob;
 mod location;
 
