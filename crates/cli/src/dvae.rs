@@ -123,10 +123,16 @@ pub fn run(cmd: DvaeCommand, job: &JobConfig) -> Result<()> {
 
 fn train(job: &JobConfig) -> Result<()> {
     let report = dalle_train::dvae::train(job, &mut DataParallel::solo(), |_| {})?;
-    let last = report
-        .logs
-        .last()
-        .context("no steps were run (dvae.train.steps = 0)")?;
+    let Some(last) = report.logs.last() else {
+        println!(
+            "nothing to train: the run's checkpoint is at dvae.train.steps = {} already \
+             (set checkpoint.resume = false and checkpoint.overwrite = true to start over); \
+             weights in {}",
+            job.dvae.train.steps,
+            report.weights.display()
+        );
+        return Ok(());
+    };
     println!(
         "trained {} steps: loss {:.4}, psnr {:.2} dB, {} codes used; weights in {}",
         last.step,

@@ -18,6 +18,12 @@ pub fn run(cmd: GptCommand, job: &JobConfig) -> Result<()> {
     match cmd {
         GptCommand::Train => {
             let report = dalle_train::gpt::train(job, &mut DataParallel::solo(), |_| {})?;
+            if report.logs.is_empty() {
+                println!(
+                    "nothing to train: the run's checkpoint is at gpt.train.steps = {} already",
+                    job.gpt.train.steps
+                );
+            }
             if let Some(last) = report.logs.last() {
                 println!(
                     "trained {} steps: loss {:.4} (text {:.4}, image {:.4}), {:.0} tokens/s; weights {}",

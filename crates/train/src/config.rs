@@ -8,6 +8,7 @@
 //! values for the model and its training). With no file at all, the
 //! embedded demo (`configs/demo.toml`) is the whole configuration.
 
+use crate::checkpointing::CheckpointPolicy;
 use crate::optim::AdamWConfig;
 use crate::schedule::Cosine;
 use crate::{Result, TrainError};
@@ -43,6 +44,7 @@ pub struct JobConfig {
     /// The caption tokenizer of stage 2.
     pub text: TextConfig,
     pub gpt: GptStage,
+    pub checkpoint: CheckpointPolicy,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -3,6 +3,7 @@
 //! window (also appended to `dvae-metrics.jsonl`), and weights written
 //! atomically during and at the end of training.
 
+use crate::checkpointing::StageCheckpoints;
 use crate::config::JobConfig;
 use crate::ddp::{DataParallel, StepEnd, seeded, step_seed};
 use crate::feed::{EpochSummary, batch_tensor, loader_config, next_nonempty, runtime_device};
@@ -16,6 +17,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
+#[derive(Debug)]
 pub struct TrainReport {
     pub logs: Vec<DvaeLog>,
     pub weights: PathBuf,
@@ -33,6 +35,15 @@ pub fn train(
     let cfg = &job.dvae.train;
     let device = runtime_device(job)?;
     let data = job.data_location()?;
+    let model = seeded(job.run.seed, || Dvae::new(job.dvae.model.clone(), device))?;
+    let mut optimizer = AdamW::new(model.named_parameters(), cfg.adamw);
+    let params = model.named_parameters();
+    ddp.share_initial_parameters(&params)?;
+    let mut checkpoints = StageCheckpoints::open(job, "dvae", ddp.is_leader())?;
+    let resume = checkpoints.resume(&model.var_store().variables(), &mut optimizer)?;
+    let (first_step, cursor) = resume
+        .as_ref()
+        .map_or((0, Cursor::start(job.run.seed)), |r| (r.step, r.cursor));
     let mut loader = ImageLoader::start(
         &data,
         loader_config(
@@ -44,26 +55,24 @@ pub fn train(
                 world: ddp.world_size(),
             },
         ),
-        Cursor::start(job.run.seed),
+        cursor,
     )?;
     tracing::info!(
-        data = %data.url, row_groups = loader.units(), ?device,
+        data = %data.url, row_groups = loader.units(), ?device, first_step,
         "training dVAE for {} steps at batch {}", cfg.steps, cfg.batch_size
     );
-
-    let model = seeded(job.run.seed, || Dvae::new(job.dvae.model.clone(), device))?;
-    let mut optimizer = AdamW::new(model.named_parameters(), cfg.adamw);
-    let params = model.named_parameters();
-    ddp.share_initial_parameters(&params)?;
     let weights = job.dvae_weights_path();
-    let mut metrics =
-        MetricsFile::create(&job.run.dir.join("dvae-metrics.jsonl"), ddp.is_leader())?;
+    let mut metrics = MetricsFile::create(
+        &job.run.dir.join("dvae-metrics.jsonl"),
+        ddp.is_leader(),
+        resume.is_some(),
+    )?;
     let grid = job.dvae.model.grid_size();
     let mut window = Window::default();
     let mut epoch = EpochSummary::default();
     let mut logs = Vec::new();
 
-    for step in 0..cfg.steps {
+    for step in first_step..cfg.steps {
         let started = Instant::now();
         let batch = next_nonempty(&mut loader, step, &mut epoch)?;
         let data_wait = started.elapsed();
@@ -145,7 +154,15 @@ pub fn train(
         if ddp.is_leader() && (periodic || done == cfg.steps) {
             model.save(&weights)?;
         }
+        if checkpoints.due(done, cfg.steps) {
+            checkpoints.save(done, batch.cursor, ddp.world_size(), &params, &optimizer)?;
+        }
         ddp.end_step(&step_end)?;
+    }
+    checkpoints.finish()?;
+    if first_step >= cfg.steps && ddp.is_leader() {
+        // Resumed from the stage's final checkpoint: nothing to train.
+        model.save(&weights)?;
     }
     let stats = loader.stats();
     tracing::info!(

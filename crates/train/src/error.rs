@@ -16,6 +16,8 @@ pub enum TrainError {
     Diverged { step: u64, loss: f64 },
     #[error("the data loader ended before step {0}")]
     DataExhausted(u64),
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
     #[error("stopped at a step boundary: {0}")]
     Stopped(String),
     #[error("data parallelism: {0}")]

@@ -4,6 +4,7 @@
 //! accumulation over micro-batches, clipping, AdamW under warm-up + cosine,
 //! and a log line per window (also appended to `gpt-metrics.jsonl`).
 
+use crate::checkpointing::StageCheckpoints;
 use crate::config::JobConfig;
 use crate::ddp::{DataParallel, StepEnd, seeded, step_seed};
 use crate::feed::{EpochSummary, batch_tensor, loader_config, next_nonempty, runtime_device};
@@ -216,6 +217,7 @@ pub fn accumulate_gradients(
     Ok(parts)
 }
 
+#[derive(Debug)]
 pub struct GptTrainReport {
     pub logs: Vec<GptLog>,
     pub weights: PathBuf,
@@ -239,6 +241,21 @@ pub fn train(
     let data_url = job.gpt_data_url();
     let data = dalle_store::Location::parse(&data_url, &job.store)
         .map_err(|e| TrainError::Config(e.to_string()))?;
+    let model = seeded(job.run.seed, || Gpt::new(config.clone(), device))?;
+    let params = model.named_parameters();
+    ddp.share_initial_parameters(&params)?;
+    let mut optimizer = AdamW::new(model.named_parameters(), cfg.adamw);
+    let mut checkpoints = StageCheckpoints::open(job, "gpt", ddp.is_leader())?;
+    checkpoints.carry_tokenizer(
+        tokenizer
+            .to_json()
+            .map_err(|e| TrainError::Config(e.to_string()))?
+            .into_bytes(),
+    );
+    let resume = checkpoints.resume(&model.var_store().variables(), &mut optimizer)?;
+    let (first_step, cursor) = resume
+        .as_ref()
+        .map_or((0, Cursor::start(job.run.seed)), |r| (r.step, r.cursor));
     let mut loader = ImageLoader::start(
         &data,
         loader_config(
@@ -250,36 +267,31 @@ pub fn train(
                 world: ddp.world_size(),
             },
         ),
-        Cursor::start(job.run.seed),
+        cursor,
     )?;
     let images = ImageTokens::new(job, loader.payload(), device, &data.url)?;
     let mut captions = CaptionEncoder::new(job, &tokenizer)?;
-
-    let model = seeded(job.run.seed, || Gpt::new(config.clone(), device))?;
-    let parameters: i64 = model
-        .named_parameters()
-        .iter()
-        .map(|(_, t)| t.numel() as i64)
-        .sum();
+    let parameters: i64 = params.iter().map(|(_, t)| t.numel() as i64).sum();
     tracing::info!(
-        data = %data.url, row_groups = loader.units(), ?device, parameters,
+        data = %data.url, row_groups = loader.units(), ?device, parameters, first_step,
         text_vocab = config.text_vocab, image_vocab = config.image_vocab,
         seq_len = config.seq_len(),
         "training the transformer for {} steps at batch {} (micro-batch {})",
         cfg.steps, cfg.batch_size, cfg.micro_batch()
     );
-    let params = model.named_parameters();
-    ddp.share_initial_parameters(&params)?;
-    let mut optimizer = AdamW::new(model.named_parameters(), cfg.adamw);
     let weights = job.gpt_weights_path();
-    let mut metrics = MetricsFile::create(&job.run.dir.join("gpt-metrics.jsonl"), ddp.is_leader())?;
+    let mut metrics = MetricsFile::create(
+        &job.run.dir.join("gpt-metrics.jsonl"),
+        ddp.is_leader(),
+        resume.is_some(),
+    )?;
     let mut window = GptWindow::default();
     let mut epoch = EpochSummary::default();
     let mut logs = Vec::new();
     let mut truncated_total = 0;
     let positions_per_sample = (config.text_len + config.image_len()) as usize;
 
-    for step in 0..cfg.steps {
+    for step in first_step..cfg.steps {
         let started = Instant::now();
         let batch = next_nonempty(&mut loader, step, &mut epoch)?;
         let data_wait = started.elapsed();
@@ -343,7 +355,15 @@ pub fn train(
         if ddp.is_leader() && (periodic || done == cfg.steps) {
             model.save(&weights)?;
         }
+        if checkpoints.due(done, cfg.steps) {
+            checkpoints.save(done, batch.cursor, ddp.world_size(), &params, &optimizer)?;
+        }
         ddp.end_step(&step_end)?;
+    }
+    checkpoints.finish()?;
+    if first_step >= cfg.steps && ddp.is_leader() {
+        // Resumed from the stage's final checkpoint: nothing to train.
+        model.save(&weights)?;
     }
     let stats = loader.stats();
     tracing::info!(

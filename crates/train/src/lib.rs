@@ -2,6 +2,7 @@
 //! can be saved), schedules, the dVAE training loop with its metrics, and
 //! the job configuration that drives them.
 
+pub mod checkpointing;
 pub mod config;
 pub mod ddp;
 pub mod dvae;

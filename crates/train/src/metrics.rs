@@ -14,8 +14,9 @@ pub struct MetricsFile {
 }
 
 impl MetricsFile {
-    /// Creates (truncates) `path` when `write` is set; else a sink.
-    pub fn create(path: &Path, write: bool) -> Result<Self> {
+    /// Creates `path` when `write` is set (else a sink): truncated for a new
+    /// run, appended to when `resumed`.
+    pub fn create(path: &Path, write: bool, resumed: bool) -> Result<Self> {
         if !write {
             return Ok(Self { file: None });
         }
@@ -26,7 +27,13 @@ impl MetricsFile {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(io_err)?;
         }
-        let file = std::fs::File::create(path).map_err(io_err)?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(resumed)
+            .truncate(!resumed)
+            .open(path)
+            .map_err(io_err)?;
         Ok(Self {
             file: Some((path.to_path_buf(), file)),
         })
