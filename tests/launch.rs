@@ -2,15 +2,16 @@
 //! over loopback run every stage of a tiny job data-parallel, and the job
 //! ends with a sampler bundle.
 
-use std::process::Command;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 const DALLE: &str = env!("CARGO_BIN_EXE_dalle");
 
-#[test]
-fn two_workers_run_the_whole_job() {
-    let dir = tempfile::tempdir().unwrap();
-    let run = dir.path().join("run");
-    let config = dir.path().join("job.toml");
+/// A tiny job in `dir`: its config file, with `extra` TOML appended.
+fn tiny_job(dir: &Path, extra: &str) -> std::path::PathBuf {
+    let run = dir.join("run");
+    let config = dir.join("job.toml");
     std::fs::write(
         &config,
         format!(
@@ -57,11 +58,20 @@ steps = 10
 batch_size = 8
 log_every = 5
 save_every = 0
+{extra}
 "#,
             run.display()
         ),
     )
     .unwrap();
+    config
+}
+
+#[test]
+fn two_workers_run_the_whole_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let config = tiny_job(dir.path(), "");
     let out = Command::new(DALLE)
         .arg("--config")
         .arg(&config)
@@ -111,4 +121,91 @@ save_every = 0
         token_files, 4,
         "every one of the 4 data files is tokenized once"
     );
+}
+
+/// The newest committed checkpoint step of a stage, if any.
+fn committed(run: &Path, stage: &str) -> Option<u64> {
+    std::fs::read_dir(run.join("checkpoints").join(stage))
+        .ok()?
+        .flatten()
+        .filter(|e| e.path().join("manifest.json").is_file())
+        .filter_map(|e| e.file_name().to_str()?.strip_prefix("step-")?.parse().ok())
+        .max()
+}
+
+/// The worker processes a launcher started.
+fn children(pid: u32) -> Vec<u32> {
+    let path = format!("/proc/{pid}/task/{pid}/children");
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+#[test]
+fn a_killed_worker_is_replaced_by_resuming_the_survivors_from_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    // A dVAE stage long enough to be killed in, checkpointed every 20 steps.
+    let config = tiny_job(dir.path(), "[checkpoint]\nevery = 20\n");
+    let mut launch = Command::new(DALLE)
+        .arg("--config")
+        .arg(&config)
+        .args([
+            "--set",
+            "dvae.train.steps=1000",
+            "--set",
+            "dvae.train.batch_size=6",
+        ])
+        .args(["launch", "--nproc", "3", "--min-workers", "2"])
+        .args(["--heartbeat-timeout-secs", "3"])
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Ready: a checkpoint is committed and the three workers run.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while committed(&run, "dvae").is_none() || children(launch.id()).len() < 3 {
+        assert!(Instant::now() < deadline, "no checkpoint within 2 minutes");
+        assert!(launch.try_wait().unwrap().is_none(), "launch ended early");
+        std::thread::yield_now();
+    }
+    let before = committed(&run, "dvae").unwrap();
+    let victim = children(launch.id())[2];
+    Command::new("kill")
+        .args(["-9", &victim.to_string()])
+        .status()
+        .unwrap();
+
+    let out = launch.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the job failed after losing a worker:\n{stderr}"
+    );
+    assert!(
+        stdout.contains("with 2 workers (generation 2, 1 restarts)"),
+        "{stdout}"
+    );
+    // The survivors went on from a committed checkpoint, not from scratch.
+    let resumed: Vec<u64> = stderr
+        .lines()
+        .filter(|l| l.contains("resuming from a checkpoint") && l.contains("stage=dvae"))
+        .filter_map(|l| {
+            l.split("step=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert!(
+        !resumed.is_empty() && resumed.iter().all(|&s| s >= before),
+        "{stderr}"
+    );
+    assert!(run.join("bundle/bundle.json").is_file());
 }

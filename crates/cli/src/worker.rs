@@ -148,7 +148,13 @@ fn train_generation(
         Err(e) => match heartbeats.instruction() {
             Instruction::Reform { reason } => Ok(Ending::Reform(reason)),
             Instruction::Stop { reason } => bail!("the coordinator stopped the job: {reason}"),
-            Instruction::Continue => Err(e),
+            // A broken collective (a peer died or hung) is the group's
+            // failure, not this worker's: join again, which tells the
+            // coordinator to re-form the group.
+            Instruction::Continue => match e.downcast_ref::<TrainError>() {
+                Some(TrainError::Collective(why)) => Ok(Ending::Reform(why.clone())),
+                _ => Err(e),
+            },
         },
     }
 }
