@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The main job on embedded defaults (configs/demo.toml), on CPU in about ten
-# minutes: generate the synthetic shapes dataset, train a small dVAE (and
-# write originals next to reconstructions with their PSNR), train the
-# caption tokenizer, pre-tokenize the dataset, train a small transformer,
-# export the sampler bundle and draw images for a few prompts with
+# minutes, with `dalle launch` running a coordinator and two data-parallel
+# worker processes: generate the synthetic shapes dataset, train a small
+# dVAE, train the caption tokenizer, pre-tokenize the dataset, train a small
+# transformer and export the sampler bundle; then write originals next to
+# reconstructions with their PSNR, and draw images for a few prompts with
 # `dalle-sample`.
 # Extra arguments go to every `dalle` call (e.g. --set run.dir=/tmp/x).
 set -euo pipefail
@@ -13,12 +14,11 @@ scripts/setup.sh
 cargo build --release --bin dalle --bin dalle-sample
 dalle=target/release/dalle
 
-"$dalle" "$@" data synth
-"$dalle" "$@" dvae train
+# The whole job with a coordinator and two worker processes on this machine:
+# synthetic data, dVAE, caption tokenizer, pre-tokenization, transformer,
+# sampler bundle (checkpoints under <run.dir>/checkpoints).
+"$dalle" "$@" launch --nproc 2
 "$dalle" "$@" dvae reconstruct --count 32
-"$dalle" "$@" text train-tokenizer
-"$dalle" "$@" data tokenize
-"$dalle" "$@" gpt train   # ends by exporting the bundle to <run.dir>/bundle
 
 run_dir=$("$dalle" "$@" config | awk '$0=="[run]"{f=1;next} /^\[/{f=0} f && $1=="dir"{gsub(/"/,"",$3); print $3}')
 target/release/dalle-sample "$run_dir/bundle" --out "$run_dir/samples" -n 4 \

@@ -32,6 +32,14 @@ struct Cli {
     /// Override a config key, e.g. `--set dvae.train.steps=100` (repeatable).
     #[arg(long = "set", global = true, value_name = "KEY=VALUE")]
     overrides: Vec<String>,
+    /// Continue from this checkpoint (`…/checkpoints/STAGE/step-N`) instead
+    /// of the run's newest (`checkpoint.resume_from`).
+    #[arg(long, global = true, value_name = "URL")]
+    resume_from: Option<String>,
+    /// Start over instead of resuming the run's newest checkpoint; refused
+    /// when the run has checkpoints unless `--set checkpoint.overwrite=true`.
+    #[arg(long, global = true)]
+    no_resume: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -79,8 +87,14 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let job =
-        || -> Result<JobConfig> { Ok(JobConfig::load(cli.config.as_deref(), &cli.overrides)?) };
+    let mut overrides = cli.overrides.clone();
+    if let Some(url) = &cli.resume_from {
+        overrides.push(format!("checkpoint.resume_from={url}"));
+    }
+    if cli.no_resume {
+        overrides.push("checkpoint.resume=false".into());
+    }
+    let job = || -> Result<JobConfig> { Ok(JobConfig::load(cli.config.as_deref(), &overrides)?) };
     match cli.command {
         Command::Data(cmd) => data::run(cmd, &job()?),
         Command::Dvae(cmd) => dvae::run(cmd, &job()?),

@@ -91,6 +91,7 @@ pub struct StageCheckpoints {
     job_toml: String,
     extra: Vec<(String, Vec<u8>)>,
     started: Instant,
+    store_config: dalle_store::StoreConfig,
 }
 
 impl StageCheckpoints {
@@ -117,6 +118,7 @@ impl StageCheckpoints {
             job_toml: job.to_toml(),
             extra: Vec::new(),
             started: Instant::now(),
+            store_config: job.store.clone(),
         })
     }
 
@@ -134,7 +136,7 @@ impl StageCheckpoints {
     ) -> Result<Option<Resume>> {
         let loaded = match &self.policy.resume_from {
             Some(url) => {
-                let location = Location::parse(url, &Default::default())
+                let location = Location::parse(url, &self.store_config)
                     .map_err(|e| TrainError::Config(e.to_string()))?;
                 let loaded = self.store.load(&location).map_err(checkpoint_error)?;
                 if loaded.stage != self.stage {
