@@ -92,6 +92,9 @@ pub struct StageCheckpoints {
     extra: Vec<(String, Vec<u8>)>,
     started: Instant,
     store_config: dalle_store::StoreConfig,
+    /// Checkpoints saved, and the time training waited for them.
+    saved: u64,
+    paused: std::time::Duration,
 }
 
 impl StageCheckpoints {
@@ -119,6 +122,8 @@ impl StageCheckpoints {
             extra: Vec::new(),
             started: Instant::now(),
             store_config: job.store.clone(),
+            saved: 0,
+            paused: std::time::Duration::ZERO,
         })
     }
 
@@ -233,6 +238,21 @@ impl StageCheckpoints {
         if !self.writer {
             return Ok(());
         }
+        let pause = Instant::now();
+        let result = self.save_now(step, cursor, world_size, parameters, optimizer);
+        self.paused += pause.elapsed();
+        self.saved += 1;
+        result
+    }
+
+    fn save_now(
+        &mut self,
+        step: u64,
+        cursor: Cursor,
+        world_size: usize,
+        parameters: &[(String, Tensor)],
+        optimizer: &AdamW,
+    ) -> Result<()> {
         let meta = HashMap::from([("step".to_string(), step.to_string())]);
         let (opt_step, moments) = optimizer.state();
         let mut objects = vec![
@@ -275,9 +295,19 @@ impl StageCheckpoints {
         Ok(())
     }
 
-    /// Waits for the save in flight.
+    /// Waits for the save in flight, and logs what checkpoints cost.
     pub fn finish(&mut self) -> Result<()> {
         self.store.wait().map_err(checkpoint_error)?;
+        if self.writer && self.saved > 0 {
+            let elapsed = self.started.elapsed().as_secs_f64().max(1e-9);
+            let paused = self.paused.as_secs_f64();
+            tracing::info!(
+                stage = %self.stage, saved = self.saved,
+                asynchronous = self.policy.asynchronous,
+                "checkpoints paused training for {paused:.3} s in all, {:.2}% of the stage's {elapsed:.1} s",
+                100.0 * paused / elapsed
+            );
+        }
         Ok(())
     }
 }
