@@ -60,6 +60,9 @@ pub struct RunConfig {
     /// With several workers, check every this many steps that all ranks
     /// hold bitwise identical parameters (0: only at the start).
     pub verify_every: u64,
+    /// Write the sample ledger: each step's sample keys per rank, under
+    /// `<run.dir>/ledger/`.
+    pub ledger: bool,
 }
 
 impl Default for RunConfig {
@@ -70,6 +73,7 @@ impl Default for RunConfig {
             seed: 0,
             threads: 0,
             verify_every: 0,
+            ledger: false,
         }
     }
 }

@@ -6,7 +6,9 @@
 use crate::checkpointing::StageCheckpoints;
 use crate::config::JobConfig;
 use crate::ddp::{DataParallel, StepEnd, seeded, step_seed};
-use crate::feed::{EpochSummary, batch_tensor, loader_config, next_nonempty, runtime_device};
+use crate::feed::{
+    EpochSummary, Ledger, batch_tensor, loader_config, next_nonempty, runtime_device,
+};
 use crate::metrics::{DvaeLog, DvaeStepMetrics, MetricsFile, Window};
 use crate::optim::AdamW;
 use crate::{Result, TrainError};
@@ -68,6 +70,7 @@ pub fn train(
         resume.is_some(),
     )?;
     let grid = job.dvae.model.grid_size();
+    let mut ledger = Ledger::open(job, "dvae", ddp.rank(), ddp.world_size())?;
     let mut window = Window::default();
     let mut epoch = EpochSummary::default();
     let mut logs = Vec::new();
@@ -154,6 +157,7 @@ pub fn train(
         if ddp.is_leader() && (periodic || done == cfg.steps) {
             model.save(&weights)?;
         }
+        ledger.record(done, &batch.keys)?;
         if checkpoints.due(done, cfg.steps) {
             checkpoints.save(done, batch.cursor, ddp.world_size(), &params, &optimizer)?;
         }

@@ -90,3 +90,60 @@ pub fn runtime_device(job: &JobConfig) -> Result<Device> {
     }
     Ok(dalle_model::device::parse_device(&job.run.device)?)
 }
+
+/// The sample ledger (`run.ledger`): every rank appends, per step, the keys
+/// of the samples it trained on to `<run.dir>/ledger/STAGE-rank-R.jsonl`,
+/// so a run can be audited: which samples each step saw, across restarts
+/// and changes of world size (a re-done step appears again, later).
+pub struct Ledger {
+    file: Option<(std::path::PathBuf, std::fs::File)>,
+    stage: &'static str,
+    rank: usize,
+    world: usize,
+}
+
+impl Ledger {
+    pub fn open(job: &JobConfig, stage: &'static str, rank: usize, world: usize) -> Result<Self> {
+        if !job.run.ledger {
+            return Ok(Self {
+                file: None,
+                stage,
+                rank,
+                world,
+            });
+        }
+        let dir = job.run.dir.join("ledger");
+        let path = dir.join(format!("{stage}-rank-{rank}.jsonl"));
+        let io_err = |path: &std::path::Path| {
+            let path = path.to_path_buf();
+            move |source| TrainError::Io { path, source }
+        };
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        Ok(Self {
+            file: Some((path, file)),
+            stage,
+            rank,
+            world,
+        })
+    }
+
+    /// Records the keys of step `step` (1-based: steps finished).
+    pub fn record(&mut self, step: u64, keys: &[String]) -> Result<()> {
+        use std::io::Write;
+        let Some((path, file)) = &mut self.file else {
+            return Ok(());
+        };
+        let line = serde_json::json!({
+            "stage": self.stage, "step": step, "rank": self.rank, "world": self.world, "keys": keys,
+        });
+        writeln!(file, "{line}").map_err(|source| TrainError::Io {
+            path: path.clone(),
+            source,
+        })
+    }
+}

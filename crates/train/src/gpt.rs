@@ -7,7 +7,9 @@
 use crate::checkpointing::StageCheckpoints;
 use crate::config::JobConfig;
 use crate::ddp::{DataParallel, StepEnd, seeded, step_seed};
-use crate::feed::{EpochSummary, batch_tensor, loader_config, next_nonempty, runtime_device};
+use crate::feed::{
+    EpochSummary, Ledger, batch_tensor, loader_config, next_nonempty, runtime_device,
+};
 use crate::metrics::{GptLog, GptStepMetrics, GptWindow, MetricsFile};
 use crate::optim::AdamW;
 use crate::{Result, TrainError};
@@ -285,6 +287,7 @@ pub fn train(
         ddp.is_leader(),
         resume.is_some(),
     )?;
+    let mut ledger = Ledger::open(job, "gpt", ddp.rank(), ddp.world_size())?;
     let mut window = GptWindow::default();
     let mut epoch = EpochSummary::default();
     let mut logs = Vec::new();
@@ -355,6 +358,7 @@ pub fn train(
         if ddp.is_leader() && (periodic || done == cfg.steps) {
             model.save(&weights)?;
         }
+        ledger.record(done, &batch.keys)?;
         if checkpoints.due(done, cfg.steps) {
             checkpoints.save(done, batch.cursor, ddp.world_size(), &params, &optimizer)?;
         }
