@@ -46,9 +46,14 @@ pub fn run(args: LaunchArgs, job: &JobConfig) -> Result<()> {
     }
     let mut job = job.clone();
     let device = dalle_model::device::parse_device(&job.run.device)?;
-    let (backend, slot) = match device {
-        tch::Device::Cuda(_) => (Backend::Nccl, "cuda"),
-        _ => (Backend::TcpRing, "cpu"),
+    let slot = match device {
+        tch::Device::Cuda(_) => "cuda",
+        _ => "cpu",
+    };
+    let backend = match (job.run.backend.as_str(), slot) {
+        ("nccl", "cpu") => bail!("run.backend = \"nccl\" needs run.device = cuda"),
+        ("nccl", _) | ("auto", "cuda") => Backend::Nccl,
+        _ => Backend::TcpRing,
     };
     if backend == Backend::TcpRing && job.run.threads == 0 {
         // Workers share the machine's cores instead of each taking them all.

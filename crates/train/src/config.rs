@@ -63,6 +63,9 @@ pub struct RunConfig {
     /// Write the sample ledger: each step's sample keys per rank, under
     /// `<run.dir>/ledger/`.
     pub ledger: bool,
+    /// What carries gradients between workers: `auto` (NCCL on CUDA, the
+    /// TCP ring on CPU), `tcp-ring` or `nccl`.
+    pub backend: String,
 }
 
 impl Default for RunConfig {
@@ -74,6 +77,7 @@ impl Default for RunConfig {
             threads: 0,
             verify_every: 0,
             ledger: false,
+            backend: "auto".into(),
         }
     }
 }
@@ -354,6 +358,10 @@ impl JobConfig {
                 "gpt.train.caption_dropout must be within 0..1 (1 excluded)",
             ),
             (self.text.text_len == 0, "text.text_len must be positive"),
+            (
+                !["auto", "tcp-ring", "nccl"].contains(&self.run.backend.as_str()),
+                "run.backend must be auto, tcp-ring or nccl",
+            ),
         ];
         let checks: Vec<_> = checks.into_iter().chain(gpt_checks).collect();
         match checks.iter().find(|(bad, _)| *bad) {
@@ -514,5 +522,9 @@ mod tests {
         assert!(err.contains("dvae.image_size"), "{err}");
         let err = load("", &["nonsense"], &[]).unwrap_err().to_string();
         assert!(err.contains("nonsense"), "{err}");
+        let err = load("", &["run.backend=gloo"], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("run.backend"), "{err}");
     }
 }
