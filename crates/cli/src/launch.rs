@@ -76,6 +76,7 @@ pub fn run(args: LaunchArgs, job: &JobConfig) -> Result<()> {
         max_restarts: args.max_restarts,
         backend,
         status_listen: args.status,
+        plan: crate::stages::plan(&job),
         ..CoordinatorConfig::new(token.clone(), job.to_toml())
     };
     let coordinator = Coordinator::start(config, move |_generation| match backend {

@@ -1,37 +1,100 @@
-//! The job's stage plan as one worker runs it: dVAE training (data
-//! parallel) → caption tokenizer (rank 0) → pre-tokenization split across
-//! ranks by file → transformer training (data parallel) → sampler bundle
-//! (rank 0). Ranks meet at a barrier wherever one stage reads what another
-//! rank wrote.
+//! The job's stages as a worker runs them. The coordinator owns the plan
+//! (`run.stages`, handed to every group with where to start); a worker runs
+//! each stage it is given by name: dVAE training (data parallel) → caption
+//! tokenizer (rank 0) → pre-tokenization split across ranks by file →
+//! transformer training (data parallel) → sampler bundle (rank 0). Ranks
+//! meet at a barrier at the end of every stage, since the next one reads
+//! what any rank wrote.
 
 use crate::{export, text, tokenize};
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use dalle_model::dvae::Dvae;
+use dalle_runtime::PlanStage;
 use dalle_store::Location;
-use dalle_train::config::JobConfig;
+use dalle_train::config::{JobConfig, JobStage};
 use dalle_train::ddp::DataParallel;
 
-/// Runs every stage of `job` on this rank.
-pub fn run_all(job: &JobConfig, ddp: &mut DataParallel) -> Result<()> {
-    let rank = ddp.rank();
-    tracing::info!(rank, world = ddp.world_size(), "stage 1: dVAE training");
-    dalle_train::dvae::train(job, ddp, |_| {})?;
-    ddp.barrier()?;
+/// The plan the coordinator hands out for `job`.
+pub fn plan(job: &JobConfig) -> Vec<PlanStage> {
+    job.run
+        .stages
+        .iter()
+        .map(|stage| PlanStage {
+            name: stage.name().into(),
+            leader_only: stage.leader_only(),
+        })
+        .collect()
+}
 
-    if ddp.is_leader() {
-        tracing::info!("stage 2 preparation: caption tokenizer");
-        text::run(
+/// The coordinator's plan as stages this worker knows how to run; refuses
+/// a plan with a stage it does not know (a coordinator of another release)
+/// before anything runs.
+pub fn from_plan(plan: &[PlanStage]) -> Result<Vec<JobStage>> {
+    if plan.is_empty() {
+        bail!("the coordinator sent no stage plan: is it an older dalle-rs release?");
+    }
+    plan.iter()
+        .map(|stage| {
+            let known = JobStage::from_name(&stage.name).with_context(|| {
+                format!(
+                    "the coordinator's plan has a stage {:?} this worker does not know \
+                     (it knows {}): run the same dalle-rs release everywhere",
+                    stage.name,
+                    JobStage::ALL.map(JobStage::name).join(", ")
+                )
+            })?;
+            if known.leader_only() != stage.leader_only {
+                bail!(
+                    "the coordinator's plan runs stage {} on {}, this worker on {}: \
+                     run the same dalle-rs release everywhere",
+                    stage.name,
+                    ranks(stage.leader_only),
+                    ranks(known.leader_only())
+                );
+            }
+            Ok(known)
+        })
+        .collect()
+}
+
+fn ranks(leader_only: bool) -> &'static str {
+    if leader_only { "rank 0" } else { "every rank" }
+}
+
+/// Runs one stage on this rank (leader-only stages do nothing elsewhere),
+/// then waits at the barrier that ends it.
+pub fn run(stage: JobStage, job: &JobConfig, ddp: &mut DataParallel) -> Result<()> {
+    let rank = ddp.rank();
+    tracing::info!(
+        rank,
+        world = ddp.world_size(),
+        stage = stage.name(),
+        "stage starts"
+    );
+    match stage {
+        JobStage::Dvae => {
+            dalle_train::dvae::train(job, ddp, |_| {})?;
+        }
+        JobStage::Tokenizer if ddp.is_leader() => text::run(
             text::TextCommand::TrainTokenizer {
                 input: None,
                 out: None,
             },
             job,
-        )?;
+        )?,
+        JobStage::Pretokenize => pretokenize(job, rank, ddp.world_size())?,
+        JobStage::Gpt => {
+            dalle_train::gpt::train(job, ddp, |_| {})?;
+        }
+        JobStage::Export if ddp.is_leader() => export::run(job, None)?,
+        JobStage::Tokenizer | JobStage::Export => {}
     }
-    tracing::info!(
-        rank,
-        "stage 2 preparation: pre-tokenizing this rank's files"
-    );
+    ddp.barrier()?;
+    Ok(())
+}
+
+/// This rank's files of the dataset, encoded to dVAE tokens.
+fn pretokenize(job: &JobConfig, rank: usize, world: usize) -> Result<()> {
     let device = dalle_model::device::parse_device(&job.run.device)?;
     let weights = job.dvae_weights_path();
     let dvae = Dvae::load(&weights, device)
@@ -43,16 +106,28 @@ pub fn run_all(job: &JobConfig, ddp: &mut DataParallel) -> Result<()> {
             input: Location::parse(&job.data_url(), &job.store)?,
             output: Location::parse(&job.tokens_url(), &job.store)?,
             batch_size: 64,
-            shard: (rank, ddp.world_size()),
+            shard: (rank, world),
         },
-    )?;
-    ddp.barrier()?;
+    )
+}
 
-    tracing::info!(rank, "stage 2: transformer training");
-    dalle_train::gpt::train(job, ddp, |_| {})?;
-    ddp.barrier()?;
-    if ddp.is_leader() {
-        export::run(job, None)?;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_plan_round_trips_and_foreign_stages_are_refused() {
+        let job = JobConfig::default();
+        let plan = plan(&job);
+        assert_eq!(from_plan(&plan).unwrap(), JobStage::ALL);
+        let err = from_plan(&[PlanStage::all_ranks("distill")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"distill\"") && err.contains("dvae"), "{err}");
+        let err = from_plan(&[PlanStage::all_ranks("export")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("export") && err.contains("rank 0"), "{err}");
+        assert!(from_plan(&[]).is_err());
     }
-    Ok(())
 }

@@ -1,8 +1,9 @@
 //! `dalle worker --coordinator URL`: one training process of a job. It
 //! joins the coordinator, builds the collective it is told to (TCP ring or
-//! NCCL), runs the job's stages data-parallel, reports every step in its
-//! heartbeats, and at a step boundary obeys the coordinator: carry on, stop,
-//! or leave the group and join the re-formed one.
+//! NCCL), runs the stages of the coordinator's plan from where the group
+//! starts, data-parallel, reports every step in its heartbeats and every
+//! finished stage, and at a step (or stage) boundary obeys the coordinator:
+//! carry on, stop, or leave the group and join the re-formed one.
 
 use crate::stages;
 use anyhow::{Context, Result, bail};
@@ -78,6 +79,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         let last_step = Arc::new(AtomicU64::new(0));
         let outcome = train_generation(
             &job,
+            &membership,
             &assignment,
             &listener,
             heartbeats.clone(),
@@ -117,15 +119,18 @@ fn device_of_slot(slot: &str) -> String {
     }
 }
 
-/// One generation: build the collective, run the stages, and read how it
-/// ended from the coordinator's instruction when training stopped early.
+/// One generation: build the collective, run the plan's stages from where
+/// the group starts, and read how it ended from the coordinator's
+/// instruction when training stopped early.
 fn train_generation(
     job: &JobConfig,
+    membership: &Membership,
     assignment: &Assignment,
     listener: &TcpListener,
     heartbeats: Arc<Heartbeats>,
     last_step: Arc<AtomicU64>,
 ) -> Result<Ending> {
+    let plan = stages::from_plan(&assignment.plan)?;
     let mut ddp = collective(job, assignment, listener)?;
     let beats = heartbeats.clone();
     ddp = ddp.with_step_hook(Box::new(move |end: &StepEnd| {
@@ -143,7 +148,33 @@ fn train_generation(
             }
         }
     }));
-    match stages::run_all(job, &mut ddp) {
+    let run_plan = |ddp: &mut DataParallel| -> Result<()> {
+        for (index, &stage) in plan.iter().enumerate().skip(assignment.first_stage) {
+            // Stages without training steps see the coordinator here.
+            if let Instruction::Reform { reason } | Instruction::Stop { reason } =
+                heartbeats.instruction()
+            {
+                return Err(TrainError::Stopped(reason).into());
+            }
+            heartbeats.enter_stage(index);
+            stages::run(stage, job, ddp)?;
+            membership
+                .stage_done(assignment, index)
+                .with_context(|| format!("reporting stage {} done", stage.name()))?;
+        }
+        Ok(())
+    };
+    if assignment.first_stage > 0 {
+        let done: Vec<&str> = plan[..assignment.first_stage.min(plan.len())]
+            .iter()
+            .map(|s| s.name())
+            .collect();
+        tracing::info!(
+            complete = done.join(", "),
+            "the group starts after stages complete"
+        );
+    }
+    match run_plan(&mut ddp) {
         Ok(()) => Ok(Ending::Finished),
         Err(e) => match heartbeats.instruction() {
             Instruction::Reform { reason } => Ok(Ending::Reform(reason)),

@@ -86,6 +86,11 @@ pub enum Error {
     #[error("{peer} is out of step: {detail}")]
     Mismatch { peer: Peer, detail: String },
 
+    /// The rank's [`Interrupt`](crate::Interrupt) was flipped: the group
+    /// is over (the coordinator dropped a member), whatever the links say.
+    #[error("collective interrupted: {reason}")]
+    Interrupted { reason: String },
+
     /// An earlier error broke the group; its members must re-form it.
     #[error("the group is broken by an earlier error ({first}); re-form it")]
     Broken { first: String },

@@ -19,18 +19,21 @@
 //!
 //! Failure model: a collective either completes on every rank or returns an
 //! error naming the peer or operation at fault, within the configured
-//! timeout; it never hangs. After an error the group is broken and every
+//! timeout; it never hangs. An [`Interrupt`] ends a blocked call sooner,
+//! when the coordinator has decided already that the group is over. After an error the group is broken and every
 //! later call fails fast: the coordinator re-forms the group (new session,
 //! new links) and training resumes from the last checkpoint.
 
 mod connect;
 mod error;
+mod interrupt;
 pub mod nccl;
 mod ring;
 mod sender;
 pub mod wire;
 
 pub use error::{Error, Peer, Result};
+pub use interrupt::Interrupt;
 pub use nccl::{
     NcclCollective, NcclOptions, nccl_available, nccl_probe, nccl_unique_id, nccl_version,
 };

@@ -60,6 +60,9 @@ pub struct NcclOptions {
     /// Like the ring's `io_timeout`, it must cover the longest time one rank
     /// may arrive before the others.
     pub op_timeout: Duration,
+    /// Flipped, it aborts the communicator: a blocked collective (or init)
+    /// fails at once.
+    pub interrupt: crate::Interrupt,
 }
 
 impl Default for NcclOptions {
@@ -67,6 +70,7 @@ impl Default for NcclOptions {
         Self {
             init_timeout: Duration::from_secs(300),
             op_timeout: Duration::from_secs(300),
+            interrupt: crate::Interrupt::new(),
         }
     }
 }
@@ -379,6 +383,7 @@ impl NcclCollective {
                 }
             }
             self.check_async(op)?;
+            self.check_interrupt()?;
             if Instant::now() >= deadline {
                 return Err(self.timed_out(op));
             }
@@ -395,10 +400,24 @@ impl NcclCollective {
                 sys::ncclResult_t::ncclInProgress => {}
                 other => return Err(self.fail(op, other)),
             }
+            self.check_interrupt()?;
             if Instant::now() >= deadline {
                 return Err(self.timed_out(op));
             }
             std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// Aborts once the interrupt is flipped: polling it is how a call
+    /// blocked on a peer learns the coordinator gave up on the group.
+    fn check_interrupt(&mut self) -> Result<()> {
+        match self.options.interrupt.reason() {
+            None => Ok(()),
+            Some(reason) => {
+                let e = Error::Interrupted { reason };
+                self.abort(&e);
+                Err(e)
+            }
         }
     }
 

@@ -29,11 +29,11 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::ops::Range;
 use std::time::Duration;
 
-use crate::Collective;
 use crate::connect::{self, Place};
 use crate::error::{Error, Peer, Result};
 use crate::sender::Sender;
 use crate::wire::{HEADER_LEN, Op, OpHeader};
+use crate::{Collective, Interrupt};
 
 /// How a ring forms and moves bytes. Every rank of a group must use the same
 /// `session`; the rest may differ per rank.
@@ -55,6 +55,8 @@ pub struct RingConfig {
     /// Chunks queued to the sender thread at most (memory per rank is about
     /// `(max_in_flight + 1) · chunk_bytes`).
     pub max_in_flight: usize,
+    /// Flipped, it closes the links: a blocked collective fails at once.
+    pub interrupt: Interrupt,
 }
 
 impl Default for RingConfig {
@@ -65,6 +67,7 @@ impl Default for RingConfig {
             io_timeout: Duration::from_secs(300),
             chunk_bytes: 1 << 20,
             max_in_flight: 4,
+            interrupt: Interrupt::new(),
         }
     }
 }
@@ -82,6 +85,7 @@ pub struct TcpRing {
     seq: u64,
     /// Set by the first error; every later call fails with it.
     broken: Option<String>,
+    interrupt: Interrupt,
 }
 
 struct Links {
@@ -141,6 +145,7 @@ impl TcpRing {
             links: None,
             seq: 0,
             broken: None,
+            interrupt: config.interrupt.clone(),
         };
         if world == 1 {
             return Ok(ring);
@@ -168,6 +173,13 @@ impl TcpRing {
             .next
             .try_clone()
             .map_err(|e| io("configure the link", place.next, e))?;
+        let closers = [&links.prev, &links.next].map(|s| s.try_clone());
+        if let [Ok(prev), Ok(next)] = closers {
+            config.interrupt.on_trigger(move || {
+                let _ = prev.shutdown(Shutdown::Both);
+                let _ = next.shutdown(Shutdown::Both);
+            });
+        }
         let sender = Sender::spawn(
             writer,
             place.next,
@@ -213,6 +225,11 @@ impl TcpRing {
             chunk_bytes: self.chunk_bytes,
             op,
         };
+        if let Some(reason) = self.interrupt.reason() {
+            let e = Error::Interrupted { reason };
+            self.break_group(&e);
+            return Err(e);
+        }
         let header = OpHeader {
             op,
             root: root as u32,
@@ -224,6 +241,12 @@ impl TcpRing {
             .exchange_header(links, header)
             .and_then(|()| body(links, &step))
             .and_then(|()| links.sender.flush());
+        // An interrupt closed the links: that, not the closed link, is
+        // what happened.
+        let result = result.map_err(|e| match self.interrupt.reason() {
+            Some(reason) => Error::Interrupted { reason },
+            None => e,
+        });
         if let Err(e) = &result {
             self.break_group(e);
         }

@@ -9,7 +9,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use dalle_collective::wire::{ANSWER_LEN, Answer, Hello, PROTOCOL_VERSION, Verdict};
-use dalle_collective::{Collective, Error, RingConfig, TcpRing};
+use dalle_collective::{Collective, Error, Interrupt, RingConfig, TcpRing};
 
 fn config(session: u64) -> RingConfig {
     RingConfig {
@@ -20,6 +20,7 @@ fn config(session: u64) -> RingConfig {
         // segment boundaries.
         chunk_bytes: 16 << 10,
         max_in_flight: 2,
+        interrupt: Interrupt::new(),
     }
 }
 
@@ -252,6 +253,49 @@ fn a_hung_peer_is_a_timeout_naming_it() {
             assert!(msg.contains("rank 2 (127.0.0.1:"), "{msg}");
         }
     }
+}
+
+#[test]
+fn an_interrupt_ends_a_collective_blocked_on_a_hung_peer() {
+    // The peer hangs far longer than the test runs, and so would the
+    // collective without the interrupt: only the interrupt can end it.
+    let mut cfg = config(13);
+    cfg.io_timeout = Duration::from_secs(120);
+    let (listeners, addrs) = listeners(2);
+    let mut handles = Vec::new();
+    let (hung_tx, hung_rx) = std::sync::mpsc::channel::<()>();
+    let mut hung_rx = Some(hung_rx);
+    for (rank, listener) in listeners.into_iter().enumerate() {
+        // Each rank its own switch: only rank 0's is flipped.
+        let (addrs, mut cfg) = (addrs.clone(), cfg.clone());
+        cfg.interrupt = Interrupt::new();
+        let hung = if rank == 1 { hung_rx.take() } else { None };
+        handles.push(thread::spawn(move || {
+            let mut ring = TcpRing::connect(rank, addrs, listener, cfg.clone()).unwrap();
+            if let Some(rx) = hung {
+                // Alive with open links, never in the collective, until
+                // the test ends.
+                let _ = rx.recv();
+                return None;
+            }
+            let interrupt = cfg.interrupt.clone();
+            let flipper = thread::spawn(move || {
+                interrupt.trigger("the coordinator dropped rank 1 (missed heartbeats)")
+            });
+            let err = ring.all_reduce_sum(&mut vec![1.0; 100_000]).unwrap_err();
+            flipper.join().unwrap();
+            let again = ring.barrier().unwrap_err();
+            Some((err, again))
+        }));
+    }
+    let (err, again) = handles.remove(0).join().unwrap().unwrap();
+    drop(hung_tx);
+    handles.remove(0).join().unwrap();
+    assert!(
+        matches!(&err, Error::Interrupted { reason } if reason.contains("missed heartbeats")),
+        "{err}"
+    );
+    assert!(matches!(again, Error::Broken { .. }), "{again}");
 }
 
 #[test]

@@ -5,6 +5,9 @@
 //!   id, the job's config), heartbeats, failure detection and re-formation
 //!   of the group within a restart budget, a job-level log line, and an HTTP
 //!   status page with Prometheus metrics.
+//! - the stage plan: the coordinator hands every group the job's stages
+//!   ([`PlanStage`]) and where to start in them; workers report each stage
+//!   done, and a re-formed group starts at the first stage not complete.
 //! - [`worker`]: a blocking client for the synchronous training loop: join,
 //!   heartbeats fed with step metrics in the background, the coordinator's
 //!   latest [`Instruction`], leave.
@@ -28,7 +31,10 @@ use std::fmt;
 use std::str::FromStr;
 
 pub use auth::Token;
-pub use coordinator::{Coordinator, CoordinatorConfig, CoordinatorHandle, JobOutcome, JobStatus};
+pub use coordinator::{
+    Coordinator, CoordinatorConfig, CoordinatorHandle, JobOutcome, JobStatus, StageState,
+    StageStatus,
+};
 pub use error::RuntimeError;
 pub use worker::{Assignment, Departure, Heartbeats, JoinInfo, Membership};
 
@@ -72,6 +78,35 @@ impl FromStr for Backend {
             other => Err(RuntimeError::Config(format!(
                 "unknown backend {other:?}: expected \"tcp-ring\" or \"nccl\""
             ))),
+        }
+    }
+}
+
+/// One stage of a job's plan: the coordinator owns the plan and hands it to
+/// every group; workers run each stage by its name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanStage {
+    /// What the workers run, e.g. "dvae" or "export".
+    pub name: String,
+    /// Rank 0 alone does the work; the other ranks wait at the barrier
+    /// that ends the stage.
+    pub leader_only: bool,
+}
+
+impl PlanStage {
+    /// A stage every rank runs (data parallel, or split by the shard plan).
+    pub fn all_ranks(name: impl Into<String>) -> Self {
+        PlanStage {
+            name: name.into(),
+            leader_only: false,
+        }
+    }
+
+    /// A stage rank 0 runs alone.
+    pub fn leader(name: impl Into<String>) -> Self {
+        PlanStage {
+            name: name.into(),
+            leader_only: true,
         }
     }
 }

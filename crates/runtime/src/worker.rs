@@ -45,7 +45,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::auth::AttachToken;
 use crate::proto::{self, coordinator_client::CoordinatorClient};
-use crate::{Backend, Instruction, PROTOCOL_VERSION, RuntimeError, StepReport, Token};
+use crate::{Backend, Instruction, PROTOCOL_VERSION, PlanStage, RuntimeError, StepReport, Token};
 
 type Client = CoordinatorClient<InterceptedService<Channel, AttachToken>>;
 
@@ -112,6 +112,10 @@ pub struct Assignment {
     /// Silence after which the coordinator drops a worker (and a worker
     /// that cannot reach the coordinator stops).
     pub heartbeat_timeout: Duration,
+    /// The job's stages, in order (empty when the coordinator has no plan).
+    pub plan: Vec<PlanStage>,
+    /// Where this group starts in `plan`: the stages before it are complete.
+    pub first_stage: usize,
 }
 
 impl Assignment {
@@ -127,6 +131,15 @@ impl Assignment {
             job_toml: reply.job,
             heartbeat_interval: Duration::from_millis(reply.heartbeat_interval_ms.max(1).into()),
             heartbeat_timeout: Duration::from_millis(reply.heartbeat_timeout_ms.max(1).into()),
+            first_stage: reply.first_stage as usize,
+            plan: reply
+                .plan
+                .into_iter()
+                .map(|s| PlanStage {
+                    name: s.name,
+                    leader_only: s.leader_only,
+                })
+                .collect(),
         })
     }
 }
@@ -315,6 +328,33 @@ impl Membership {
     }
 }
 
+impl Membership {
+    /// Tells the coordinator this worker finished stage `stage` of the plan
+    /// (after the barrier that ends it); returns how many stages are
+    /// complete now.
+    pub fn stage_done(&self, assignment: &Assignment, stage: usize) -> Result<usize, RuntimeError> {
+        let request = proto::StageDoneRequest {
+            worker_id: assignment.worker_id.clone(),
+            generation: assignment.generation,
+            stage: stage as u32,
+        };
+        let mut client = self.client.clone();
+        let patience = assignment.heartbeat_timeout.max(Duration::from_secs(5));
+        let answer = self
+            .runtime
+            .block_on(async { tokio::time::timeout(patience, client.stage_done(request)).await });
+        match answer {
+            Ok(Ok(reply)) => Ok(reply.into_inner().completed_stages as usize),
+            Ok(Err(status)) => Err(rpc_error(&self.url, "StageDone", &status)),
+            Err(_) => Err(RuntimeError::Unreachable {
+                coordinator: self.url.clone(),
+                rpc: "StageDone",
+                detail: format!("no answer within {}", humanize(patience)),
+            }),
+        }
+    }
+}
+
 impl std::fmt::Debug for Membership {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Membership")
@@ -329,7 +369,7 @@ impl std::fmt::Debug for Membership {
 /// `heartbeat_interval` with the latest [`StepReport`]; the coordinator's
 /// answer becomes [`Heartbeats::instruction`]. Dropping it stops them.
 pub struct Heartbeats {
-    reports: watch::Sender<Option<StepReport>>,
+    reports: watch::Sender<Progress>,
     instruction: watch::Receiver<Instruction>,
     task: tokio::task::JoinHandle<()>,
     // Keeps the runtime the task runs on alive.
@@ -339,7 +379,10 @@ pub struct Heartbeats {
 impl Heartbeats {
     /// Starts heartbeating for `assignment` (its worker id and generation).
     pub fn start(membership: &Membership, assignment: &Assignment) -> Self {
-        let (reports, reports_rx) = watch::channel(None);
+        let (reports, reports_rx) = watch::channel(Progress {
+            stage: assignment.first_stage,
+            report: None,
+        });
         let (instruction_tx, instruction) = watch::channel(Instruction::Continue);
         let beat = Beat {
             client: membership.client.clone(),
@@ -362,7 +405,16 @@ impl Heartbeats {
 
     /// Hands the latest step's figures to the next heartbeat; never blocks.
     pub fn report(&self, report: StepReport) {
-        self.reports.send_replace(Some(report));
+        self.reports.send_modify(|p| p.report = Some(report));
+    }
+
+    /// This worker starts stage `stage` of the plan: the next heartbeats
+    /// carry it, and no figures until its first step.
+    pub fn enter_stage(&self, stage: usize) {
+        self.reports.send_replace(Progress {
+            stage,
+            report: None,
+        });
     }
 
     /// What to do at this step boundary. REFORM and STOP stay once heard
@@ -390,6 +442,14 @@ impl std::fmt::Debug for Heartbeats {
     }
 }
 
+/// What the heartbeats carry: the stage this worker is in and its latest
+/// step there.
+#[derive(Debug, Clone, Copy)]
+struct Progress {
+    stage: usize,
+    report: Option<StepReport>,
+}
+
 struct Beat {
     client: Client,
     url: String,
@@ -402,7 +462,7 @@ struct Beat {
 impl Beat {
     async fn run(
         mut self,
-        reports: watch::Receiver<Option<StepReport>>,
+        reports: watch::Receiver<Progress>,
         instruction: watch::Sender<Instruction>,
     ) {
         let mut ticks = tokio::time::interval(self.interval);
@@ -410,8 +470,9 @@ impl Beat {
         let mut last_answer = Instant::now();
         loop {
             ticks.tick().await;
-            let report = *reports.borrow();
+            let Progress { stage, report } = *reports.borrow();
             let request = proto::HeartbeatRequest {
+                stage: stage as u32,
                 worker_id: self.worker_id.clone(),
                 generation: self.generation,
                 step: report.map(|r| r.step),

@@ -66,6 +66,59 @@ pub struct RunConfig {
     /// What carries gradients between workers: `auto` (NCCL on CUDA, the
     /// TCP ring on CPU), `tcp-ring` or `nccl`.
     pub backend: String,
+    /// The stages `dalle launch` runs, a subset of the full plan in its
+    /// order: e.g. `["pretokenize", "gpt", "export"]` for stage 2 on a dVAE
+    /// and tokenizer trained before.
+    pub stages: Vec<JobStage>,
+}
+
+/// One stage of the whole job, in the order they run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStage {
+    /// dVAE training, data parallel.
+    Dvae,
+    /// Training the caption tokenizer (rank 0).
+    Tokenizer,
+    /// Encoding the dataset's images to dVAE tokens, split across ranks by
+    /// file.
+    Pretokenize,
+    /// Transformer training, data parallel.
+    Gpt,
+    /// Writing the sampler bundle (rank 0).
+    Export,
+}
+
+impl JobStage {
+    /// Every stage, in order.
+    pub const ALL: [JobStage; 5] = [
+        JobStage::Dvae,
+        JobStage::Tokenizer,
+        JobStage::Pretokenize,
+        JobStage::Gpt,
+        JobStage::Export,
+    ];
+
+    /// Its name in configs and on the wire.
+    pub fn name(self) -> &'static str {
+        match self {
+            JobStage::Dvae => "dvae",
+            JobStage::Tokenizer => "tokenizer",
+            JobStage::Pretokenize => "pretokenize",
+            JobStage::Gpt => "gpt",
+            JobStage::Export => "export",
+        }
+    }
+
+    /// The stage of this name.
+    pub fn from_name(name: &str) -> Option<JobStage> {
+        Self::ALL.into_iter().find(|s| s.name() == name)
+    }
+
+    /// Rank 0 alone does the work.
+    pub fn leader_only(self) -> bool {
+        matches!(self, JobStage::Tokenizer | JobStage::Export)
+    }
 }
 
 impl Default for RunConfig {
@@ -78,6 +131,7 @@ impl Default for RunConfig {
             verify_every: 0,
             ledger: false,
             backend: "auto".into(),
+            stages: JobStage::ALL.to_vec(),
         }
     }
 }
@@ -363,7 +417,19 @@ impl JobConfig {
                 "run.backend must be auto, tcp-ring or nccl",
             ),
         ];
-        let checks: Vec<_> = checks.into_iter().chain(gpt_checks).collect();
+        let stages = &self.run.stages;
+        let stage_checks = [
+            (stages.is_empty(), "run.stages must name at least one stage"),
+            (
+                stages.windows(2).any(|w| w[0] >= w[1]),
+                "run.stages must list each stage once, in the order dvae, tokenizer, pretokenize, gpt, export",
+            ),
+        ];
+        let checks: Vec<_> = checks
+            .into_iter()
+            .chain(gpt_checks)
+            .chain(stage_checks)
+            .collect();
         match checks.iter().find(|(bad, _)| *bad) {
             Some((_, msg)) => Err(TrainError::Config(msg.to_string())),
             None => Ok(()),
@@ -526,5 +592,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("run.backend"), "{err}");
+    }
+
+    #[test]
+    fn run_stages_choose_part_of_the_plan_in_order() {
+        assert_eq!(load("", &[], &[]).unwrap().run.stages, JobStage::ALL);
+        let job = load("[run]\nstages = [\"pretokenize\", \"gpt\"]\n", &[], &[]).unwrap();
+        assert_eq!(job.run.stages, [JobStage::Pretokenize, JobStage::Gpt]);
+        let back = JobConfig::from_toml(&job.to_toml(), "round trip").unwrap();
+        assert_eq!(back.run.stages, job.run.stages);
+        for bad in ["[]", "[\"gpt\", \"dvae\"]", "[\"gpt\", \"gpt\"]"] {
+            let err = load(&format!("[run]\nstages = {bad}\n"), &[], &[])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("run.stages"), "{bad}: {err}");
+        }
+        let err = load("[run]\nstages = [\"dvea\"]\n", &[], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("dvea"), "{err}");
     }
 }

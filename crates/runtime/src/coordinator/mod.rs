@@ -29,7 +29,7 @@ use tokio::sync::watch;
 
 use crate::auth::CheckToken;
 use crate::proto::coordinator_server::CoordinatorServer;
-use crate::{Backend, RuntimeError, Token};
+use crate::{Backend, PlanStage, RuntimeError, Token};
 use state::State;
 
 /// Makes the NCCL unique id of a generation (its argument); `Err` ends the
@@ -68,6 +68,10 @@ pub struct CoordinatorConfig {
     pub backend: Backend,
     /// Where the HTTP status page listens (`GET /`, `GET /metrics`), if at all.
     pub status_listen: Option<SocketAddr>,
+    /// The job's stages, in order, handed to every group; a re-formed group
+    /// starts at the first stage not complete. Empty: the workers need no
+    /// plan (the job ends when every member leaves finished, as always).
+    pub plan: Vec<PlanStage>,
 }
 
 impl CoordinatorConfig {
@@ -89,6 +93,7 @@ impl CoordinatorConfig {
             job_toml,
             backend: Backend::TcpRing,
             status_listen: None,
+            plan: Vec::new(),
         }
     }
 
@@ -117,6 +122,15 @@ impl CoordinatorConfig {
                 "heartbeat_timeout {:?} is too long",
                 self.heartbeat_timeout
             ));
+        }
+        let mut names = std::collections::HashSet::new();
+        for stage in &self.plan {
+            if stage.name.is_empty() || !names.insert(stage.name.as_str()) {
+                return fail(format!(
+                    "plan: stage names must be present and distinct, {:?} is not",
+                    stage.name
+                ));
+            }
         }
         Ok(())
     }
@@ -164,6 +178,51 @@ pub struct JobStatus {
     pub workers: Vec<WorkerStatus>,
     /// Workers waiting in Join for the next group.
     pub waiting: Vec<WaitingWorker>,
+    /// The plan's stages and how far each got.
+    pub stages: Vec<StageStatus>,
+}
+
+impl JobStatus {
+    /// The stage the group is in (the first not complete), if any.
+    pub fn current_stage(&self) -> Option<&StageStatus> {
+        self.stages.iter().find(|s| s.state != StageState::Complete)
+    }
+}
+
+/// One stage of the plan, as the status page shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageStatus {
+    /// Its name.
+    pub name: String,
+    /// Rank 0 alone runs it.
+    pub leader_only: bool,
+    /// How far it got.
+    pub state: StageState,
+    /// From its start to its completion (or until now while running);
+    /// across re-formations.
+    pub elapsed: Option<Duration>,
+}
+
+/// How far a stage of the plan got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StageState {
+    /// Not started yet.
+    Pending,
+    /// The group is in it (or re-forming to go on with it).
+    Running,
+    /// Every member finished it.
+    Complete,
+}
+
+impl StageState {
+    /// Lower-case name, as on the status page.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StageState::Pending => "pending",
+            StageState::Running => "running",
+            StageState::Complete => "complete",
+        }
+    }
 }
 
 /// What the coordinator is doing.
@@ -218,6 +277,8 @@ pub struct WorkerStatus {
     pub samples_per_second: Option<f64>,
     /// Its last data-wait share.
     pub data_wait_share: Option<f64>,
+    /// The plan index of the stage it is in.
+    pub stage: usize,
 }
 
 /// A worker waiting in Join.

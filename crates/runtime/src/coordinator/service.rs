@@ -1,5 +1,5 @@
 //! The gRPC service: thin async shims over the state machine. Only Join
-//! waits (for its group); Heartbeat and Leave answer at once.
+//! waits (for its group); Heartbeat, Leave and StageDone answer at once.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -71,5 +71,16 @@ impl proto::coordinator_server::Coordinator for Service {
         let request = request.into_inner();
         self.shared.update(|state, now| state.leave(request, now));
         Ok(Response::new(proto::LeaveReply {}))
+    }
+
+    async fn stage_done(
+        &self,
+        request: Request<proto::StageDoneRequest>,
+    ) -> Result<Response<proto::StageDoneReply>, Status> {
+        let request = request.into_inner();
+        let reply = self
+            .shared
+            .update(|state, now| state.stage_done(request, now))?;
+        Ok(Response::new(reply))
     }
 }

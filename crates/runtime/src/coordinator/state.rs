@@ -10,6 +10,7 @@
 //! Running --heartbeat timeout | Leave(failure) | member joins again-->
 //!     Rendezvous (survivors told REFORM; restart budget spent by one)
 //!     --every live survivor joined again (+ newcomers, up to max)--> Running(gen 2) ...
+//! Running --StageDone from every member--> next stage of the plan
 //! Running --all members Leave(success)--> Ended(finished)
 //! any --budget spent | rendezvous_timeout | NCCL id failure--> Ended(failed)
 //! ```
@@ -21,8 +22,8 @@ use tokio::sync::oneshot;
 use tonic::Status;
 
 use super::{
-    CoordinatorConfig, Failure, JobEnd, JobOutcome, JobPhase, JobStatus, NcclIdFn, WaitingWorker,
-    WorkerStatus,
+    CoordinatorConfig, Failure, JobEnd, JobOutcome, JobPhase, JobStatus, NcclIdFn, StageState,
+    StageStatus, WaitingWorker, WorkerStatus,
 };
 use crate::proto::{self, Instruction};
 use crate::{Backend, PROTOCOL_VERSION};
@@ -64,6 +65,9 @@ struct Member {
     step: Option<u64>,
     metrics: Option<proto::StepMetrics>,
     state: MemberState,
+    /// The plan index of the stage it is in: the stages before it it
+    /// reported done.
+    stage: usize,
 }
 
 impl Member {
@@ -129,12 +133,16 @@ pub(super) struct State {
     next_log_step: u64,
     end: Option<JobEnd>,
     published: bool,
+    /// Stages of the plan every member finished.
+    completed: usize,
+    /// When each stage started, and how long each complete one took.
+    stage_started: Vec<Option<Instant>>,
+    stage_took: Vec<Option<Duration>>,
 }
 
 impl State {
     pub(super) fn new(config: Arc<CoordinatorConfig>, nccl_id: NcclIdFn, now: Instant) -> Self {
         State {
-            config,
             nccl_id,
             phase: Phase::Rendezvous {
                 since: now,
@@ -150,6 +158,10 @@ impl State {
             next_log_step: 0,
             end: None,
             published: false,
+            completed: 0,
+            stage_started: vec![None; config.plan.len()],
+            stage_took: vec![None; config.plan.len()],
+            config,
         }
     }
 
@@ -309,12 +321,106 @@ impl State {
                 ),
             ),
             Phase::Running | Phase::Ended => {
-                member.step = request.step;
-                member.metrics = request.metrics;
-                self.log_progress();
+                // Figures of a stage the member has left (a heartbeat sent
+                // before its StageDone) would pass for the next stage's.
+                if request.stage as usize == member.stage {
+                    member.step = request.step;
+                    member.metrics = request.metrics;
+                    self.log_progress();
+                }
                 reply(Instruction::Continue, String::new())
             }
         }
+    }
+
+    /// A member finished a stage of the plan; the stage is complete once
+    /// every member of the group (active or finished) did.
+    pub(super) fn stage_done(
+        &mut self,
+        request: proto::StageDoneRequest,
+        now: Instant,
+    ) -> Result<proto::StageDoneReply, Status> {
+        let stage = request.stage as usize;
+        let Some(name) = self.config.plan.get(stage).map(|s| s.name.clone()) else {
+            return Err(Status::out_of_range(format!(
+                "worker {} reports stage {stage} done, but the plan has {} stage(s)",
+                request.worker_id,
+                self.config.plan.len()
+            )));
+        };
+        let generation = self.generation;
+        let Some(member) = self
+            .members
+            .iter_mut()
+            .find(|m| m.who.worker_id == request.worker_id)
+        else {
+            return Err(Status::not_found(format!(
+                "worker {} is not a member of generation {generation}",
+                request.worker_id
+            )));
+        };
+        member.last_seen = now;
+        if stage < member.stage {
+            // Said before (a retried call): nothing new.
+            return Ok(proto::StageDoneReply {
+                completed_stages: self.completed as u32,
+            });
+        }
+        if request.generation != generation || stage != member.stage {
+            return Err(Status::failed_precondition(format!(
+                "{} reports stage {stage} ({name}) of generation {} done, but it is in stage {} \
+                 of generation {generation}",
+                member.describe(),
+                request.generation,
+                member.stage
+            )));
+        }
+        member.stage += 1;
+        member.step = None;
+        member.metrics = None;
+        tracing::info!("{} finished stage {name}", member.describe());
+        self.advance_plan(now);
+        Ok(proto::StageDoneReply {
+            completed_stages: self.completed as u32,
+        })
+    }
+
+    /// Marks complete every stage all members of the group are past.
+    fn advance_plan(&mut self, now: Instant) {
+        let Some(reached) = self
+            .members
+            .iter()
+            .filter(|m| matches!(m.state, MemberState::Active | MemberState::Finished { .. }))
+            .map(|m| m.stage)
+            .min()
+        else {
+            return;
+        };
+        let total = self.config.plan.len();
+        while self.completed < reached.min(total) {
+            let index = self.completed;
+            let took = self.stage_started[index].map(|t| now.saturating_duration_since(t));
+            self.stage_took[index] = took;
+            tracing::info!(
+                "stage {}/{total} {} complete{} (generation {})",
+                index + 1,
+                self.config.plan[index].name,
+                took.map(|t| format!(" in {:.1} s", t.as_secs_f64()))
+                    .unwrap_or_default(),
+                self.generation
+            );
+            self.completed += 1;
+            self.start_stage(now);
+        }
+    }
+
+    /// The stage at `completed` starts now (unless it started before a
+    /// re-formation) and the job-level lines count its steps afresh.
+    fn start_stage(&mut self, now: Instant) {
+        if let Some(started) = self.stage_started.get_mut(self.completed) {
+            started.get_or_insert(now);
+        }
+        self.next_log_step = 0;
     }
 
     pub(super) fn leave(&mut self, request: proto::LeaveRequest, now: Instant) {
@@ -398,7 +504,10 @@ impl State {
                 .iter()
                 .filter(|m| m.state == MemberState::Active)
         };
-        let step = active().map(|m| m.step).collect::<Option<Vec<_>>>();
+        let step = active()
+            .filter(|m| m.stage == self.completed)
+            .map(|m| m.step)
+            .collect::<Option<Vec<_>>>();
         let losses: Vec<f64> = active().filter_map(|m| m.metrics.map(|x| x.loss)).collect();
         JobStatus {
             phase,
@@ -437,6 +546,7 @@ impl State {
                     loss: m.metrics.map(|x| x.loss),
                     samples_per_second: m.metrics.map(|x| x.samples_per_second),
                     data_wait_share: m.metrics.map(|x| x.data_wait_share),
+                    stage: m.stage,
                 })
                 .collect(),
             waiting: self
@@ -447,6 +557,24 @@ impl State {
                     host: p.who.host.clone(),
                     slot: p.who.slot.clone(),
                     waiting: now.saturating_duration_since(p.since),
+                })
+                .collect(),
+            stages: self
+                .config
+                .plan
+                .iter()
+                .enumerate()
+                .map(|(i, stage)| StageStatus {
+                    name: stage.name.clone(),
+                    leader_only: stage.leader_only,
+                    state: match (i < self.completed, self.stage_started[i]) {
+                        (true, _) => StageState::Complete,
+                        (false, Some(_)) => StageState::Running,
+                        (false, None) => StageState::Pending,
+                    },
+                    elapsed: self.stage_took[i].or_else(|| {
+                        self.stage_started[i].map(|t| now.saturating_duration_since(t))
+                    }),
                 })
                 .collect(),
         }
@@ -600,6 +728,15 @@ impl State {
         let ring_peers: Vec<String> = chosen.iter().map(|p| p.who.data_addr.clone()).collect();
         let heartbeat_interval_ms = millis(self.config.heartbeat_interval);
         let heartbeat_timeout_ms = millis(self.config.heartbeat_timeout);
+        let plan: Vec<proto::Stage> = self
+            .config
+            .plan
+            .iter()
+            .map(|s| proto::Stage {
+                name: s.name.clone(),
+                leader_only: s.leader_only,
+            })
+            .collect();
         let mut members = Vec::with_capacity(chosen.len());
         for (rank, pending) in chosen.into_iter().enumerate() {
             let rank = rank as u32;
@@ -614,6 +751,8 @@ impl State {
                 job: self.config.job_toml.clone(),
                 heartbeat_interval_ms,
                 heartbeat_timeout_ms,
+                plan: plan.clone(),
+                first_stage: self.completed as u32,
             };
             let member = Member {
                 who: pending.who,
@@ -622,6 +761,7 @@ impl State {
                 step: None,
                 metrics: None,
                 state: MemberState::Active,
+                stage: self.completed,
             };
             if pending.reply.send(Ok(reply)).is_err() {
                 tracing::warn!(
@@ -654,10 +794,18 @@ impl State {
                 )
             }
         );
+        if let Some(stage) = self.config.plan.get(self.completed) {
+            tracing::info!(
+                "generation {generation} starts at stage {}/{} {}",
+                self.completed + 1,
+                self.config.plan.len(),
+                stage.name
+            );
+        }
         self.members = members;
         self.phase = Phase::Running;
         self.cause = None;
-        self.next_log_step = 0;
+        self.start_stage(now);
     }
 
     /// A member failed (or the group broke): re-form within the budget.
@@ -667,6 +815,9 @@ impl State {
         {
             member.state = MemberState::Failed;
         }
+        // The survivors may all be past a stage the failed one never
+        // reported: they passed the barrier that ends it, so it did too.
+        self.advance_plan(now);
         match self.phase {
             Phase::Running => {}
             Phase::Rendezvous { .. } => {
@@ -764,7 +915,7 @@ impl State {
         let active: Vec<&Member> = self
             .members
             .iter()
-            .filter(|m| m.state == MemberState::Active)
+            .filter(|m| m.state == MemberState::Active && m.stage == self.completed)
             .collect();
         let Some(step) = active
             .iter()
@@ -787,8 +938,14 @@ impl State {
         let loss = metrics.iter().map(|m| m.loss).sum::<f64>() / n;
         let samples_per_second: f64 = metrics.iter().map(|m| m.samples_per_second).sum();
         let wait = metrics.iter().map(|m| m.data_wait_share).sum::<f64>() / n;
+        let stage = self
+            .config
+            .plan
+            .get(self.completed)
+            .map(|s| format!("{} ", s.name))
+            .unwrap_or_default();
         tracing::info!(
-            "step {step}: loss {loss:.4}, {samples_per_second:.1} samples/s across {} workers, \
+            "{stage}step {step}: loss {loss:.4}, {samples_per_second:.1} samples/s across {} workers, \
              data wait {:.0}%, generation {}",
             active.len(),
             wait * 100.0,
@@ -942,5 +1099,186 @@ mod tests {
             let err = s.join(r, Instant::now()).unwrap_err();
             assert_eq!(err.code(), tonic::Code::InvalidArgument, "{addr:?}");
         }
+    }
+
+    fn planned_state(workers: u32, now: Instant) -> State {
+        let mut config = (*config(1, workers)).clone();
+        config.plan = vec![
+            crate::PlanStage::all_ranks("dvae"),
+            crate::PlanStage::leader("tokenizer"),
+            crate::PlanStage::all_ranks("gpt"),
+        ];
+        config.max_restarts = 3;
+        State::new(Arc::new(config), Arc::new(|_| Ok(Vec::new())), now)
+    }
+
+    fn form_group(s: &mut State, n: u16, now: Instant) -> Vec<proto::JoinReply> {
+        let receivers: Vec<_> = (0..n)
+            .map(|i| {
+                s.join(request("a", &format!("cpu:{i}"), i + 1), now)
+                    .unwrap()
+                    .1
+            })
+            .collect();
+        receivers
+            .into_iter()
+            .map(|mut r| r.try_recv().unwrap().unwrap())
+            .collect()
+    }
+
+    fn done(s: &mut State, reply: &proto::JoinReply, stage: u32, now: Instant) -> u32 {
+        s.stage_done(
+            proto::StageDoneRequest {
+                worker_id: reply.worker_id.clone(),
+                generation: reply.generation,
+                stage,
+            },
+            now,
+        )
+        .unwrap()
+        .completed_stages
+    }
+
+    fn beat(s: &mut State, reply: &proto::JoinReply, stage: u32, step: u64, now: Instant) {
+        let answer = s.heartbeat(
+            proto::HeartbeatRequest {
+                worker_id: reply.worker_id.clone(),
+                generation: reply.generation,
+                step: Some(step),
+                metrics: Some(proto::StepMetrics {
+                    loss: 1.0,
+                    samples_per_second: 1.0,
+                    data_wait_share: 0.0,
+                }),
+                stage,
+            },
+            now,
+        );
+        assert_eq!(
+            answer.instruction,
+            Instruction::Continue as i32,
+            "{answer:?}"
+        );
+    }
+
+    #[test]
+    fn a_stage_is_complete_once_every_member_reported_it() {
+        let t0 = Instant::now();
+        let mut s = planned_state(2, t0);
+        let group = form_group(&mut s, 2, t0);
+        assert_eq!(group[0].plan.len(), 3);
+        assert!(group[1].plan[1].leader_only && !group[1].plan[0].leader_only);
+        assert_eq!(group[0].first_stage, 0);
+
+        assert_eq!(
+            done(&mut s, &group[0], 0, t0),
+            0,
+            "one of two is not enough"
+        );
+        let status = s.status(t0);
+        assert_eq!(status.stages[0].state, StageState::Running);
+        assert_eq!(status.workers[0].stage, 1);
+        assert_eq!(done(&mut s, &group[1], 0, t0), 1);
+        // Said again (a retried call): accepted, nothing changes.
+        assert_eq!(done(&mut s, &group[1], 0, t0), 1);
+        let status = s.status(t0);
+        assert_eq!(
+            status.stages.iter().map(|x| x.state).collect::<Vec<_>>(),
+            [
+                StageState::Complete,
+                StageState::Running,
+                StageState::Pending
+            ]
+        );
+        assert_eq!(status.current_stage().unwrap().name, "tokenizer");
+    }
+
+    #[test]
+    fn a_worker_cannot_skip_a_stage_or_report_one_the_plan_lacks() {
+        let t0 = Instant::now();
+        let mut s = planned_state(1, t0);
+        let group = form_group(&mut s, 1, t0);
+        let mut request = proto::StageDoneRequest {
+            worker_id: group[0].worker_id.clone(),
+            generation: 1,
+            stage: 2,
+        };
+        let skipped = s.stage_done(request.clone(), t0).unwrap_err();
+        assert_eq!(skipped.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            skipped.message().contains("in stage 0"),
+            "{}",
+            skipped.message()
+        );
+        request.stage = 3;
+        let beyond = s.stage_done(request.clone(), t0).unwrap_err();
+        assert_eq!(beyond.code(), tonic::Code::OutOfRange);
+        request.stage = 0;
+        request.worker_id = "w99".into();
+        assert_eq!(
+            s.stage_done(request, t0).unwrap_err().code(),
+            tonic::Code::NotFound
+        );
+    }
+
+    #[test]
+    fn a_reformed_group_starts_at_the_first_stage_not_complete() {
+        let t0 = Instant::now();
+        let mut s = planned_state(3, t0);
+        let group = form_group(&mut s, 3, t0);
+        for member in &group {
+            done(&mut s, member, 0, t0);
+        }
+        // Rank 0 and 1 finish the tokenizer stage; rank 2 dies before it
+        // reports. The survivors passed the barrier that ends the stage,
+        // so the stage is complete without it.
+        done(&mut s, &group[0], 1, t0);
+        done(&mut s, &group[1], 1, t0);
+        assert_eq!(s.completed, 1);
+        let t1 = t0 + Duration::from_millis(40);
+        beat(&mut s, &group[0], 2, 5, t1);
+        beat(&mut s, &group[1], 2, 5, t1);
+        s.tick(t0 + Duration::from_millis(60));
+        assert_eq!(
+            s.completed, 2,
+            "the dead member's silence completes the stage"
+        );
+
+        let rejoin = |s: &mut State, reply: &proto::JoinReply| {
+            let mut r = request("a", &format!("cpu:{}", reply.rank), reply.rank as u16 + 1);
+            r.worker_id = reply.worker_id.clone();
+            s.join(r, t1).unwrap().1
+        };
+        let mut receivers = vec![rejoin(&mut s, &group[0]), rejoin(&mut s, &group[1])];
+        let replies: Vec<proto::JoinReply> = receivers
+            .iter_mut()
+            .map(|r| r.try_recv().unwrap().unwrap())
+            .collect();
+        assert_eq!(replies[0].generation, 2);
+        assert_eq!(replies[0].world_size, 2);
+        assert!(replies.iter().all(|r| r.first_stage == 2), "{replies:?}");
+        let status = s.status(t1);
+        assert_eq!(status.current_stage().unwrap().name, "gpt");
+        assert_eq!(status.workers[0].stage, 2);
+    }
+
+    #[test]
+    fn figures_of_a_stage_already_left_are_not_counted() {
+        let t0 = Instant::now();
+        let mut s = planned_state(1, t0);
+        let group = form_group(&mut s, 1, t0);
+        beat(&mut s, &group[0], 0, 600, t0);
+        assert_eq!(s.status(t0).step, Some(600));
+        done(&mut s, &group[0], 0, t0);
+        // A heartbeat sent before StageDone arrives after it.
+        beat(&mut s, &group[0], 0, 600, t0);
+        assert_eq!(
+            s.status(t0).step,
+            None,
+            "the dVAE's step is not the tokenizer's"
+        );
+        done(&mut s, &group[0], 1, t0);
+        beat(&mut s, &group[0], 2, 3, t0);
+        assert_eq!(s.status(t0).step, Some(3));
     }
 }

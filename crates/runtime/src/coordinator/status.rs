@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use super::{JobPhase, JobStatus, Shared};
+use super::{JobPhase, JobStatus, Shared, StageState};
 
 /// Largest request head read; a status page needs no more.
 const MAX_HEAD: usize = 8 * 1024;
@@ -128,15 +128,35 @@ pub(super) fn render_page(status: &JobStatus) -> String {
     if let Some(reason) = &status.reason {
         let _ = writeln!(page, "reason:      {reason}");
     }
+    if !status.stages.is_empty() {
+        let _ = writeln!(page);
+        let _ = writeln!(
+            page,
+            "{:<3} {:<14} {:<10} {:>10}  ranks",
+            "#", "stage", "state", "time"
+        );
+        for (i, stage) in status.stages.iter().enumerate() {
+            let _ = writeln!(
+                page,
+                "{:<3} {:<14} {:<10} {:>10}  {}",
+                i + 1,
+                stage.name,
+                stage.state.as_str(),
+                optional(stage.elapsed.map(|t| format!("{:.1}s", t.as_secs_f64()))),
+                if stage.leader_only { "rank 0" } else { "all" }
+            );
+        }
+    }
     let _ = writeln!(page);
     let _ = writeln!(
         page,
-        "{:<5} {:<8} {:<20} {:<8} {:<9} {:>8} {:>14} {:>10} {:>10} {:>6}  data address",
+        "{:<5} {:<8} {:<20} {:<8} {:<9} {:<12} {:>8} {:>14} {:>10} {:>10} {:>6}  data address",
         "rank",
         "worker",
         "host",
         "slot",
         "state",
+        "stage",
         "step",
         "heartbeat age",
         "loss",
@@ -146,12 +166,13 @@ pub(super) fn render_page(status: &JobStatus) -> String {
     for w in &status.workers {
         let _ = writeln!(
             page,
-            "{:<5} {:<8} {:<20} {:<8} {:<9} {:>8} {:>13.3}s {:>10} {:>10} {:>6}  {}",
+            "{:<5} {:<8} {:<20} {:<8} {:<9} {:<12} {:>8} {:>13.3}s {:>10} {:>10} {:>6}  {}",
             w.rank,
             w.worker_id,
             w.host,
             w.slot,
             w.state,
+            status.stages.get(w.stage).map_or("-", |s| s.name.as_str()),
             optional(w.step.map(|s| s.to_string())),
             w.heartbeat_age.as_secs_f64(),
             optional(w.loss.map(|l| format!("{l:.4}"))),
@@ -229,6 +250,43 @@ pub(super) fn render_metrics(status: &JobStatus) -> String {
             )
         }),
     );
+    if !status.stages.is_empty() {
+        metric(
+            "dalle_stages_total",
+            "gauge",
+            "Stages in the job's plan.",
+            &job(status.stages.len() as f64),
+        );
+        let complete = status
+            .stages
+            .iter()
+            .filter(|s| s.state == StageState::Complete)
+            .count();
+        metric(
+            "dalle_stages_complete",
+            "gauge",
+            "Stages of the plan every member finished.",
+            &job(complete as f64),
+        );
+        let samples: Vec<(String, f64)> = status
+            .stages
+            .iter()
+            .filter_map(|s| {
+                let labels = format!(
+                    "{{stage=\"{}\",state=\"{}\"}}",
+                    escape(&s.name),
+                    s.state.as_str()
+                );
+                s.elapsed.map(|t| (labels, t.as_secs_f64()))
+            })
+            .collect();
+        metric(
+            "dalle_stage_seconds",
+            "gauge",
+            "Time spent in each stage started so far (to completion, or until now).",
+            &samples,
+        );
+    }
     if let Some(step) = status.step {
         metric(
             "dalle_step",
@@ -306,7 +364,7 @@ fn escape(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::coordinator::WorkerStatus;
+    use crate::coordinator::{StageStatus, WorkerStatus};
 
     #[test]
     fn label_values_are_escaped() {
@@ -341,8 +399,29 @@ mod tests {
                 loss: Some(1.5),
                 samples_per_second: Some(10.0),
                 data_wait_share: Some(0.1),
+                stage: 1,
             }],
             waiting: Vec::new(),
+            stages: vec![
+                StageStatus {
+                    name: "dvae".into(),
+                    leader_only: false,
+                    state: StageState::Complete,
+                    elapsed: Some(Duration::from_secs(90)),
+                },
+                StageStatus {
+                    name: "tokenizer".into(),
+                    leader_only: true,
+                    state: StageState::Running,
+                    elapsed: Some(Duration::from_secs(2)),
+                },
+                StageStatus {
+                    name: "gpt".into(),
+                    leader_only: false,
+                    state: StageState::Pending,
+                    elapsed: None,
+                },
+            ],
         };
         let text = render_metrics(&status);
         for line in [
@@ -353,6 +432,9 @@ mod tests {
             "dalle_loss 1.5",
             "dalle_samples_per_second 10",
             "dalle_job_phase{phase=\"running\"} 1",
+            "dalle_stages_total 3",
+            "dalle_stages_complete 1",
+            "dalle_stage_seconds{stage=\"dvae\",state=\"complete\"} 90",
             "dalle_worker_heartbeat_age_seconds{worker=\"w3\",rank=\"0\",host=\"node\\\"1\",slot=\"cpu:0\",state=\"active\"} 0.25",
         ] {
             assert!(
@@ -363,5 +445,15 @@ mod tests {
         let page = render_page(&status);
         assert!(page.contains("generation:  2"), "{page}");
         assert!(page.contains("node1:5000"), "{page}");
+        assert!(page.contains("tokenizer      running"), "{page}");
+        assert!(
+            page.lines()
+                .any(|l| l.starts_with("0 ") && l.contains("tokenizer")),
+            "worker w3 is in stage tokenizer:\n{page}"
+        );
+        assert_eq!(
+            status.current_stage().map(|s| s.name.as_str()),
+            Some("tokenizer")
+        );
     }
 }
