@@ -273,3 +273,292 @@ fn a_killed_worker_is_replaced_by_resuming_the_survivors_from_the_checkpoint() {
     let all: Vec<&String> = uninterrupted.values().flatten().collect();
     assert!(all.iter().all(|k| !k.is_empty()) && all.len() == 600 * 6);
 }
+
+/// Lines a child process writes, collected by a thread as they come.
+#[derive(Clone, Default)]
+struct Log(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl Log {
+    fn follow(stream: impl std::io::Read + Send + 'static) -> Self {
+        let log = Log::default();
+        let lines = log.0.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stream)
+                .lines()
+                .map_while(Result::ok)
+            {
+                lines.lock().unwrap().push(line);
+            }
+        });
+        log
+    }
+
+    fn text(&self) -> String {
+        self.0.lock().unwrap().join("\n")
+    }
+
+    /// The first line containing `needle`, once it comes (or fails after
+    /// `limit` with the log so far).
+    fn wait_for(&self, needle: &str, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(line) = self.0.lock().unwrap().iter().find(|l| l.contains(needle)) {
+                return line.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no line with {needle:?} within {limit:?}:\n{}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The value after `key=` in a log line.
+fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    line.split(&format!("{key}="))
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no {key}= in {line}"))
+}
+
+fn status_page(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut page = String::new();
+    stream.read_to_string(&mut page).unwrap();
+    page
+}
+
+/// Polls the status page until `ready` holds.
+fn wait_for_status(addr: &str, what: &str, ready: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let page = status_page(addr);
+        if ready(&page) {
+            return page;
+        }
+        assert!(Instant::now() < deadline, "never {what}:\n{page}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+const TOKEN: &str = "launch-test-token-42";
+
+#[test]
+fn over_tls_a_hung_worker_is_dropped_a_newcomer_taken_in_and_strangers_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    // A transformer stage long enough to hang a worker in.
+    let config = tiny_job(dir.path(), "[checkpoint]\nevery = 25\n");
+    let mut launch = Command::new(DALLE)
+        .arg("--config")
+        .arg(&config)
+        .args(["--set", "gpt.train.steps=1500"])
+        .args([
+            "launch",
+            "--nproc",
+            "2",
+            "--min-workers",
+            "1",
+            "--max-workers",
+            "3",
+        ])
+        .args(["--heartbeat-timeout-secs", "3", "--status", "127.0.0.1:0"])
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        .env("DALLE_JOB_TOKEN", TOKEN)
+        .env("RUST_LOG", "info,dalle_collective=debug")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = Log::follow(launch.stdout.take().unwrap());
+    let log = Log::follow(launch.stderr.take().unwrap());
+    let launch = KillOnDrop(launch);
+    let started = log.wait_for("job started", Duration::from_secs(60));
+    let url = field(&started, "coordinator").to_string();
+    let status = field(&started, "status")
+        .trim_start_matches("Some(")
+        .trim_end_matches(')')
+        .to_string();
+    assert!(url.starts_with("https://127.0.0.1:"), "{started}");
+    let worker = |token: &str, slot: &str| {
+        let mut command = Command::new(DALLE);
+        command
+            .args(["worker", "--coordinator", &url, "--slot", slot, "--tls-ca"])
+            .arg(&cert)
+            .env("DALLE_JOB_TOKEN", token)
+            .env("RUST_LOG", "info,dalle_collective=debug")
+            .env("NO_COLOR", "1");
+        command
+    };
+
+    // A worker with another token is refused, and says why.
+    let stranger = worker("not-the-token", "cpu:8").output().unwrap();
+    let said = String::from_utf8_lossy(&stranger.stderr);
+    assert!(!stranger.status.success(), "{said}");
+    assert!(said.contains("wrong job token"), "{said}");
+    // A worker of another protocol version is refused naming both versions.
+    let refusal = join_with_version(&url, &certified.cert.pem(), 99);
+    assert_eq!(
+        refusal.code(),
+        tonic::Code::FailedPrecondition,
+        "{refusal:?}"
+    );
+    assert!(
+        refusal.message().contains("version 99")
+            && refusal
+                .message()
+                .contains(&format!("version {}", dalle_runtime::PROTOCOL_VERSION)),
+        "{refusal:?}"
+    );
+
+    // A newcomer waits while the group trains, to be taken in when it
+    // re-forms.
+    wait_for_status(&status, "the first group running", |page| {
+        page.contains("generation:  1") && page.contains("phase:       running")
+    });
+    let mut newcomer = KillOnDrop(
+        worker(TOKEN, "cpu:7")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let said = Log::follow(newcomer.0.stderr.take().unwrap());
+    wait_for_status(&status, "the newcomer waiting", |page| {
+        page.contains("waiting to join (1)")
+    });
+    let page = wait_for_status(&status, "the transformer training", |page| {
+        page.contains("gpt            running") && committed(&run, "gpt").is_some()
+    });
+    assert!(page.contains("dvae           complete"), "{page}");
+
+    // Rank 1 hangs: alive, sockets open, silent.
+    let hung = children(launch.0.id())[1];
+    Command::new("kill")
+        .args(["-STOP", &hung.to_string()])
+        .status()
+        .unwrap();
+    // Whatever happens, the stopped worker does not outlive the test.
+    let _reaper = KillPid(hung);
+
+    let ended = launch.wait();
+    let joined = newcomer.wait();
+    let (text, said) = (log.text(), said.text());
+    assert!(ended.success(), "launch failed:\n{text}");
+    assert!(
+        joined.success(),
+        "the newcomer failed:\n{said}\n\nlaunch:\n{text}"
+    );
+    assert!(
+        stdout
+            .text()
+            .contains("with 2 workers (generation 2, 1 restarts)"),
+        "{}\n{text}",
+        stdout.text()
+    );
+    // Detected by its silence, within the heartbeat timeout (+ the
+    // coordinator's clock tick).
+    let missed = log.wait_for("missed its heartbeats", Duration::ZERO);
+    let silent_ms: u64 = missed
+        .split("none for ")
+        .nth(1)
+        .and_then(|rest| rest.split(" ms").next())
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or_else(|| panic!("{missed}"));
+    assert!((3000..3500).contains(&silent_ms), "{missed}");
+    assert!(missed.contains(&format!("pid {hung}")), "{missed}");
+    // The re-formed group went on with the transformer: the stages before
+    // it were complete and nobody ran them again.
+    log.wait_for("generation 2 starts at stage 4/5 gpt", Duration::ZERO);
+    let dvae_starts = text
+        .lines()
+        .filter(|l| l.contains("stage starts") && l.contains("stage=dvae"))
+        .count();
+    assert_eq!(dvae_starts, 2, "{text}");
+    assert!(said.contains("generation=2"), "{said}");
+    assert!(!said.contains("stage=dvae"), "{said}");
+    assert!(said.contains("stage=gpt"), "{said}");
+    log.wait_for("killing it", Duration::ZERO);
+    assert!(run.join("bundle/bundle.json").is_file());
+}
+
+/// A child process killed if the test fails before it ends.
+struct KillOnDrop(std::process::Child);
+
+impl KillOnDrop {
+    fn wait(mut self) -> std::process::ExitStatus {
+        self.0.wait().unwrap()
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+struct KillPid(u32);
+
+impl Drop for KillPid {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-9", &self.0.to_string()])
+            .status();
+    }
+}
+
+/// Join with another protocol version, as an older or newer worker would.
+fn join_with_version(url: &str, ca_pem: &str, version: u32) -> tonic::Status {
+    use dalle_runtime::proto::{JoinRequest, coordinator_client::CoordinatorClient};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(ca_pem));
+        let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut request = tonic::Request::new(JoinRequest {
+            protocol_version: version,
+            host: "elsewhere".into(),
+            slot: "cpu:0".into(),
+            data_addr: "127.0.0.1:9".into(),
+            pid: 1,
+            worker_id: String::new(),
+            wait_ms: 1000,
+        });
+        request
+            .metadata_mut()
+            .insert("x-dalle-token", TOKEN.parse().unwrap());
+        CoordinatorClient::new(channel)
+            .join(request)
+            .await
+            .unwrap_err()
+    })
+}

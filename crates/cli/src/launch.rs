@@ -5,9 +5,13 @@
 //! with `dalle worker --coordinator URL` (listen on a reachable address).
 
 use anyhow::{Context, Result, bail};
-use dalle_runtime::{Backend, Coordinator, CoordinatorConfig, Token};
+use dalle_runtime::coordinator::JobPhase;
+use dalle_runtime::{
+    Backend, Coordinator, CoordinatorConfig, CoordinatorHandle, JobOutcome, Token,
+};
 use dalle_train::config::JobConfig;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::Duration;
 
@@ -38,6 +42,21 @@ pub struct LaunchArgs {
     /// to the local workers through their environment).
     #[arg(long, env = "DALLE_JOB_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Serve the coordinator over TLS with this certificate chain (PEM);
+    /// needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// The CA the local workers trust (default: --tls-cert itself, right
+    /// for a self-signed certificate).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
+    /// The name the local workers check the certificate for (default: the
+    /// host of the coordinator's URL, 127.0.0.1).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_domain: Option<String>,
 }
 
 pub fn run(args: LaunchArgs, job: &JobConfig) -> Result<()> {
@@ -76,6 +95,10 @@ pub fn run(args: LaunchArgs, job: &JobConfig) -> Result<()> {
         max_restarts: args.max_restarts,
         backend,
         status_listen: args.status,
+        tls: match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => Some(dalle_runtime::ServerTls::from_files(cert, key)?),
+            _ => None,
+        },
         plan: crate::stages::plan(&job),
         ..CoordinatorConfig::new(token.clone(), job.to_toml())
     };
@@ -92,34 +115,33 @@ pub fn run(args: LaunchArgs, job: &JobConfig) -> Result<()> {
     let exe = std::env::current_exe().context("cannot find the dalle executable")?;
     let mut workers: Vec<Child> = (0..args.nproc)
         .map(|i| {
-            Command::new(&exe)
+            let mut worker = Command::new(&exe);
+            worker
                 .arg("worker")
                 .arg("--coordinator")
                 .arg(coordinator.url())
                 .arg("--slot")
                 .arg(format!("{slot}:{i}"))
-                .env("DALLE_JOB_TOKEN", token.expose())
+                .env("DALLE_JOB_TOKEN", token.expose());
+            if let Some(ca) = args.tls_ca.as_ref().or(args.tls_cert.as_ref()) {
+                worker.arg("--tls-ca").arg(ca);
+            }
+            if let Some(domain) = &args.tls_domain {
+                worker.arg("--tls-domain").arg(domain);
+            }
+            worker
                 .spawn()
                 .with_context(|| format!("cannot start worker {i}"))
         })
         .collect::<Result<_>>()?;
-    let outcome = coordinator.wait();
+    let outcome = supervise(&coordinator, &mut workers);
     // Workers exit after their last answer from the coordinator: keep it
-    // serving until they have.
-    for (i, worker) in workers.iter_mut().enumerate() {
-        match outcome {
-            Ok(_) => {
-                let status = worker.wait()?;
-                if !status.success() {
-                    tracing::warn!(worker = i, %status, "worker exited with an error");
-                }
-            }
-            Err(_) => {
-                let _ = worker.kill();
-                let _ = worker.wait();
-            }
-        }
-    }
+    // serving until they have. One that was dropped as hung may never exit.
+    let grace = match outcome {
+        Ok(_) => timeout * 2,
+        Err(_) => Duration::ZERO,
+    };
+    reap(&mut workers, grace)?;
     coordinator.shutdown();
     let outcome = outcome?;
     println!(
@@ -130,6 +152,61 @@ pub fn run(args: LaunchArgs, job: &JobConfig) -> Result<()> {
         outcome.restarts,
         job.run.dir.display()
     );
+    Ok(())
+}
+
+/// Waits for the job's end, or for the moment nobody is left to run it:
+/// every local worker exited (each failed) and no group runs or waits.
+fn supervise(coordinator: &CoordinatorHandle, workers: &mut [Child]) -> Result<JobOutcome> {
+    loop {
+        let status = coordinator.status();
+        if matches!(status.phase, JobPhase::Finished | JobPhase::Failed) {
+            return Ok(coordinator.wait()?);
+        }
+        let exited = workers
+            .iter_mut()
+            .all(|w| matches!(w.try_wait(), Ok(Some(_))));
+        if exited && status.world_size == 0 && status.waiting.is_empty() {
+            bail!(
+                "every local worker exited and no group is running or forming; last failure: {}",
+                status.reason.as_deref().unwrap_or("none reported")
+            );
+        }
+        // The coordinator's end and child exits come from different
+        // places; a short poll covers both.
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Waits up to `grace` for the local workers to exit, then kills the rest
+/// (a worker the coordinator dropped as hung, say).
+fn reap(workers: &mut [Child], grace: Duration) -> Result<()> {
+    let deadline = std::time::Instant::now() + grace;
+    for (i, worker) in workers.iter_mut().enumerate() {
+        loop {
+            if let Some(status) = worker.try_wait()? {
+                if !status.success() {
+                    tracing::warn!(worker = i, %status, "worker exited with an error");
+                }
+                break;
+            }
+            if std::time::Instant::now() >= deadline {
+                if !grace.is_zero() {
+                    tracing::warn!(
+                        worker = i,
+                        pid = worker.id(),
+                        "worker still running {} s after the job ended: killing it",
+                        grace.as_secs()
+                    );
+                }
+                let _ = worker.kill();
+                let _ = worker.wait();
+                break;
+            }
+            // Child exits are not awaitable here without a signal handler.
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
     Ok(())
 }
 

@@ -68,7 +68,7 @@ pub fn run(stage: JobStage, job: &JobConfig, ddp: &mut DataParallel) -> Result<(
     tracing::info!(
         rank,
         world = ddp.world_size(),
-        stage = stage.name(),
+        stage = %stage.name(),
         "stage starts"
     );
     match stage {

@@ -7,9 +7,9 @@
 
 use crate::stages;
 use anyhow::{Context, Result, bail};
-use dalle_collective::{NcclCollective, RingConfig, TcpRing};
+use dalle_collective::{Interrupt, NcclCollective, NcclOptions, RingConfig, TcpRing};
 use dalle_runtime::worker::Departure;
-use dalle_runtime::{Assignment, Heartbeats, Instruction, JoinInfo, Membership, Token};
+use dalle_runtime::{Assignment, ClientTls, Heartbeats, Instruction, JoinInfo, Membership, Token};
 use dalle_train::TrainError;
 use dalle_train::config::JobConfig;
 use dalle_train::ddp::{DEFAULT_BUCKET_BYTES, DataParallel, StepEnd};
@@ -39,6 +39,15 @@ pub struct WorkerArgs {
     /// How long to keep trying to join (the coordinator may start later).
     #[arg(long, default_value_t = 600)]
     pub join_timeout_secs: u64,
+    /// Trust coordinator certificates issued by this CA (PEM; a self-signed
+    /// certificate is its own CA). Implies TLS; without it an `https://`
+    /// coordinator is checked against the system's roots.
+    #[arg(long)]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// Check the coordinator's certificate for this name instead of the
+    /// URL's host.
+    #[arg(long)]
+    pub tls_domain: Option<String>,
 }
 
 /// Why a generation of training ended.
@@ -62,7 +71,16 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     };
     info.data_addr = format!("{host}:{}", listener.local_addr()?.port());
     let token = Token::new(args.token.clone())?;
-    let mut membership = Membership::new(&args.coordinator, &token, info)?;
+    let tls = match (&args.tls_ca, &args.tls_domain) {
+        (None, None) => None,
+        (Some(ca), _) => Some(ClientTls::from_ca_file(ca)?),
+        (None, Some(_)) => Some(ClientTls::system_roots()),
+    };
+    let tls = match (tls, &args.tls_domain) {
+        (Some(tls), Some(domain)) => Some(tls.domain(domain.clone())),
+        (tls, _) => tls,
+    };
+    let mut membership = Membership::connect(&args.coordinator, &token, info, tls.as_ref())?;
     let join_timeout = Duration::from_secs(args.join_timeout_secs);
     loop {
         let assignment = membership.join(Instant::now() + join_timeout)?;
@@ -131,7 +149,19 @@ fn train_generation(
     last_step: Arc<AtomicU64>,
 ) -> Result<Ending> {
     let plan = stages::from_plan(&assignment.plan)?;
-    let mut ddp = collective(job, assignment, listener)?;
+    // A peer that hangs leaves the others blocked in a collective, never at
+    // a step boundary: once the coordinator gives up on the group, cut the
+    // collective short.
+    let interrupt = Interrupt::new();
+    let cut = interrupt.clone();
+    heartbeats.on_leave_group(move |told| {
+        let reason = match told {
+            Instruction::Reform { reason } | Instruction::Stop { reason } => reason.clone(),
+            Instruction::Continue => return,
+        };
+        cut.trigger(format!("the coordinator ended this group: {reason}"));
+    });
+    let mut ddp = collective(job, assignment, listener, interrupt)?;
     let beats = heartbeats.clone();
     ddp = ddp.with_step_hook(Box::new(move |end: &StepEnd| {
         last_step.store(end.step, Ordering::Relaxed);
@@ -170,7 +200,7 @@ fn train_generation(
             .map(|s| s.name())
             .collect();
         tracing::info!(
-            complete = done.join(", "),
+            complete = %done.join(", "),
             "the group starts after stages complete"
         );
     }
@@ -196,6 +226,7 @@ fn collective(
     job: &JobConfig,
     assignment: &Assignment,
     listener: &TcpListener,
+    interrupt: Interrupt,
 ) -> Result<DataParallel> {
     let rank = assignment.rank as usize;
     let world = assignment.world_size as usize;
@@ -210,7 +241,11 @@ fn collective(
                 tch::Device::Cuda(n) => n,
                 other => bail!("NCCL needs a CUDA slot, this worker drives {other:?}"),
             };
-            let nccl = NcclCollective::new(rank, world, &id, ordinal)?;
+            let options = NcclOptions {
+                interrupt,
+                ..NcclOptions::default()
+            };
+            let nccl = NcclCollective::with_options(rank, world, &id, ordinal, options)?;
             Ok(DataParallel::nccl(nccl, DEFAULT_BUCKET_BYTES))
         }
         dalle_runtime::Backend::TcpRing => {
@@ -221,6 +256,7 @@ fn collective(
                 .collect::<Result<_>>()?;
             let config = RingConfig {
                 session: session_id(assignment),
+                interrupt,
                 ..RingConfig::default()
             };
             let ring = TcpRing::connect(rank, peers, listener.try_clone()?, config)?;

@@ -8,6 +8,11 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     /// A coordinator setting or a name that makes no sense.
+    /// TLS material that cannot be read or used, or a TLS handshake that
+    /// failed (names the file or the coordinator).
+    #[error("TLS: {0}")]
+    Tls(String),
+
     #[error("invalid runtime config: {0}")]
     Config(String),
     /// A job token that cannot travel in gRPC metadata.

@@ -19,6 +19,7 @@
 mod auth;
 pub mod coordinator;
 mod error;
+mod tls;
 pub mod worker;
 
 /// The generated gRPC types and stubs of `dalle.v1`.
@@ -36,6 +37,7 @@ pub use coordinator::{
     StageStatus,
 };
 pub use error::RuntimeError;
+pub use tls::{ClientTls, ServerTls};
 pub use worker::{Assignment, Departure, Heartbeats, JoinInfo, Membership};
 
 /// The protocol a worker and its coordinator must both speak; bumped with

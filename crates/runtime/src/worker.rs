@@ -45,7 +45,9 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::auth::AttachToken;
 use crate::proto::{self, coordinator_client::CoordinatorClient};
-use crate::{Backend, Instruction, PROTOCOL_VERSION, PlanStage, RuntimeError, StepReport, Token};
+use crate::{
+    Backend, ClientTls, Instruction, PROTOCOL_VERSION, PlanStage, RuntimeError, StepReport, Token,
+};
 
 type Client = CoordinatorClient<InterceptedService<Channel, AttachToken>>;
 
@@ -166,18 +168,48 @@ pub struct Membership {
 
 impl Membership {
     /// Prepares the connection (nothing is sent yet; the coordinator need
-    /// not be up). `coordinator_url` is `http://host:port` (or `host:port`).
+    /// not be up). `coordinator_url` is `http://host:port` (or `host:port`),
+    /// or `https://host:port` checked against the system's roots.
     pub fn new(coordinator_url: &str, token: &Token, info: JoinInfo) -> Result<Self, RuntimeError> {
-        let url = if coordinator_url.contains("://") {
-            coordinator_url.to_string()
-        } else {
-            format!("http://{coordinator_url}")
+        Self::connect(coordinator_url, token, info, None)
+    }
+
+    /// [`Membership::new`] with TLS checked as `tls` says; `tls` needs an
+    /// `https://` URL (or a bare `host:port`, which then means https).
+    pub fn connect(
+        coordinator_url: &str,
+        token: &Token,
+        info: JoinInfo,
+        tls: Option<&ClientTls>,
+    ) -> Result<Self, RuntimeError> {
+        let bad_url = |reason: String| RuntimeError::Url {
+            url: coordinator_url.to_string(),
+            reason,
         };
-        let endpoint = Endpoint::from_shared(url.clone())
-            .map_err(|e| RuntimeError::Url {
-                url: coordinator_url.to_string(),
-                reason: e.to_string(),
-            })?
+        let url = match (coordinator_url.split_once("://"), tls) {
+            (None, None) => format!("http://{coordinator_url}"),
+            (None, Some(_)) => format!("https://{coordinator_url}"),
+            (Some(("http", _)), Some(_)) => {
+                return Err(bad_url(
+                    "TLS settings were given for a plain http:// coordinator; use https://".into(),
+                ));
+            }
+            (Some(("http" | "https", _)), _) => coordinator_url.to_string(),
+            (Some((scheme, _)), _) => {
+                return Err(bad_url(format!(
+                    "scheme {scheme}:// is neither http:// nor https://"
+                )));
+            }
+        };
+        let mut endpoint =
+            Endpoint::from_shared(url.clone()).map_err(|e| bad_url(e.to_string()))?;
+        if url.starts_with("https://") {
+            let config = tls.cloned().unwrap_or_default().config();
+            endpoint = endpoint
+                .tls_config(config)
+                .map_err(|e| RuntimeError::Tls(format!("for coordinator {url}: {e}")))?;
+        }
+        let endpoint = endpoint
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(20))
@@ -272,6 +304,15 @@ impl Membership {
             match status.code() {
                 Code::DeadlineExceeded => return Err(timed_out(status.message().to_string())),
                 Code::Unavailable | Code::Unknown | Code::Cancelled => {
+                    // A certificate this worker does not trust stays so:
+                    // no point retrying until the deadline.
+                    if let Some(why) = tls_failure(&status) {
+                        return Err(RuntimeError::Tls(format!(
+                            "the handshake with coordinator {} failed: {why} (check --tls-ca and \
+                             --tls-domain against the coordinator's certificate)",
+                            self.url
+                        )));
+                    }
                     let detail = describe(&status);
                     tracing::debug!("coordinator {} not reachable yet: {detail}", self.url);
                     last_error = Some(format!("last try: {detail}"));
@@ -372,6 +413,8 @@ pub struct Heartbeats {
     reports: watch::Sender<Progress>,
     instruction: watch::Receiver<Instruction>,
     task: tokio::task::JoinHandle<()>,
+    /// Tasks of [`Heartbeats::on_leave_group`].
+    watchers: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     // Keeps the runtime the task runs on alive.
     _runtime: Arc<tokio::runtime::Runtime>,
 }
@@ -399,6 +442,7 @@ impl Heartbeats {
             reports,
             instruction,
             task,
+            watchers: Default::default(),
             _runtime: membership.runtime.clone(),
         }
     }
@@ -424,6 +468,26 @@ impl Heartbeats {
         self.instruction.borrow().clone()
     }
 
+    /// Calls `f` once, from the heartbeat thread, as soon as the coordinator
+    /// says REFORM or STOP: e.g. to interrupt a collective blocked on a hung
+    /// peer, which would otherwise never reach its step boundary.
+    pub fn on_leave_group(&self, f: impl FnOnce(&Instruction) + Send + 'static) {
+        let mut instruction = self.instruction.clone();
+        let watcher = self._runtime.spawn(async move {
+            let told = instruction
+                .wait_for(|i| !matches!(i, Instruction::Continue))
+                .await
+                .map(|i| i.clone());
+            if let Ok(told) = told {
+                f(&told);
+            }
+        });
+        self.watchers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(watcher);
+    }
+
     /// Stops heartbeating (as dropping does).
     pub fn stop(self) {}
 }
@@ -431,6 +495,9 @@ impl Heartbeats {
 impl Drop for Heartbeats {
     fn drop(&mut self) {
         self.task.abort();
+        for watcher in self.watchers.get_mut().unwrap_or_else(|e| e.into_inner()) {
+            watcher.abort();
+        }
     }
 }
 
@@ -572,6 +639,26 @@ fn rpc_error(url: &str, rpc: &'static str, status: &tonic::Status) -> RuntimeErr
             message: status.message().to_string(),
         },
     }
+}
+
+/// The TLS error behind a failed call, if a handshake failed.
+fn tls_failure(status: &tonic::Status) -> Option<String> {
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        if let Some(tls) = error.downcast_ref::<rustls::Error>() {
+            return Some(tls.to_string());
+        }
+        // io::Error's source skips the error it wraps: look inside.
+        if let Some(tls) = error
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            return Some(tls.to_string());
+        }
+        source = error.source();
+    }
+    None
 }
 
 /// A status' message with the chain of its sources (the transport's reason).

@@ -720,3 +720,93 @@ fn the_worker_side_can_move_into_training_threads_and_hooks() {
     send::<Assignment>();
     send::<CoordinatorHandle>();
 }
+
+/// A self-signed certificate for localhost and 127.0.0.1: (cert, key) PEM.
+fn self_signed() -> (String, String) {
+    let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    let certified = rcgen::generate_simple_self_signed(names).unwrap();
+    (certified.cert.pem(), certified.signing_key.serialize_pem())
+}
+
+#[test]
+fn over_tls_workers_that_trust_the_certificate_join_and_others_are_refused() {
+    let (cert, key) = self_signed();
+    let mut config = config(1, 1);
+    config.tls = Some(dalle_runtime::ServerTls::from_pem(cert.clone(), key));
+    config.plan = vec![dalle_runtime::PlanStage::all_ranks("dvae")];
+    let coordinator = start(config);
+    let url = coordinator.url();
+    assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+
+    // A worker that trusts another certificate, and one speaking plain
+    // HTTP/2, are refused with what went wrong, well before their deadline.
+    let (stranger, _) = self_signed();
+    let untrusting = dalle_runtime::ClientTls::with_ca_pem(stranger);
+    let mut wrong_ca = Membership::connect(&url, &token(), info(1), Some(&untrusting)).unwrap();
+    let started = Instant::now();
+    let err = wrong_ca.join(in_secs(30)).unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(10), "{err}");
+    assert!(matches!(err, RuntimeError::Tls(_)), "{err}");
+    assert!(err.to_string().contains("certificate"), "{err}");
+    let plain = url.replacen("https://", "http://", 1);
+    let mut cleartext = Membership::new(&plain, &token(), info(2)).unwrap();
+    let err = cleartext.join(in_secs(3)).unwrap_err();
+    eprintln!("plain http to a TLS coordinator: {err}");
+    assert_eq!(coordinator.status().waiting.len(), 0);
+
+    // The one that trusts it joins, heartbeats and finishes the plan.
+    let trusting = dalle_runtime::ClientTls::with_ca_pem(cert).domain("localhost");
+    let mut membership = Membership::connect(&url, &token(), info(0), Some(&trusting)).unwrap();
+    let assignment = membership.join(in_secs(20)).unwrap();
+    assert_eq!((assignment.world_size, assignment.first_stage), (1, 0));
+    assert_eq!(assignment.plan[0].name, "dvae");
+    let heartbeats = Heartbeats::start(&membership, &assignment);
+    heartbeats.report(StepReport {
+        step: 3,
+        loss: 0.5,
+        samples_per_second: 1.0,
+        data_wait_share: 0.0,
+    });
+    eventually("the step over TLS", Duration::from_secs(5), || {
+        (coordinator.status().step == Some(3)).then_some(())
+    });
+    assert_eq!(membership.stage_done(&assignment, 0).unwrap(), 1);
+    membership
+        .leave(&assignment, 3, Departure::Finished)
+        .unwrap();
+    assert_eq!(coordinator.wait().unwrap().final_step, 3);
+}
+
+#[test]
+fn tls_settings_for_a_plain_url_or_unreadable_files_are_refused_naming_them() {
+    let tls = dalle_runtime::ClientTls::system_roots();
+    let err = Membership::connect("http://127.0.0.1:1", &token(), info(0), Some(&tls)).unwrap_err();
+    assert!(err.to_string().contains("https://"), "{err}");
+    let missing = std::path::Path::new("/nonexistent/ca.pem");
+    let err = dalle_runtime::ClientTls::from_ca_file(missing).unwrap_err();
+    assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
+    let dir = std::env::temp_dir().join(format!("dalle-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, "not a certificate").unwrap();
+    std::fs::write(&key, "not a key").unwrap();
+    let err = dalle_runtime::ServerTls::from_files(&cert, &key).unwrap_err();
+    assert!(
+        err.to_string().contains("cert.pem") && err.to_string().contains("not PEM"),
+        "{err}"
+    );
+    // PEM that is no usable key fails when the coordinator starts, naming
+    // the files.
+    let (good_cert, _) = self_signed();
+    std::fs::write(&cert, good_cert).unwrap();
+    std::fs::write(
+        &key,
+        "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let mut config = config(1, 1);
+    config.tls = Some(dalle_runtime::ServerTls::from_files(&cert, &key).unwrap());
+    let err = Coordinator::start(config, |_| Ok(Vec::new())).unwrap_err();
+    assert!(err.to_string().contains("key.pem"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -29,7 +29,7 @@ use tokio::sync::watch;
 
 use crate::auth::CheckToken;
 use crate::proto::coordinator_server::CoordinatorServer;
-use crate::{Backend, PlanStage, RuntimeError, Token};
+use crate::{Backend, PlanStage, RuntimeError, ServerTls, Token};
 use state::State;
 
 /// Makes the NCCL unique id of a generation (its argument); `Err` ends the
@@ -68,6 +68,9 @@ pub struct CoordinatorConfig {
     pub backend: Backend,
     /// Where the HTTP status page listens (`GET /`, `GET /metrics`), if at all.
     pub status_listen: Option<SocketAddr>,
+    /// Serve gRPC over TLS with this certificate (workers then use
+    /// `https://`); `None`: plain HTTP/2.
+    pub tls: Option<ServerTls>,
     /// The job's stages, in order, handed to every group; a re-formed group
     /// starts at the first stage not complete. Empty: the workers need no
     /// plan (the job ends when every member leaves finished, as always).
@@ -93,6 +96,7 @@ impl CoordinatorConfig {
             job_toml,
             backend: Backend::TcpRing,
             status_listen: None,
+            tls: None,
             plan: Vec::new(),
         }
     }
@@ -433,10 +437,19 @@ impl Coordinator {
         );
         let incoming =
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let mut server = tonic::transport::Server::builder();
+        if let Some(tls) = &config.tls {
+            server = server.tls_config(tls.config()).map_err(|e| {
+                RuntimeError::Tls(format!(
+                    "the coordinator cannot use the certificate and key in {}: {e}",
+                    tls.origin()
+                ))
+            })?;
+        }
         let mut stop = shutdown.subscribe();
         runtime.spawn(async move {
             let signal = async move { stopped(&mut stop).await };
-            let served = tonic::transport::Server::builder()
+            let served = server
                 .add_service(service)
                 .serve_with_incoming_shutdown(incoming, signal)
                 .await;
@@ -469,7 +482,8 @@ impl Coordinator {
             addr
         });
         tracing::info!(
-            "coordinator listening on {local_addr} for {}..{} worker(s), backend {}{}",
+            "coordinator listening on {local_addr}{} for {}..{} worker(s), backend {}{}",
+            if config.tls.is_some() { " (TLS)" } else { "" },
             config.min_workers,
             config.max_workers,
             config.backend,
@@ -478,6 +492,11 @@ impl Coordinator {
                 .unwrap_or_default()
         );
         Ok(CoordinatorHandle {
+            scheme: if config.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            },
             local_addr,
             status_addr,
             shared,
@@ -507,6 +526,8 @@ fn bind(
 
 /// A running coordinator. Dropping it shuts it down.
 pub struct CoordinatorHandle {
+    /// `https` when serving TLS.
+    scheme: &'static str,
     local_addr: SocketAddr,
     status_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
@@ -520,8 +541,8 @@ impl CoordinatorHandle {
         self.local_addr
     }
 
-    /// The URL for workers on this machine: `http://<addr>`, with loopback
-    /// for an unspecified listen address.
+    /// The URL for workers on this machine: `http://<addr>` (`https://`
+    /// with TLS), with loopback for an unspecified listen address.
     pub fn url(&self) -> String {
         let mut addr = self.local_addr;
         if addr.ip().is_unspecified() {
@@ -530,7 +551,7 @@ impl CoordinatorHandle {
                 IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
             });
         }
-        format!("http://{addr}")
+        format!("{}://{addr}", self.scheme)
     }
 
     /// Where the status page listens, if configured.
