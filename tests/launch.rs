@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 
 const DALLE: &str = env!("CARGO_BIN_EXE_dalle");
 
-/// A tiny job in `dir`: its config file, with `extra` TOML appended.
-fn tiny_job(dir: &Path, extra: &str) -> std::path::PathBuf {
+/// A tiny job in `dir`: its config file, with `run` added to its `[run]`
+/// table and `extra` TOML appended.
+fn tiny_job(dir: &Path, run_extra: &str, extra: &str) -> std::path::PathBuf {
     let run = dir.join("run");
     let config = dir.join("job.toml");
     std::fs::write(
@@ -20,6 +21,7 @@ fn tiny_job(dir: &Path, extra: &str) -> std::path::PathBuf {
 dir = "{}"
 device = "cpu"
 verify_every = 5
+{run_extra}
 
 [synth]
 count = 256
@@ -71,7 +73,7 @@ save_every = 0
 fn two_workers_run_the_whole_job() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
-    let config = tiny_job(dir.path(), "");
+    let config = tiny_job(dir.path(), "", "");
     let out = Command::new(DALLE)
         .arg("--config")
         .arg(&config)
@@ -193,7 +195,7 @@ fn a_killed_worker_is_replaced_by_resuming_the_survivors_from_the_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
     // A dVAE stage long enough to be killed in, checkpointed every 20 steps.
-    let config = tiny_job(dir.path(), "[checkpoint]\nevery = 20\n");
+    let config = tiny_job(dir.path(), "", "[checkpoint]\nevery = 20\n");
     let mut launch = Command::new(DALLE)
         .arg("--config")
         .arg(&config)
@@ -252,12 +254,18 @@ fn a_killed_worker_is_replaced_by_resuming_the_survivors_from_the_checkpoint() {
 
     // The sample ledger: every step, before and after the failure, trained on
     // exactly the samples an uninterrupted run trains on (none lost, none
-    // twice), whatever the world size.
-    let reference = dir.path().join("reference");
+    // twice), whatever the world size. The reference runs the dVAE alone.
+    let reference_job = dir.path().join("reference");
+    std::fs::create_dir_all(&reference_job).unwrap();
+    let reference_config = tiny_job(
+        &reference_job,
+        "stages = [\"dvae\"]",
+        "[checkpoint]\nevery = 20\n",
+    );
+    let reference = reference_job.join("run");
     let out = Command::new(DALLE)
         .arg("--config")
-        .arg(&config)
-        .args(["--set", &format!("run.dir={}", reference.display())])
+        .arg(&reference_config)
         .args(STAGE1_LONG)
         .args(["launch", "--nproc", "2"])
         .output()
@@ -267,6 +275,9 @@ fn a_killed_worker_is_replaced_by_resuming_the_survivors_from_the_checkpoint() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Only the planned stage ran.
+    assert!(reference.join("dvae.safetensors").is_file());
+    assert!(!reference.join("tokenizer.json").exists());
     let (survived, uninterrupted) = (ledger(&run), ledger(&reference));
     assert_eq!(uninterrupted.len(), 600);
     assert_eq!(survived, uninterrupted, "the samples of some step differ");
@@ -361,7 +372,7 @@ fn over_tls_a_hung_worker_is_dropped_a_newcomer_taken_in_and_strangers_refused()
     std::fs::write(&cert, certified.cert.pem()).unwrap();
     std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
     // A transformer stage long enough to hang a worker in.
-    let config = tiny_job(dir.path(), "[checkpoint]\nevery = 25\n");
+    let config = tiny_job(dir.path(), "", "[checkpoint]\nevery = 25\n");
     let mut launch = Command::new(DALLE)
         .arg("--config")
         .arg(&config)
@@ -482,7 +493,9 @@ fn over_tls_a_hung_worker_is_dropped_a_newcomer_taken_in_and_strangers_refused()
         .and_then(|rest| rest.split(" ms").next())
         .and_then(|ms| ms.parse().ok())
         .unwrap_or_else(|| panic!("{missed}"));
-    assert!((3000..3500).contains(&silent_ms), "{missed}");
+    // (Slack for a loaded machine; without the heartbeats, only the ring's
+    // 300 s io_timeout would notice.)
+    assert!((3000..5000).contains(&silent_ms), "{missed}");
     assert!(missed.contains(&format!("pid {hung}")), "{missed}");
     // The re-formed group went on with the transformer: the stages before
     // it were complete and nobody ran them again.

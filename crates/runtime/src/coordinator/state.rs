@@ -1249,7 +1249,7 @@ mod tests {
             r.worker_id = reply.worker_id.clone();
             s.join(r, t1).unwrap().1
         };
-        let mut receivers = vec![rejoin(&mut s, &group[0]), rejoin(&mut s, &group[1])];
+        let mut receivers = [rejoin(&mut s, &group[0]), rejoin(&mut s, &group[1])];
         let replies: Vec<proto::JoinReply> = receivers
             .iter_mut()
             .map(|r| r.try_recv().unwrap().unwrap())
