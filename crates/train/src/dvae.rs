@@ -3,17 +3,15 @@
 //! window (also appended to `dvae-metrics.jsonl`), and weights written
 //! atomically during and at the end of training.
 
-use crate::checkpointing::StageCheckpoints;
 use crate::config::JobConfig;
-use crate::ddp::{DataParallel, StepEnd, seeded, step_seed};
-use crate::feed::{
-    EpochSummary, Ledger, batch_tensor, loader_config, next_nonempty, runtime_device,
-};
-use crate::metrics::{DvaeLog, DvaeStepMetrics, MetricsFile, Window};
+use crate::ddp::{DataParallel, seeded, step_seed};
+use crate::feed::{EpochSummary, batch_tensor, loader_config, next_nonempty, runtime_device};
+use crate::metrics::{DvaeLog, DvaeStepMetrics, Window};
 use crate::optim::AdamW;
+use crate::stage_run::{StagePlan, StageRun, StepTiming};
 use crate::{Result, TrainError};
 use dalle_data::loader::ImageLoader;
-use dalle_data::order::{Cursor, Sharding};
+use dalle_data::order::Sharding;
 use dalle_model::dvae::{Dvae, Objective, loss};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -41,11 +39,16 @@ pub fn train(
     let mut optimizer = AdamW::new(model.named_parameters(), cfg.adamw);
     let params = model.named_parameters();
     ddp.share_initial_parameters(&params)?;
-    let mut checkpoints = StageCheckpoints::open(job, "dvae", ddp.is_leader())?;
-    let resume = checkpoints.resume(&model.var_store().variables(), &mut optimizer)?;
-    let (first_step, cursor) = resume
-        .as_ref()
-        .map_or((0, Cursor::start(job.run.seed)), |r| (r.step, r.cursor));
+    let plan = StagePlan {
+        name: "dvae",
+        steps: cfg.steps,
+        log_every: cfg.log_every,
+        save_every: cfg.save_every,
+        weights: job.dvae_weights_path(),
+    };
+    let variables = model.var_store().variables();
+    let mut run = StageRun::resume(job, plan, ddp, None, &variables, &mut optimizer)?;
+    let first_step = run.first_step();
     let mut loader = ImageLoader::start(
         &data,
         loader_config(
@@ -57,20 +60,13 @@ pub fn train(
                 world: ddp.world_size(),
             },
         ),
-        cursor,
+        run.cursor(),
     )?;
     tracing::info!(
         data = %data.url, row_groups = loader.units(), ?device, first_step,
         "training dVAE for {} steps at batch {}", cfg.steps, cfg.batch_size
     );
-    let weights = job.dvae_weights_path();
-    let mut metrics = MetricsFile::create(
-        &job.run.dir.join("dvae-metrics.jsonl"),
-        ddp.is_leader(),
-        resume.is_some(),
-    )?;
     let grid = job.dvae.model.grid_size();
-    let mut ledger = Ledger::open(job, "dvae", ddp.rank(), ddp.world_size())?;
     let mut window = Window::default();
     let mut epoch = EpochSummary::default();
     let mut logs = Vec::new();
@@ -124,16 +120,10 @@ pub fn train(
             comm: ddp.take_comm_time(),
             step_time: started.elapsed(),
         });
-        let step_seconds = started.elapsed().as_secs_f64().max(1e-9);
-        let step_end = StepEnd {
-            step: step + 1,
-            loss: loss_v,
-            samples_per_second: batch.len() as f64 / step_seconds,
-            data_wait: data_wait.as_secs_f64() / step_seconds,
-        };
+        let timing = StepTiming::since(started, data_wait);
 
         let done = step + 1;
-        if done % cfg.log_every == 0 || done == cfg.steps {
+        if run.log_due(done) {
             let (codes_used, code_perplexity) =
                 loss::codebook_usage(&out.tokens, job.dvae.model.vocab_size);
             let line = window.finish(
@@ -148,26 +138,15 @@ pub fn train(
                 },
                 grid * grid,
             );
-            tracing::info!(rank = ddp.rank(), "{line}");
-            metrics.append(&line)?;
+            run.log(&line)?;
             on_log(&line);
             logs.push(line);
         }
-        let periodic = cfg.save_every > 0 && done % cfg.save_every == 0;
-        if ddp.is_leader() && (periodic || done == cfg.steps) {
-            model.save(&weights)?;
-        }
-        ledger.record(done, &batch.keys)?;
-        if checkpoints.due(done, cfg.steps) {
-            checkpoints.save(done, batch.cursor, ddp.world_size(), &params, &optimizer)?;
-        }
-        ddp.end_step(&step_end)?;
+        let save = |path: &std::path::Path| model.save(path);
+        run.end_step(ddp, done, &batch, timing, loss_v, save, &params, &optimizer)?;
     }
-    checkpoints.finish()?;
-    if first_step >= cfg.steps && ddp.is_leader() {
-        // Resumed from the stage's final checkpoint: nothing to train.
-        model.save(&weights)?;
-    }
+    run.finish(|path| model.save(path))?;
+    let weights = run.weights().to_path_buf();
     let stats = loader.stats();
     tracing::info!(
         weights = %weights.display(),

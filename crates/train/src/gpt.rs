@@ -4,18 +4,16 @@
 //! accumulation over micro-batches, clipping, AdamW under warm-up + cosine,
 //! and a log line per window (also appended to `gpt-metrics.jsonl`).
 
-use crate::checkpointing::StageCheckpoints;
 use crate::config::JobConfig;
-use crate::ddp::{DataParallel, StepEnd, seeded, step_seed};
-use crate::feed::{
-    EpochSummary, Ledger, batch_tensor, loader_config, next_nonempty, runtime_device,
-};
-use crate::metrics::{GptLog, GptStepMetrics, GptWindow, MetricsFile};
+use crate::ddp::{DataParallel, seeded, step_seed};
+use crate::feed::{EpochSummary, batch_tensor, loader_config, next_nonempty, runtime_device};
+use crate::metrics::{GptLog, GptStepMetrics, GptWindow};
 use crate::optim::AdamW;
+use crate::stage_run::{StagePlan, StageRun, StepTiming};
 use crate::{Result, TrainError};
 use dalle_data::columns::Payload;
 use dalle_data::loader::{Batch, ImageLoader, LoaderStats};
-use dalle_data::order::{Cursor, Sharding};
+use dalle_data::order::Sharding;
 use dalle_model::dvae::{Dvae, DvaeConfig};
 use dalle_model::gpt::{Gpt, GptConfig};
 use dalle_model::text::TextTokenizer;
@@ -247,17 +245,27 @@ pub fn train(
     let params = model.named_parameters();
     ddp.share_initial_parameters(&params)?;
     let mut optimizer = AdamW::new(model.named_parameters(), cfg.adamw);
-    let mut checkpoints = StageCheckpoints::open(job, "gpt", ddp.is_leader())?;
-    checkpoints.carry_tokenizer(
-        tokenizer
-            .to_json()
-            .map_err(|e| TrainError::Config(e.to_string()))?
-            .into_bytes(),
-    );
-    let resume = checkpoints.resume(&model.var_store().variables(), &mut optimizer)?;
-    let (first_step, cursor) = resume
-        .as_ref()
-        .map_or((0, Cursor::start(job.run.seed)), |r| (r.step, r.cursor));
+    let plan = StagePlan {
+        name: "gpt",
+        steps: cfg.steps,
+        log_every: cfg.log_every,
+        save_every: cfg.save_every,
+        weights: job.gpt_weights_path(),
+    };
+    let tokenizer_json = tokenizer
+        .to_json()
+        .map_err(|e| TrainError::Config(e.to_string()))?
+        .into_bytes();
+    let variables = model.var_store().variables();
+    let mut run = StageRun::resume(
+        job,
+        plan,
+        ddp,
+        Some(tokenizer_json),
+        &variables,
+        &mut optimizer,
+    )?;
+    let first_step = run.first_step();
     let mut loader = ImageLoader::start(
         &data,
         loader_config(
@@ -269,7 +277,7 @@ pub fn train(
                 world: ddp.world_size(),
             },
         ),
-        cursor,
+        run.cursor(),
     )?;
     let images = ImageTokens::new(job, loader.payload(), device, &data.url)?;
     let mut captions = CaptionEncoder::new(job, &tokenizer)?;
@@ -281,13 +289,6 @@ pub fn train(
         "training the transformer for {} steps at batch {} (micro-batch {})",
         cfg.steps, cfg.batch_size, cfg.micro_batch()
     );
-    let weights = job.gpt_weights_path();
-    let mut metrics = MetricsFile::create(
-        &job.run.dir.join("gpt-metrics.jsonl"),
-        ddp.is_leader(),
-        resume.is_some(),
-    )?;
-    let mut ledger = Ledger::open(job, "gpt", ddp.rank(), ddp.world_size())?;
     let mut window = GptWindow::default();
     let mut epoch = EpochSummary::default();
     let mut logs = Vec::new();
@@ -339,36 +340,19 @@ pub fn train(
             comm: ddp.take_comm_time(),
             step_time: started.elapsed(),
         });
-        let step_seconds = started.elapsed().as_secs_f64().max(1e-9);
-        let step_end = StepEnd {
-            step: step + 1,
-            loss,
-            samples_per_second: batch.len() as f64 / step_seconds,
-            data_wait: data_wait.as_secs_f64() / step_seconds,
-        };
+        let timing = StepTiming::since(started, data_wait);
         let done = step + 1;
-        if done % cfg.log_every == 0 || done == cfg.steps {
+        if run.log_due(done) {
             let line = window.finish(done, lr);
-            tracing::info!(rank = ddp.rank(), "{line}");
-            metrics.append(&line)?;
+            run.log(&line)?;
             on_log(&line);
             logs.push(line);
         }
-        let periodic = cfg.save_every > 0 && done % cfg.save_every == 0;
-        if ddp.is_leader() && (periodic || done == cfg.steps) {
-            model.save(&weights)?;
-        }
-        ledger.record(done, &batch.keys)?;
-        if checkpoints.due(done, cfg.steps) {
-            checkpoints.save(done, batch.cursor, ddp.world_size(), &params, &optimizer)?;
-        }
-        ddp.end_step(&step_end)?;
+        let save = |path: &std::path::Path| model.save(path);
+        run.end_step(ddp, done, &batch, timing, loss, save, &params, &optimizer)?;
     }
-    checkpoints.finish()?;
-    if first_step >= cfg.steps && ddp.is_leader() {
-        // Resumed from the stage's final checkpoint: nothing to train.
-        model.save(&weights)?;
-    }
+    run.finish(|path| model.save(path))?;
+    let weights = run.weights().to_path_buf();
     let stats = loader.stats();
     tracing::info!(
         weights = %weights.display(), seen = stats.seen, skipped = stats.skipped(),

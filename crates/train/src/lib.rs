@@ -13,5 +13,6 @@ pub mod gpt;
 pub mod metrics;
 pub mod optim;
 pub mod schedule;
+mod stage_run;
 
 pub use error::{Result, TrainError};
