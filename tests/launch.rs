@@ -2,6 +2,8 @@
 //! over loopback run every stage of a tiny job data-parallel, and the job
 //! ends with a sampler bundle.
 
+mod support;
+
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -573,5 +575,154 @@ fn join_with_version(url: &str, ca_pem: &str, version: u32) -> tonic::Status {
             .join(request)
             .await
             .unwrap_err()
+    })
+}
+
+#[test]
+fn a_worker_with_a_run_directory_of_its_own_trains_through_the_shared_url() {
+    let garage = support::garage::Garage::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (data, elsewhere) = (dir.path().join("data"), dir.path().join("machine-b"));
+    let shared = format!("s3://{}/jobs/two-machines", garage.bucket);
+    let config = tiny_job(
+        dir.path(),
+        &format!("shared_url = \"{shared}\""),
+        "[checkpoint]\nevery = 5\n",
+    );
+    let data_url = format!("data.url={}", data.display());
+    let dalle = |args: &[&str]| {
+        let mut command = Command::new(DALLE);
+        command
+            .arg("--config")
+            .arg(&config)
+            .args(["--set", &data_url])
+            .args(args)
+            .envs(garage.env())
+            .env("DALLE_JOB_TOKEN", TOKEN)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1");
+        command
+    };
+    // The dataset sits where every machine reads it.
+    let out = dalle(&["data", "synth"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // One worker here, one "on another machine": a run directory of its own.
+    let mut launch = dalle(&["launch", "--nproc", "1", "--min-workers", "2"])
+        .args(["--max-workers", "2"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = Log::follow(launch.stderr.take().unwrap());
+    let stdout = Log::follow(launch.stdout.take().unwrap());
+    let launch = KillOnDrop(launch);
+    let started = log.wait_for("job started", Duration::from_secs(60));
+    let url = field(&started, "coordinator").to_string();
+    let remote = KillOnDrop(
+        dalle(&[
+            "worker",
+            "--coordinator",
+            &url,
+            "--slot",
+            "cpu:1",
+            "--run-dir",
+        ])
+        .arg(&elsewhere)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap(),
+    );
+    let mut remote = remote;
+    let said = Log::follow(remote.0.stderr.take().unwrap());
+    let (ended, joined) = (launch.wait(), remote.wait());
+    let (text, said) = (log.text(), said.text());
+    assert!(
+        ended.success(),
+        "launch failed:\n{text}\n\nremote worker:\n{said}"
+    );
+    assert!(joined.success(), "the remote worker failed:\n{said}");
+    assert!(
+        stdout.text().contains("with 2 workers"),
+        "{}",
+        stdout.text()
+    );
+
+    // Both ranks trained the same steps: the same global losses.
+    let losses = |log: &str| -> Vec<String> {
+        log.lines()
+            .filter(|l| l.contains("dalle_train::gpt") && l.contains("| loss"))
+            .map(|l| {
+                l.split("| loss")
+                    .nth(1)
+                    .unwrap()
+                    .split('|')
+                    .next()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect()
+    };
+    assert_eq!(losses(&text).len(), 2, "{text}");
+    assert_eq!(
+        losses(&text),
+        losses(&said),
+        "the two machines logged different losses"
+    );
+    // The remote worker fetched what rank 0 trained into its own directory
+    // and wrote nothing else there: tokens, checkpoints and the bundle are
+    // on the shared store.
+    for file in ["dvae.safetensors", "tokenizer.json"] {
+        assert!(elsewhere.join(file).is_file(), "{file} was not fetched");
+    }
+    for dir in ["tokens", "checkpoints", "bundle"] {
+        assert!(!elsewhere.join(dir).exists(), "{dir} is local");
+    }
+    let keys = shared_keys(&garage, "jobs/two-machines");
+    for wanted in [
+        "jobs/two-machines/dvae.safetensors",
+        "jobs/two-machines/tokenizer.json",
+        "jobs/two-machines/bundle/bundle.json",
+        "jobs/two-machines/checkpoints/gpt/latest",
+    ] {
+        assert!(keys.iter().any(|k| k == wanted), "no {wanted} in {keys:?}");
+    }
+    let token_files = keys.iter().filter(|k| k.contains("/tokens/")).count();
+    assert_eq!(
+        token_files, 4,
+        "every data file is tokenized once: {keys:?}"
+    );
+}
+
+/// Every key under `prefix` in the test bucket.
+fn shared_keys(garage: &support::garage::Garage, prefix: &str) -> Vec<String> {
+    use object_store::ObjectStore;
+    use object_store::aws::AmazonS3Builder;
+    let store = AmazonS3Builder::new()
+        .with_endpoint(&garage.endpoint)
+        .with_allow_http(true)
+        .with_region(&garage.region)
+        .with_bucket_name(&garage.bucket)
+        .with_access_key_id(&garage.key_id)
+        .with_secret_access_key(&garage.secret)
+        .build()
+        .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        use futures::TryStreamExt;
+        store
+            .list(Some(&object_store::path::Path::from(prefix)))
+            .map_ok(|meta| meta.location.to_string())
+            .try_collect()
+            .await
+            .unwrap()
     })
 }

@@ -9,6 +9,7 @@ mod gpt;
 mod inputs;
 mod launch;
 mod progress;
+mod shared;
 mod stages;
 mod text;
 mod tokenize;

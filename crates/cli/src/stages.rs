@@ -6,6 +6,7 @@
 //! meet at a barrier at the end of every stage, since the next one reads
 //! what any rank wrote.
 
+use crate::shared::SharedOutputs;
 use crate::{export, text, tokenize};
 use anyhow::{Context, Result, bail};
 use dalle_model::dvae::Dvae;
@@ -71,17 +72,37 @@ pub fn run(stage: JobStage, job: &JobConfig, ddp: &mut DataParallel) -> Result<(
         stage = %stage.name(),
         "stage starts"
     );
+    let shared = SharedOutputs::of(job)?;
+    // What the stage reads from rank 0's earlier stages, on this machine.
+    if let Some(shared) = &shared {
+        let needs = match stage {
+            JobStage::Pretokenize => vec![job.dvae_weights_path()],
+            JobStage::Gpt => vec![job.dvae_weights_path(), job.tokenizer_path()],
+            _ => Vec::new(),
+        };
+        for file in needs {
+            fetch_or_keep(shared, &file)?;
+        }
+    }
     match stage {
         JobStage::Dvae => {
             dalle_train::dvae::train(job, ddp, |_| {})?;
+            if let Some(shared) = shared.as_ref().filter(|_| ddp.is_leader()) {
+                shared.publish(&job.dvae_weights_path())?;
+            }
         }
-        JobStage::Tokenizer if ddp.is_leader() => text::run(
-            text::TextCommand::TrainTokenizer {
-                input: None,
-                out: None,
-            },
-            job,
-        )?,
+        JobStage::Tokenizer if ddp.is_leader() => {
+            text::run(
+                text::TextCommand::TrainTokenizer {
+                    input: None,
+                    out: None,
+                },
+                job,
+            )?;
+            if let Some(shared) = &shared {
+                shared.publish(&job.tokenizer_path())?;
+            }
+        }
         JobStage::Pretokenize => pretokenize(job, rank, ddp.world_size())?,
         JobStage::Gpt => {
             dalle_train::gpt::train(job, ddp, |_| {})?;
@@ -91,6 +112,19 @@ pub fn run(stage: JobStage, job: &JobConfig, ddp: &mut DataParallel) -> Result<(
     }
     ddp.barrier()?;
     Ok(())
+}
+
+/// Fetches a shared stage output; a run that skipped the stage making it
+/// (`run.stages`) may hold it locally instead.
+fn fetch_or_keep(shared: &SharedOutputs, local: &std::path::Path) -> Result<()> {
+    match shared.fetch(local) {
+        Ok(()) => Ok(()),
+        Err(e) if local.is_file() => {
+            tracing::warn!("{e:#}; using the local {} instead", local.display());
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// This rank's files of the dataset, encoded to dVAE tokens.

@@ -48,6 +48,11 @@ pub struct WorkerArgs {
     /// URL's host.
     #[arg(long)]
     pub tls_domain: Option<String>,
+    /// This worker's own run directory (weights, logs, fetched stage
+    /// outputs) instead of the job's `run.dir`: for a machine that does not
+    /// share it (set `run.shared_url` and `data.url` then).
+    #[arg(long)]
+    pub run_dir: Option<std::path::PathBuf>,
 }
 
 /// Why a generation of training ended.
@@ -86,6 +91,9 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         let assignment = membership.join(Instant::now() + join_timeout)?;
         let mut job = JobConfig::from_toml(&assignment.job_toml, "the coordinator's job config")?;
         job.run.device = device_of_slot(&args.slot);
+        if let Some(dir) = &args.run_dir {
+            job.run.dir = dir.clone();
+        }
         tracing::info!(
             rank = assignment.rank,
             world = assignment.world_size,

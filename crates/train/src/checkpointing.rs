@@ -102,10 +102,15 @@ impl StageCheckpoints {
     /// rank that saves.
     pub fn open(job: &JobConfig, stage: &str, writer: bool) -> Result<Self> {
         let policy = job.checkpoint.clone();
+        // Every rank resumes from the checkpoints: with workers on several
+        // machines they live where all of them reach.
         let url = policy
             .url
             .clone()
-            .unwrap_or_else(|| job.run.dir.join("checkpoints").display().to_string());
+            .unwrap_or_else(|| match &job.run.shared_url {
+                Some(shared) => format!("{}/checkpoints", shared.trim_end_matches('/')),
+                None => job.run.dir.join("checkpoints").display().to_string(),
+            });
         let location =
             Location::parse(&url, &job.store).map_err(|e| TrainError::Config(e.to_string()))?;
         let config = CheckpointConfig {

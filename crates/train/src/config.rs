@@ -70,6 +70,13 @@ pub struct RunConfig {
     /// order: e.g. `["pretokenize", "gpt", "export"]` for stage 2 on a dVAE
     /// and tokenizer trained before.
     pub stages: Vec<JobStage>,
+    /// Where workers on different machines exchange stage outputs: the
+    /// dVAE weights and caption tokenizer rank 0 trains, and the
+    /// pre-tokenized data every rank writes its share of. Any store URL
+    /// every worker reaches (`s3://…`, or `file://` on a shared file
+    /// system). Unset: the run directory, which all workers then share (one
+    /// machine, or a shared file system).
+    pub shared_url: Option<String>,
 }
 
 /// One stage of the whole job, in the order they run.
@@ -132,6 +139,7 @@ impl Default for RunConfig {
             ledger: false,
             backend: "auto".into(),
             stages: JobStage::ALL.to_vec(),
+            shared_url: None,
         }
     }
 }
@@ -480,9 +488,13 @@ impl JobConfig {
             .unwrap_or_else(|| self.tokens_url())
     }
 
-    /// Where `dalle data tokenize` writes by default.
+    /// Where `dalle data tokenize` writes by default: under
+    /// `run.shared_url` when set, so every worker reads all of it.
     pub fn tokens_url(&self) -> String {
-        self.run.dir.join("tokens").display().to_string()
+        match &self.run.shared_url {
+            Some(url) => format!("{}/tokens", url.trim_end_matches('/')),
+            None => self.run.dir.join("tokens").display().to_string(),
+        }
     }
 
     /// Where `dalle text train-tokenizer` writes and stage 2 reads.

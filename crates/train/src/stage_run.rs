@@ -108,7 +108,12 @@ impl StageRun {
 
     /// Writes a log line to the log and the metrics file.
     pub fn log(&mut self, line: &(impl Display + Serialize)) -> Result<()> {
-        tracing::info!(rank = self.rank, "{line}");
+        // Under the loop's own target, which log filters and readers use.
+        match self.plan.name {
+            "dvae" => tracing::info!(target: "dalle_train::dvae", rank = self.rank, "{line}"),
+            "gpt" => tracing::info!(target: "dalle_train::gpt", rank = self.rank, "{line}"),
+            _ => tracing::info!(rank = self.rank, "{line}"),
+        }
         self.metrics.append(line)
     }
 
