@@ -726,3 +726,79 @@ fn shared_keys(garage: &support::garage::Garage, prefix: &str) -> Vec<String> {
             .unwrap()
     })
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn the_slurm_node_script_runs_a_job_on_two_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, shared) = (dir.path().join("data"), dir.path().join("shared"));
+    let config = tiny_job(
+        dir.path(),
+        &format!("shared_url = \"file://{}\"", shared.display()),
+        "",
+    );
+    let data_url = format!("data.url={}", data.display());
+    let out = Command::new(DALLE)
+        .arg("--config")
+        .arg(&config)
+        .args(["--set", &data_url, "data", "synth"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../cluster/slurm/node.sh");
+    let (port, status_port) = (free_port().to_string(), free_port().to_string());
+    let node = |id: &str| {
+        let mut command = Command::new("bash");
+        command
+            .arg(&script)
+            .arg(&config)
+            .args(["--set", &data_url])
+            .env("SLURM_NODEID", id)
+            .env("SLURM_NNODES", "2")
+            .env("DALLE_COORDINATOR_HOST", "127.0.0.1")
+            .env("DALLE_JOB_TOKEN", TOKEN)
+            .env("DALLE_DEVICES_PER_NODE", "1")
+            .env("DALLE_SLOT_KIND", "cpu")
+            .env("DALLE_PORT", &port)
+            .env("DALLE_STATUS_PORT", &status_port)
+            .env("DALLE_ADVERTISE", "127.0.0.1")
+            .env("DALLE", DALLE)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        command
+    };
+    let mut head = KillOnDrop(node("0").spawn().unwrap());
+    let head_log = Log::follow(head.0.stderr.take().unwrap());
+    head_log.wait_for("job started", Duration::from_secs(60));
+    let mut other = KillOnDrop(
+        node("1")
+            .env("DALLE_RUN_DIR", dir.path().join("node-1"))
+            .spawn()
+            .unwrap(),
+    );
+    let other_log = Log::follow(other.0.stderr.take().unwrap());
+    let (head_ok, other_ok) = (head.wait(), other.wait());
+    assert!(head_ok.success(), "node 0 failed:\n{}", head_log.text());
+    assert!(other_ok.success(), "node 1 failed:\n{}", other_log.text());
+    assert!(
+        other_log.text().contains("rank=1 world=2"),
+        "{}",
+        other_log.text()
+    );
+    assert!(dir.path().join("node-1/tokenizer.json").is_file());
+    assert!(shared.join("bundle/bundle.json").is_file());
+}

@@ -2,7 +2,9 @@
 //! standalone mode: a coordinator in this process and N `dalle worker`
 //! processes (one per GPU, or N CPU slots), which train every stage
 //! data-parallel. Workers on other machines can join the same coordinator
-//! with `dalle worker --coordinator URL` (listen on a reachable address).
+//! with `dalle worker --coordinator URL` (listen on a reachable address);
+//! `--nproc 0` runs the coordinator alone, for a job whose workers all run
+//! elsewhere (one `dalle worker` per GPU on every node).
 
 use anyhow::{Context, Result, bail};
 use dalle_runtime::coordinator::JobPhase;
@@ -17,18 +19,25 @@ use std::time::Duration;
 
 #[derive(clap::Args)]
 pub struct LaunchArgs {
-    /// Worker processes to start here.
+    /// Worker processes to start here (0: the coordinator alone; give
+    /// --min-workers).
     #[arg(long, default_value_t = 1)]
     pub nproc: u32,
     /// Workers needed to start (default: nproc).
     #[arg(long)]
     pub min_workers: Option<u32>,
-    /// Workers taken at most (default: nproc); more may join from elsewhere.
+    /// Workers taken at most (default: nproc, or min-workers when more);
+    /// more may join from elsewhere.
     #[arg(long)]
     pub max_workers: Option<u32>,
     /// The coordinator's gRPC address (0.0.0.0:PORT to take remote workers).
     #[arg(long, default_value = "127.0.0.1:0")]
     pub listen: SocketAddr,
+    /// The address workers on other machines reach this machine's workers
+    /// at (their ring links); default: 127.0.0.1 when --listen is on
+    /// loopback, else this host's name.
+    #[arg(long)]
+    pub advertise: Option<String>,
     /// Serve the job's status page and Prometheus metrics here.
     #[arg(long)]
     pub status: Option<SocketAddr>,
@@ -60,9 +69,14 @@ pub struct LaunchArgs {
 }
 
 pub fn run(args: LaunchArgs, job: &JobConfig) -> Result<()> {
-    if args.nproc == 0 {
-        bail!("--nproc must be at least 1");
+    if args.nproc == 0 && args.min_workers.is_none() {
+        bail!(
+            "--nproc 0 runs the coordinator alone: say how many workers it waits for with \
+             --min-workers"
+        );
     }
+    let min_workers = args.min_workers.unwrap_or(args.nproc);
+    let max_workers = args.max_workers.unwrap_or(args.nproc.max(min_workers));
     let mut job = job.clone();
     let device = dalle_model::device::parse_device(&job.run.device)?;
     let slot = match device {
@@ -74,7 +88,7 @@ pub fn run(args: LaunchArgs, job: &JobConfig) -> Result<()> {
         ("nccl", _) | ("auto", "cuda") => Backend::Nccl,
         _ => Backend::TcpRing,
     };
-    if backend == Backend::TcpRing && job.run.threads == 0 {
+    if backend == Backend::TcpRing && job.run.threads == 0 && args.nproc > 0 {
         // Workers share the machine's cores instead of each taking them all.
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
         job.run.threads = (cores / args.nproc as usize).max(1);
@@ -88,8 +102,8 @@ pub fn run(args: LaunchArgs, job: &JobConfig) -> Result<()> {
     let timeout = Duration::from_secs(args.heartbeat_timeout_secs.max(2));
     let config = CoordinatorConfig {
         listen: args.listen,
-        min_workers: args.min_workers.unwrap_or(args.nproc),
-        max_workers: args.max_workers.unwrap_or(args.nproc),
+        min_workers,
+        max_workers,
         heartbeat_interval: timeout / 5,
         heartbeat_timeout: timeout,
         max_restarts: args.max_restarts,
@@ -113,6 +127,11 @@ pub fn run(args: LaunchArgs, job: &JobConfig) -> Result<()> {
         workers = args.nproc, backend = backend.as_str(), "job started"
     );
     let exe = std::env::current_exe().context("cannot find the dalle executable")?;
+    let advertise = match &args.advertise {
+        Some(host) => host.clone(),
+        None if args.listen.ip().is_loopback() => "127.0.0.1".into(),
+        None => dalle_runtime::JoinInfo::this_process("", "").host,
+    };
     let mut workers: Vec<Child> = (0..args.nproc)
         .map(|i| {
             let mut worker = Command::new(&exe);
@@ -122,6 +141,8 @@ pub fn run(args: LaunchArgs, job: &JobConfig) -> Result<()> {
                 .arg(coordinator.url())
                 .arg("--slot")
                 .arg(format!("{slot}:{i}"))
+                .arg("--advertise")
+                .arg(&advertise)
                 .env("DALLE_JOB_TOKEN", token.expose());
             if let Some(ca) = args.tls_ca.as_ref().or(args.tls_cert.as_ref()) {
                 worker.arg("--tls-ca").arg(ca);
@@ -163,9 +184,10 @@ fn supervise(coordinator: &CoordinatorHandle, workers: &mut [Child]) -> Result<J
         if matches!(status.phase, JobPhase::Finished | JobPhase::Failed) {
             return Ok(coordinator.wait()?);
         }
-        let exited = workers
-            .iter_mut()
-            .all(|w| matches!(w.try_wait(), Ok(Some(_))));
+        let exited = !workers.is_empty()
+            && workers
+                .iter_mut()
+                .all(|w| matches!(w.try_wait(), Ok(Some(_))));
         if exited && status.world_size == 0 && status.waiting.is_empty() {
             bail!(
                 "every local worker exited and no group is running or forming; last failure: {}",

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# One node of a dalle-rs job (started once per node, by dalle.sbatch or any
+# launcher that sets the variables below). Node 0 runs `dalle launch` (the
+# coordinator and this node's workers); the others run one `dalle worker`
+# per device and wait for them.
+#
+# Environment:
+#   SLURM_NODEID, SLURM_NNODES   this node's index and the node count
+#   DALLE_COORDINATOR_HOST       node 0's address, as the others reach it
+#   DALLE_JOB_TOKEN              the job token (the same on every node)
+#   DALLE_DEVICES_PER_NODE       workers per node (default: the GPUs Slurm
+#                                gives the node, else 1)
+#   DALLE_SLOT_KIND              cuda (default) or cpu
+#   DALLE_PORT                   the coordinator's port (default 29500)
+#   DALLE_STATUS_PORT            its status page (default 29501)
+#   DALLE_ADVERTISE              how other nodes reach this one (default:
+#                                its host name)
+#   DALLE_RUN_DIR                this node's run directory (default: the
+#                                job's run.dir)
+#   DALLE                        the dalle binary (default: dalle on PATH)
+set -euo pipefail
+
+config=${1:?usage: node.sh CONFIG [dalle global flags...]}
+shift
+node=${SLURM_NODEID:?SLURM_NODEID is not set}
+nodes=${SLURM_NNODES:?SLURM_NNODES is not set}
+head=${DALLE_COORDINATOR_HOST:?DALLE_COORDINATOR_HOST is not set}
+: "${DALLE_JOB_TOKEN:?DALLE_JOB_TOKEN is not set}"
+per_node=${DALLE_DEVICES_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
+kind=${DALLE_SLOT_KIND:-cuda}
+port=${DALLE_PORT:-29500}
+status_port=${DALLE_STATUS_PORT:-29501}
+advertise=${DALLE_ADVERTISE:-$(hostname)}
+dalle=${DALLE:-dalle}
+run_dir=()
+if [[ -n ${DALLE_RUN_DIR:-} ]]; then
+  run_dir=(--run-dir "$DALLE_RUN_DIR")
+fi
+
+if [[ $node == 0 ]]; then
+  exec "$dalle" --config "$config" "$@" launch \
+    --nproc "$per_node" --min-workers $((nodes * per_node)) \
+    --listen "0.0.0.0:$port" --status "0.0.0.0:$status_port" --advertise "$advertise"
+fi
+
+pids=()
+for ((i = 0; i < per_node; i++)); do
+  "$dalle" worker --coordinator "http://$head:$port" --slot "$kind:$i" \
+    --advertise "$advertise" "${run_dir[@]}" &
+  pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do
+  wait "$pid" || status=$?
+done
+exit "$status"
