@@ -794,11 +794,9 @@ fn the_slurm_node_script_runs_a_job_on_two_nodes() {
     let (head_ok, other_ok) = (head.wait(), other.wait());
     assert!(head_ok.success(), "node 0 failed:\n{}", head_log.text());
     assert!(other_ok.success(), "node 1 failed:\n{}", other_log.text());
-    assert!(
-        other_log.text().contains("rank=1 world=2"),
-        "{}",
-        other_log.text()
-    );
+    // (Which node's worker is rank 0 depends on who joined first: both
+    // "nodes" have the same host name and slot.)
+    assert!(other_log.text().contains("world=2"), "{}", other_log.text());
     assert!(dir.path().join("node-1/tokenizer.json").is_file());
     assert!(shared.join("bundle/bundle.json").is_file());
 }
