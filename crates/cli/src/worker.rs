@@ -186,7 +186,8 @@ fn train_generation(
             }
         }
     }));
-    let run_plan = |ddp: &mut DataParallel| -> Result<()> {
+    // Ok(Some(reason)): the group re-formed while this worker ended a stage.
+    let run_plan = |ddp: &mut DataParallel| -> Result<Option<String>> {
         for (index, &stage) in plan.iter().enumerate().skip(assignment.first_stage) {
             // Stages without training steps see the coordinator here.
             if let Instruction::Reform { reason } | Instruction::Stop { reason } =
@@ -196,11 +197,16 @@ fn train_generation(
             }
             heartbeats.enter_stage(index);
             stages::run(stage, job, ddp)?;
-            membership
-                .stage_done(assignment, index)
-                .with_context(|| format!("reporting stage {} done", stage.name()))?;
+            match membership.stage_done(assignment, index) {
+                Ok(_) => {}
+                Err(e) if e.is_generation_over() => return Ok(Some(e.to_string())),
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("reporting stage {} done", stage.name()));
+                }
+            }
         }
-        Ok(())
+        Ok(None)
     };
     if assignment.first_stage > 0 {
         let done: Vec<&str> = plan[..assignment.first_stage.min(plan.len())]
@@ -213,7 +219,8 @@ fn train_generation(
         );
     }
     match run_plan(&mut ddp) {
-        Ok(()) => Ok(Ending::Finished),
+        Ok(None) => Ok(Ending::Finished),
+        Ok(Some(reason)) => Ok(Ending::Reform(reason)),
         Err(e) => match heartbeats.instruction() {
             Instruction::Reform { reason } => Ok(Ending::Reform(reason)),
             Instruction::Stop { reason } => bail!("the coordinator stopped the job: {reason}"),

@@ -52,7 +52,7 @@ pub enum RuntimeError {
     Refused {
         /// The coordinator's URL.
         coordinator: String,
-        /// The call: "Join", "Heartbeat" or "Leave".
+        /// The call: "Join", "Heartbeat", "Leave" or "StageDone".
         rpc: &'static str,
         /// The gRPC status code.
         code: tonic::Code,
@@ -105,5 +105,11 @@ impl RuntimeError {
             RuntimeError::Refused { code, .. } => Some(*code),
             _ => None,
         }
+    }
+
+    /// The call belonged to a generation that is over (the group re-formed
+    /// meanwhile): join the new one rather than fail.
+    pub fn is_generation_over(&self) -> bool {
+        self.code() == Some(tonic::Code::Aborted)
     }
 }

@@ -366,7 +366,15 @@ impl State {
                 completed_stages: self.completed as u32,
             });
         }
-        if request.generation != generation || stage != member.stage {
+        if request.generation != generation {
+            return Err(Status::aborted(format!(
+                "{} reports stage {stage} ({name}) done for generation {}, which is over: the \
+                 group is at generation {generation}; join again",
+                member.describe(),
+                request.generation
+            )));
+        }
+        if stage != member.stage {
             return Err(Status::failed_precondition(format!(
                 "{} reports stage {stage} ({name}) of generation {} done, but it is in stage {} \
                  of generation {generation}",
@@ -1214,6 +1222,10 @@ mod tests {
         let beyond = s.stage_done(request.clone(), t0).unwrap_err();
         assert_eq!(beyond.code(), tonic::Code::OutOfRange);
         request.stage = 0;
+        request.generation = 0;
+        let over = s.stage_done(request.clone(), t0).unwrap_err();
+        assert_eq!(over.code(), tonic::Code::Aborted, "{over:?}");
+        request.generation = 1;
         request.worker_id = "w99".into();
         assert_eq!(
             s.stage_done(request, t0).unwrap_err().code(),
