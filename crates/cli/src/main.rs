@@ -66,8 +66,8 @@ enum Command {
         #[arg(long)]
         out: Option<String>,
     },
-    /// Run the whole job (every stage) with a coordinator and N local
-    /// worker processes.
+    /// Run the job (the stages of `run.stages`, all by default) with a
+    /// coordinator and N local worker processes.
     Launch(launch::LaunchArgs),
     /// One training process of a distributed job: join the coordinator,
     /// train data-parallel, follow its instructions.
