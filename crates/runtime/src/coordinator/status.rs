@@ -268,15 +268,11 @@ pub(super) fn render_metrics(status: &JobStatus) -> String {
             "Stages of the plan every member finished.",
             &job(complete as f64),
         );
-        let samples: Vec<(String, f64)> = status
+        let seconds: Vec<(String, f64)> = status
             .stages
             .iter()
             .filter_map(|s| {
-                let labels = format!(
-                    "{{stage=\"{}\",state=\"{}\"}}",
-                    escape(&s.name),
-                    s.state.as_str()
-                );
+                let labels = format!("{{stage=\"{}\"}}", escape(&s.name));
                 s.elapsed.map(|t| (labels, t.as_secs_f64()))
             })
             .collect();
@@ -284,7 +280,34 @@ pub(super) fn render_metrics(status: &JobStatus) -> String {
             "dalle_stage_seconds",
             "gauge",
             "Time spent in each stage started so far (to completion, or until now).",
-            &samples,
+            &seconds,
+        );
+        // One series per (stage, state), 1 for the state the stage is in:
+        // a label whose value changed would start a new series.
+        let states = [
+            StageState::Pending,
+            StageState::Running,
+            StageState::Complete,
+        ];
+        let state_samples: Vec<(String, f64)> = status
+            .stages
+            .iter()
+            .flat_map(|s| {
+                states.map(|state| {
+                    let labels = format!(
+                        "{{stage=\"{}\",state=\"{}\"}}",
+                        escape(&s.name),
+                        state.as_str()
+                    );
+                    (labels, f64::from(u8::from(s.state == state)))
+                })
+            })
+            .collect();
+        metric(
+            "dalle_stage_state",
+            "gauge",
+            "1 for the state each stage of the plan is in.",
+            &state_samples,
         );
     }
     if let Some(step) = status.step {
@@ -434,7 +457,10 @@ mod tests {
             "dalle_job_phase{phase=\"running\"} 1",
             "dalle_stages_total 3",
             "dalle_stages_complete 1",
-            "dalle_stage_seconds{stage=\"dvae\",state=\"complete\"} 90",
+            "dalle_stage_seconds{stage=\"dvae\"} 90",
+            "dalle_stage_state{stage=\"dvae\",state=\"complete\"} 1",
+            "dalle_stage_state{stage=\"tokenizer\",state=\"complete\"} 0",
+            "dalle_stage_state{stage=\"tokenizer\",state=\"running\"} 1",
             "dalle_worker_heartbeat_age_seconds{worker=\"w3\",rank=\"0\",host=\"node\\\"1\",slot=\"cpu:0\",state=\"active\"} 0.25",
         ] {
             assert!(
