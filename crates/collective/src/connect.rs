@@ -89,6 +89,7 @@ fn connect_next(
         if give_up.load(Ordering::Relaxed) {
             return Ok(None);
         }
+        interrupted(cfg)?;
         let now = Instant::now();
         if now >= deadline {
             return Err(Error::ConnectTimeout {
@@ -189,6 +190,7 @@ fn accept_prev(
         if give_up.load(Ordering::Relaxed) {
             return Ok(None);
         }
+        interrupted(cfg)?;
         let now = Instant::now();
         if now >= deadline {
             return Err(Error::AcceptTimeout {
@@ -254,6 +256,15 @@ fn welcome(
             "{verdict:?} (it said rank {} of {}, session {:#x}, version {})",
             hello.rank, hello.world, hello.session, hello.version
         )),
+    }
+}
+
+/// Forming gives up once the interrupt is flipped (the coordinator ended
+/// the group while a peer was still missing).
+fn interrupted(cfg: &RingConfig) -> Result<()> {
+    match cfg.interrupt.reason() {
+        Some(reason) => Err(Error::Interrupted { reason }),
+        None => Ok(()),
     }
 }
 

@@ -299,6 +299,28 @@ fn an_interrupt_ends_a_collective_blocked_on_a_hung_peer() {
 }
 
 #[test]
+fn an_interrupt_ends_forming_a_ring_with_a_peer_that_never_comes() {
+    let mut cfg = config(14);
+    cfg.connect_timeout = Duration::from_secs(120);
+    let (mut listeners, addrs) = listeners(2);
+    // Rank 1 never starts (nothing listens at its address); only the
+    // interrupt ends rank 0's wait. (A peer that listens but never answers
+    // the handshake holds each attempt up to the 10 s handshake limit.)
+    drop(listeners.pop());
+    let interrupt = cfg.interrupt.clone();
+    let flipper = thread::spawn(move || interrupt.trigger("generation 3 is over"));
+    let err = match TcpRing::connect(0, addrs, listeners.remove(0), cfg) {
+        Ok(_) => panic!("a ring formed without rank 1"),
+        Err(e) => e,
+    };
+    flipper.join().unwrap();
+    assert!(
+        matches!(&err, Error::Interrupted { reason } if reason == "generation 3 is over"),
+        "{err}"
+    );
+}
+
+#[test]
 fn after_an_error_the_group_is_broken() {
     let mut cfg = config(9);
     cfg.io_timeout = Duration::from_millis(300);
