@@ -93,22 +93,12 @@ fn two_workers_run_the_whole_job() {
     for rank in [0, 1] {
         assert!(stderr.contains(&format!("rank={rank} world=2")), "{stderr}");
     }
-    let lines = |rank: usize| -> Vec<String> {
-        stderr
-            .lines()
-            .filter(|l| l.contains("dalle_train::gpt") && l.contains("| loss"))
-            .filter(|l| l.trim_end().ends_with(&format!("rank={rank}")))
-            .map(|l| {
-                l.split("| loss")
-                    .nth(1)
-                    .unwrap()
-                    .split('|')
-                    .next()
-                    .unwrap()
-                    .to_string()
-            })
-            .collect()
+    let rank_lines = |rank: usize| -> String {
+        let tail = format!("rank={rank}");
+        let mine = stderr.lines().filter(|l| l.trim_end().ends_with(&tail));
+        mine.collect::<Vec<_>>().join("\n")
     };
+    let lines = |rank: usize| gpt_losses(&rank_lines(rank));
     assert_eq!(lines(0).len(), 2, "{stderr}");
     assert_eq!(lines(0), lines(1), "the ranks logged different losses");
     // Every stage left its output; the tokens were split across the ranks.
@@ -125,6 +115,15 @@ fn two_workers_run_the_whole_job() {
         token_files, 4,
         "every one of the 4 data files is tokenized once"
     );
+}
+
+/// The losses of the transformer's log lines in `log`, in order.
+fn gpt_losses(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| l.contains("dalle_train::gpt") && l.contains("| loss"))
+        .filter_map(|l| l.split("| loss").nth(1)?.split('|').next())
+        .map(str::to_string)
+        .collect()
 }
 
 /// A dVAE stage long enough to kill a worker in, with the sample ledger on.
@@ -654,20 +653,7 @@ fn a_worker_with_a_run_directory_of_its_own_trains_through_the_shared_url() {
     );
 
     // Both ranks trained the same steps: the same global losses.
-    let losses = |log: &str| -> Vec<String> {
-        log.lines()
-            .filter(|l| l.contains("dalle_train::gpt") && l.contains("| loss"))
-            .map(|l| {
-                l.split("| loss")
-                    .nth(1)
-                    .unwrap()
-                    .split('|')
-                    .next()
-                    .unwrap()
-                    .to_string()
-            })
-            .collect()
-    };
+    let losses = gpt_losses;
     assert_eq!(losses(&text).len(), 2, "{text}");
     assert_eq!(
         losses(&text),
@@ -702,16 +688,7 @@ fn a_worker_with_a_run_directory_of_its_own_trains_through_the_shared_url() {
 /// Every key under `prefix` in the test bucket.
 fn shared_keys(garage: &support::garage::Garage, prefix: &str) -> Vec<String> {
     use object_store::ObjectStore;
-    use object_store::aws::AmazonS3Builder;
-    let store = AmazonS3Builder::new()
-        .with_endpoint(&garage.endpoint)
-        .with_allow_http(true)
-        .with_region(&garage.region)
-        .with_bucket_name(&garage.bucket)
-        .with_access_key_id(&garage.key_id)
-        .with_secret_access_key(&garage.secret)
-        .build()
-        .unwrap();
+    let store = garage.store();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

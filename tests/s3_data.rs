@@ -3,7 +3,6 @@
 
 mod support;
 
-use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStoreExt, PutPayload};
 use std::process::{Command, Output};
@@ -31,15 +30,7 @@ fn ok(garage: &Garage, args: &[String]) -> String {
 
 /// Uploads every file of `dir` under `prefix` in the test bucket.
 fn upload(garage: &Garage, dir: &std::path::Path, prefix: &str) {
-    let store = AmazonS3Builder::new()
-        .with_bucket_name(&garage.bucket)
-        .with_endpoint(&garage.endpoint)
-        .with_allow_http(true)
-        .with_region(&garage.region)
-        .with_access_key_id(&garage.key_id)
-        .with_secret_access_key(&garage.secret)
-        .build()
-        .unwrap();
+    let store = garage.store();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -169,6 +169,20 @@ api_bind_addr = "127.0.0.1:{admin}"
         ]);
     }
 
+    /// A client of the test bucket, for a test to put or list objects.
+    #[allow(dead_code)] // not every test binary lists or uploads
+    pub fn store(&self) -> object_store::aws::AmazonS3 {
+        object_store::aws::AmazonS3Builder::new()
+            .with_bucket_name(&self.bucket)
+            .with_endpoint(&self.endpoint)
+            .with_allow_http(true)
+            .with_region(&self.region)
+            .with_access_key_id(&self.key_id)
+            .with_secret_access_key(&self.secret)
+            .build()
+            .unwrap()
+    }
+
     /// Environment for a process that talks to this server.
     pub fn env(&self) -> Vec<(&'static str, String)> {
         vec![
