@@ -234,6 +234,9 @@ fn a_killed_worker_is_replaced_by_resuming_the_survivors_from_the_checkpoint() {
         stdout.contains("with 2 workers (generation 2, 1 restarts)"),
         "{stdout}"
     );
+    // The launcher saw its worker die and told the coordinator, which did
+    // not wait for the heartbeat timeout to drop it.
+    assert!(stderr.contains("exited: signal: 9"), "{stderr}");
     // The survivors went on from a committed checkpoint, not from scratch.
     let resumed: Vec<u64> = stderr
         .lines()

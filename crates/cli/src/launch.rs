@@ -155,7 +155,8 @@ pub fn run(args: LaunchArgs, job: &JobConfig) -> Result<()> {
                 .with_context(|| format!("cannot start worker {i}"))
         })
         .collect::<Result<_>>()?;
-    let outcome = supervise(&coordinator, &mut workers);
+    let host = dalle_runtime::JoinInfo::this_process("", "").host;
+    let outcome = supervise(&coordinator, &mut workers, &host);
     // Workers exit after their last answer from the coordinator: keep it
     // serving until they have. One that was dropped as hung may never exit.
     let grace = match outcome {
@@ -178,16 +179,26 @@ pub fn run(args: LaunchArgs, job: &JobConfig) -> Result<()> {
 
 /// Waits for the job's end, or for the moment nobody is left to run it:
 /// every local worker exited (each failed) and no group runs or waits.
-fn supervise(coordinator: &CoordinatorHandle, workers: &mut [Child]) -> Result<JobOutcome> {
+/// A worker that exits is reported to the coordinator at once (the group
+/// re-forms without waiting out its heartbeat timeout).
+fn supervise(
+    coordinator: &CoordinatorHandle,
+    workers: &mut [Child],
+    host: &str,
+) -> Result<JobOutcome> {
+    let mut reported = vec![false; workers.len()];
     loop {
         let status = coordinator.status();
         if matches!(status.phase, JobPhase::Finished | JobPhase::Failed) {
             return Ok(coordinator.wait()?);
         }
-        let exited = !workers.is_empty()
-            && workers
-                .iter_mut()
-                .all(|w| matches!(w.try_wait(), Ok(Some(_))));
+        for (worker, reported) in workers.iter_mut().zip(reported.iter_mut()) {
+            if let (false, Ok(Some(exit))) = (*reported, worker.try_wait()) {
+                *reported = true;
+                coordinator.worker_exited(host, worker.id(), &exit.to_string());
+            }
+        }
+        let exited = !workers.is_empty() && reported.iter().all(|&r| r);
         if exited && status.world_size == 0 && status.waiting.is_empty() {
             bail!(
                 "every local worker exited and no group is running or forming; last failure: {}",

@@ -559,6 +559,14 @@ impl CoordinatorHandle {
         self.status_addr
     }
 
+    /// Tells the coordinator that the worker process `pid` on `host` exited
+    /// (`what`: its exit status), e.g. from the launcher that started it:
+    /// the group re-forms now instead of after the heartbeat timeout.
+    pub fn worker_exited(&self, host: &str, pid: u32, what: &str) {
+        self.shared
+            .update(|state, now| state.process_exited(host, pid, what, now));
+    }
+
     /// Where the job stands now.
     pub fn status(&self) -> JobStatus {
         self.shared.lock().status(Instant::now())

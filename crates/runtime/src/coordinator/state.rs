@@ -468,6 +468,33 @@ impl State {
         }
     }
 
+    /// The process of a worker on `host` exited (its launcher saw it): a
+    /// member fails now rather than after its heartbeat timeout, and a
+    /// waiting join is dropped.
+    pub(super) fn process_exited(&mut self, host: &str, pid: u32, what: &str, now: Instant) {
+        let same = |who: &Identity| who.host == host && who.pid == pid;
+        if let Some(at) = self.pending.iter().position(|p| same(&p.who)) {
+            let gone = self.pending.remove(at);
+            tracing::info!(
+                "{} exited while waiting to join: {what}",
+                gone.who.describe()
+            );
+        }
+        let Some(member) = self
+            .members
+            .iter()
+            .find(|m| same(&m.who) && m.state == MemberState::Active)
+        else {
+            return;
+        };
+        let (id, cause) = (
+            member.who.worker_id.clone(),
+            format!("{} exited: {what}", member.describe()),
+        );
+        self.fail(now, cause, Some(&id));
+        self.advance(now);
+    }
+
     /// Timeouts, last calls and formations that are due.
     pub(super) fn tick(&mut self, now: Instant) {
         self.advance(now);
@@ -1292,5 +1319,27 @@ mod tests {
         done(&mut s, &group[0], 1, t0);
         beat(&mut s, &group[0], 2, 3, t0);
         assert_eq!(s.status(t0).step, Some(3));
+    }
+
+    #[test]
+    fn a_worker_process_that_exits_fails_at_once_not_after_its_timeout() {
+        let t0 = Instant::now();
+        let mut s = planned_state(2, t0);
+        let group = form_group(&mut s, 2, t0);
+        // Both requests said pid 1: give rank 1 a pid of its own.
+        s.members[1].who.pid = 42;
+        s.process_exited("elsewhere", 42, "signal: 9 (SIGKILL)", t0);
+        assert!(matches!(s.phase, Phase::Running), "another host's pid 42");
+        s.process_exited("a", 42, "signal: 9 (SIGKILL)", t0);
+        assert!(matches!(s.phase, Phase::Rendezvous { .. }));
+        let cause = s.status(t0).reason.unwrap();
+        assert!(cause.contains("exited: signal: 9"), "{cause}");
+        // The survivor joins again and the group forms at once: nobody
+        // waits for the dead worker's heartbeat timeout.
+        let mut r = request("a", "cpu:0", 1);
+        r.worker_id = group[0].worker_id.clone();
+        let mut rx = s.join(r, t0).unwrap().1;
+        let reply = rx.try_recv().unwrap().unwrap();
+        assert_eq!((reply.generation, reply.world_size), (2, 1));
     }
 }
