@@ -377,34 +377,30 @@ fn over_tls_a_hung_worker_is_dropped_a_newcomer_taken_in_and_strangers_refused()
     std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
     // A transformer stage long enough to hang a worker in.
     let config = tiny_job(dir.path(), "", "[checkpoint]\nevery = 25\n");
-    let mut launch = Command::new(DALLE)
-        .arg("--config")
-        .arg(&config)
-        .args(["--set", "gpt.train.steps=1500"])
-        .args([
-            "launch",
-            "--nproc",
-            "2",
-            "--min-workers",
-            "1",
-            "--max-workers",
-            "3",
-        ])
-        .args(["--heartbeat-timeout-secs", "3", "--status", "127.0.0.1:0"])
-        .arg("--tls-cert")
-        .arg(&cert)
-        .arg("--tls-key")
-        .arg(&key)
-        .env("DALLE_JOB_TOKEN", TOKEN)
-        .env("RUST_LOG", "info,dalle_collective=debug")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = Log::follow(launch.stdout.take().unwrap());
-    let log = Log::follow(launch.stderr.take().unwrap());
-    let launch = KillOnDrop(launch);
+    let launch = Running::spawn(
+        Command::new(DALLE)
+            .arg("--config")
+            .arg(&config)
+            .args(["--set", "gpt.train.steps=1500"])
+            .args([
+                "launch",
+                "--nproc",
+                "2",
+                "--min-workers",
+                "1",
+                "--max-workers",
+                "3",
+            ])
+            .args(["--heartbeat-timeout-secs", "3", "--status", "127.0.0.1:0"])
+            .arg("--tls-cert")
+            .arg(&cert)
+            .arg("--tls-key")
+            .arg(&key)
+            .env("DALLE_JOB_TOKEN", TOKEN)
+            .env("RUST_LOG", "info,dalle_collective=debug")
+            .env("NO_COLOR", "1"),
+    );
+    let (stdout, log) = (launch.stdout.clone(), launch.stderr.clone());
     let started = log.wait_for("job started", Duration::from_secs(60));
     let url = field(&started, "coordinator").to_string();
     let status = field(&started, "status")
@@ -448,14 +444,8 @@ fn over_tls_a_hung_worker_is_dropped_a_newcomer_taken_in_and_strangers_refused()
     wait_for_status(&status, "the first group running", |page| {
         page.contains("generation:  1") && page.contains("phase:       running")
     });
-    let mut newcomer = KillOnDrop(
-        worker(TOKEN, "cpu:7")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let said = Log::follow(newcomer.0.stderr.take().unwrap());
+    let newcomer = Running::spawn(&mut worker(TOKEN, "cpu:7"));
+    let said = newcomer.stderr.clone();
     wait_for_status(&status, "the newcomer waiting", |page| {
         page.contains("waiting to join (1)")
     });
@@ -465,7 +455,7 @@ fn over_tls_a_hung_worker_is_dropped_a_newcomer_taken_in_and_strangers_refused()
     assert!(page.contains("dvae           complete"), "{page}");
 
     // Rank 1 hangs: alive, sockets open, silent.
-    let hung = children(launch.0.id())[1];
+    let hung = children(launch.pid())[1];
     Command::new("kill")
         .args(["-STOP", &hung.to_string()])
         .status()
@@ -516,20 +506,44 @@ fn over_tls_a_hung_worker_is_dropped_a_newcomer_taken_in_and_strangers_refused()
     assert!(run.join("bundle/bundle.json").is_file());
 }
 
-/// A child process killed if the test fails before it ends.
-struct KillOnDrop(std::process::Child);
+/// A child process with both outputs followed as they come (a pipe nobody
+/// reads fills up and blocks it), killed if the test fails before it ends.
+struct Running {
+    child: std::process::Child,
+    stdout: Log,
+    stderr: Log,
+}
 
-impl KillOnDrop {
+impl Running {
+    fn spawn(command: &mut Command) -> Self {
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = Log::follow(child.stdout.take().unwrap());
+        let stderr = Log::follow(child.stderr.take().unwrap());
+        Running {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     fn wait(mut self) -> std::process::ExitStatus {
-        self.0.wait().unwrap()
+        self.child.wait().unwrap()
     }
 }
 
-impl Drop for KillOnDrop {
+impl Drop for Running {
     fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
     }
 }
@@ -614,18 +628,13 @@ fn a_worker_with_a_run_directory_of_its_own_trains_through_the_shared_url() {
     );
 
     // One worker here, one "on another machine": a run directory of its own.
-    let mut launch = dalle(&["launch", "--nproc", "1", "--min-workers", "2"])
-        .args(["--max-workers", "2"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let log = Log::follow(launch.stderr.take().unwrap());
-    let stdout = Log::follow(launch.stdout.take().unwrap());
-    let launch = KillOnDrop(launch);
+    let launch = Running::spawn(
+        dalle(&["launch", "--nproc", "1", "--min-workers", "2"]).args(["--max-workers", "2"]),
+    );
+    let (stdout, log) = (launch.stdout.clone(), launch.stderr.clone());
     let started = log.wait_for("job started", Duration::from_secs(60));
     let url = field(&started, "coordinator").to_string();
-    let remote = KillOnDrop(
+    let remote = Running::spawn(
         dalle(&[
             "worker",
             "--coordinator",
@@ -634,14 +643,9 @@ fn a_worker_with_a_run_directory_of_its_own_trains_through_the_shared_url() {
             "cpu:1",
             "--run-dir",
         ])
-        .arg(&elsewhere)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap(),
+        .arg(&elsewhere),
     );
-    let mut remote = remote;
-    let said = Log::follow(remote.0.stderr.take().unwrap());
+    let said = remote.stderr.clone();
     let (ended, joined) = (launch.wait(), remote.wait());
     let (text, said) = (log.text(), said.text());
     assert!(
@@ -756,21 +760,14 @@ fn the_slurm_node_script_runs_a_job_on_two_nodes() {
             .env("DALLE_ADVERTISE", "127.0.0.1")
             .env("DALLE", DALLE)
             .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .env("NO_COLOR", "1");
         command
     };
-    let mut head = KillOnDrop(node("0").spawn().unwrap());
-    let head_log = Log::follow(head.0.stderr.take().unwrap());
+    let head = Running::spawn(&mut node("0"));
+    let head_log = head.stderr.clone();
     head_log.wait_for("job started", Duration::from_secs(60));
-    let mut other = KillOnDrop(
-        node("1")
-            .env("DALLE_RUN_DIR", dir.path().join("node-1"))
-            .spawn()
-            .unwrap(),
-    );
-    let other_log = Log::follow(other.0.stderr.take().unwrap());
+    let other = Running::spawn(node("1").env("DALLE_RUN_DIR", dir.path().join("node-1")));
+    let other_log = other.stderr.clone();
     let (head_ok, other_ok) = (head.wait(), other.wait());
     assert!(head_ok.success(), "node 0 failed:\n{}", head_log.text());
     assert!(other_ok.success(), "node 1 failed:\n{}", other_log.text());
