@@ -12,10 +12,7 @@ use tch::Device;
 /// Writes the bundle of the job's run to `out` (default `<run.dir>/bundle`,
 /// or `<run.shared_url>/bundle`).
 pub fn run(job: &JobConfig, out: Option<String>) -> Result<()> {
-    let out = out.unwrap_or_else(|| match &job.run.shared_url {
-        Some(url) => format!("{}/bundle", url.trim_end_matches('/')),
-        None => job.run.dir.join("bundle").display().to_string(),
-    });
+    let out = out.unwrap_or_else(|| job.shared_output_url("bundle"));
     let read = |path: std::path::PathBuf, made_by: &str| {
         std::fs::read(&path)
             .with_context(|| format!("cannot read {} (written by `{made_by}`)", path.display()))

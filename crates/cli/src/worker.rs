@@ -76,14 +76,17 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     };
     info.data_addr = format!("{host}:{}", listener.local_addr()?.port());
     let token = Token::new(args.token.clone())?;
-    let tls = match (&args.tls_ca, &args.tls_domain) {
-        (None, None) => None,
-        (Some(ca), _) => Some(ClientTls::from_ca_file(ca)?),
-        (None, Some(_)) => Some(ClientTls::system_roots()),
-    };
-    let tls = match (tls, &args.tls_domain) {
-        (Some(tls), Some(domain)) => Some(tls.domain(domain.clone())),
-        (tls, _) => tls,
+    let tls = if args.tls_ca.is_some() || args.tls_domain.is_some() {
+        let trust = match &args.tls_ca {
+            Some(ca) => ClientTls::from_ca_file(ca)?,
+            None => ClientTls::system_roots(),
+        };
+        Some(match &args.tls_domain {
+            Some(domain) => trust.domain(domain.clone()),
+            None => trust,
+        })
+    } else {
+        None
     };
     let mut membership = Membership::connect(&args.coordinator, &token, info, tls.as_ref())?;
     let join_timeout = Duration::from_secs(args.join_timeout_secs);

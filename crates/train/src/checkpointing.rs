@@ -107,10 +107,7 @@ impl StageCheckpoints {
         let url = policy
             .url
             .clone()
-            .unwrap_or_else(|| match &job.run.shared_url {
-                Some(shared) => format!("{}/checkpoints", shared.trim_end_matches('/')),
-                None => job.run.dir.join("checkpoints").display().to_string(),
-            });
+            .unwrap_or_else(|| job.shared_output_url("checkpoints"));
         let location =
             Location::parse(&url, &job.store).map_err(|e| TrainError::Config(e.to_string()))?;
         let config = CheckpointConfig {

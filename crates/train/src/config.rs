@@ -488,12 +488,17 @@ impl JobConfig {
             .unwrap_or_else(|| self.tokens_url())
     }
 
-    /// Where `dalle data tokenize` writes by default: under
-    /// `run.shared_url` when set, so every worker reads all of it.
+    /// Where `dalle data tokenize` writes by default.
     pub fn tokens_url(&self) -> String {
+        self.shared_output_url("tokens")
+    }
+
+    /// Where an output every worker reads lives (tokens, checkpoints, the
+    /// bundle): under `run.shared_url` when set, else under `run.dir`.
+    pub fn shared_output_url(&self, name: &str) -> String {
         match &self.run.shared_url {
-            Some(url) => format!("{}/tokens", url.trim_end_matches('/')),
-            None => self.run.dir.join("tokens").display().to_string(),
+            Some(url) => format!("{}/{name}", url.trim_end_matches('/')),
+            None => self.run.dir.join(name).display().to_string(),
         }
     }
 
