@@ -374,6 +374,8 @@ pub fn run(cmd: BenchCommand, job: &JobConfig) -> Result<()> {
             let objective = Objective {
                 tau: 1.0,
                 beta: 1.0,
+                // The PyTorch reference has no usage term.
+                usage: 0.0,
                 relaxation: train.relaxation,
                 recon: train.recon,
             };

@@ -10,10 +10,12 @@ use crate::shared::SharedOutputs;
 use crate::{export, text, tokenize};
 use anyhow::{Context, Result, bail};
 use dalle_model::dvae::Dvae;
-use dalle_runtime::PlanStage;
+use dalle_runtime::{PlanStage, ValidationReport};
 use dalle_store::Location;
 use dalle_train::config::{JobConfig, JobStage};
 use dalle_train::ddp::DataParallel;
+use dalle_train::metrics::Progress;
+use dalle_train::validation::{DvaeValidation, GptValidation};
 
 /// The plan the coordinator hands out for `job`.
 pub fn plan(job: &JobConfig) -> Vec<PlanStage> {
@@ -63,8 +65,14 @@ fn ranks(leader_only: bool) -> &'static str {
 }
 
 /// Runs one stage on this rank (leader-only stages do nothing elsewhere),
-/// then waits at the barrier that ends it.
-pub fn run(stage: JobStage, job: &JobConfig, ddp: &mut DataParallel) -> Result<()> {
+/// handing each held-out evaluation of a training stage to
+/// `on_validation`, then waits at the barrier that ends it.
+pub fn run(
+    stage: JobStage,
+    job: &JobConfig,
+    ddp: &mut DataParallel,
+    on_validation: &mut dyn FnMut(ValidationReport),
+) -> Result<()> {
     let rank = ddp.rank();
     tracing::info!(
         rank,
@@ -86,7 +94,11 @@ pub fn run(stage: JobStage, job: &JobConfig, ddp: &mut DataParallel) -> Result<(
     }
     match stage {
         JobStage::Dvae => {
-            dalle_train::dvae::train(job, ddp, |_| {})?;
+            dalle_train::dvae::train(job, ddp, |progress| {
+                if let Progress::Validation(v) = progress {
+                    on_validation(dvae_report(v));
+                }
+            })?;
             if let Some(shared) = shared.as_ref().filter(|_| ddp.is_leader()) {
                 shared.publish(&job.dvae_weights_path())?;
             }
@@ -105,13 +117,41 @@ pub fn run(stage: JobStage, job: &JobConfig, ddp: &mut DataParallel) -> Result<(
         }
         JobStage::Pretokenize => pretokenize(job, rank, ddp.world_size())?,
         JobStage::Gpt => {
-            dalle_train::gpt::train(job, ddp, |_| {})?;
+            dalle_train::gpt::train(job, ddp, |progress| {
+                if let Progress::Validation(v) = progress {
+                    on_validation(gpt_report(v));
+                }
+            })?;
         }
         JobStage::Export if ddp.is_leader() => export::run(job, None)?,
         JobStage::Tokenizer | JobStage::Export => {}
     }
     ddp.barrier()?;
     Ok(())
+}
+
+/// The dVAE's held-out figures as the coordinator takes them.
+fn dvae_report(v: &DvaeValidation) -> ValidationReport {
+    ValidationReport {
+        step: v.step,
+        samples: v.val_samples as u64,
+        recon: v.val_recon,
+        psnr_db: Some(v.val_psnr),
+        codes_used: Some(v.val_codes_used as u32),
+        code_perplexity: Some(v.val_code_perplexity),
+        ..ValidationReport::default()
+    }
+}
+
+/// The transformer's held-out figures as the coordinator takes them.
+fn gpt_report(v: &GptValidation) -> ValidationReport {
+    ValidationReport {
+        step: v.step,
+        samples: v.val_samples as u64,
+        text_loss: Some(v.val_text_loss),
+        image_loss: Some(v.val_image_loss),
+        ..ValidationReport::default()
+    }
 }
 
 /// Fetches a shared stage output; a run that skipped the stage making it

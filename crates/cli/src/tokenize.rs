@@ -4,6 +4,8 @@
 //! Works file by file over the dataset's row groups (the same units the
 //! loader plans), so the files can later be split across workers by the
 //! shard plan. Bad samples are skipped, logged and counted, as in training.
+//! Samples the validation split holds out are encoded too: the split keeps
+//! them out of training only, and stage 2 evaluates on their tokens.
 
 use crate::progress;
 use anyhow::{Context, Result, bail};

@@ -1,9 +1,10 @@
 //! `dalle worker --coordinator URL`: one training process of a job. It
 //! joins the coordinator, builds the collective it is told to (TCP ring or
 //! NCCL), runs the stages of the coordinator's plan from where the group
-//! starts, data-parallel, reports every step in its heartbeats and every
-//! finished stage, and at a step (or stage) boundary obeys the coordinator:
-//! carry on, stop, or leave the group and join the re-formed one.
+//! starts, data-parallel, reports every step (and every held-out
+//! evaluation) in its heartbeats and every finished stage, and at a step
+//! (or stage) boundary obeys the coordinator: carry on, stop, or leave the
+//! group and join the re-formed one.
 
 use crate::stages;
 use anyhow::{Context, Result, bail};
@@ -199,7 +200,7 @@ fn train_generation(
                 return Err(TrainError::Stopped(reason).into());
             }
             heartbeats.enter_stage(index);
-            stages::run(stage, job, ddp)?;
+            stages::run(stage, job, ddp, &mut |v| heartbeats.report_validation(v))?;
             match membership.stage_done(assignment, index) {
                 Ok(_) => {}
                 Err(e) if e.is_generation_over() => return Ok(Some(e.to_string())),

@@ -1,6 +1,7 @@
 //! Data of dalle-rs: image–caption datasets stored as Parquet (img2dataset's
 //! or Hugging Face's layout), image decoding to training tensors, a
-//! background batch loader, and a deterministic synthetic dataset.
+//! background batch loader, the validation split and set, and a
+//! deterministic synthetic dataset.
 
 pub mod columns;
 pub mod error;
@@ -9,7 +10,9 @@ pub mod loader;
 mod object_reader;
 pub mod order;
 pub mod parquet_source;
+pub mod split;
 pub mod synth;
 pub mod tokens;
+pub mod validation;
 
 pub use error::{DataError, Result};

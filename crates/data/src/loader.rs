@@ -18,11 +18,17 @@
 //! key; the batch is then smaller by that many samples (the same on every
 //! run, so ledgers stay reproducible). Past `max_bad_fraction` the loader
 //! stops with an error.
+//!
+//! Samples the validation split holds out ([`crate::split`]) keep their
+//! place in the order but are never decoded nor yielded: a batch is
+//! smaller by them too. They are not bad samples: they are counted
+//! apart (`held_out`) and do not count toward `max_bad_fraction`.
 
 use crate::columns::{ColumnConfig, Payload};
 use crate::image_ops::Preprocess;
 use crate::order::{Cursor, EpochOrder, Sharding};
 use crate::parquet_source::{self, RawSample, SampleData, Unit};
+use crate::split::Holdout;
 use crate::{DataError, Result};
 use crossbeam_channel::{Receiver, Sender, bounded};
 use dalle_store::Location;
@@ -47,6 +53,8 @@ pub struct LoaderConfig {
     /// How images are decoded (unused for token datasets).
     pub preprocess: Preprocess,
     pub columns: ColumnConfig,
+    /// Samples held out of training for validation (never yielded).
+    pub holdout: Holdout,
 }
 
 /// A batch of samples: decoded images in `pixels` for an image dataset,
@@ -96,14 +104,18 @@ impl Batch {
 /// Samples seen and skipped, by reason.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LoaderStats {
+    /// Samples read for training (bad ones included, held-out ones not).
     pub seen: u64,
     /// Null payloads (image or token grid).
     pub null_image: u64,
     pub empty_caption: u64,
     pub undecodable: u64,
+    /// Samples the validation split holds out, passed over undecoded.
+    pub held_out: u64,
 }
 
 impl LoaderStats {
+    /// Bad samples skipped (held-out ones are not bad).
     pub fn skipped(&self) -> u64 {
         self.null_image + self.empty_caption + self.undecodable
     }
@@ -113,6 +125,16 @@ impl LoaderStats {
         self.null_image += other.null_image;
         self.empty_caption += other.empty_caption;
         self.undecodable += other.undecodable;
+        self.held_out += other.held_out;
+    }
+
+    /// Counts one bad sample skipped for `reason`.
+    pub fn count(&mut self, reason: Skip) {
+        match reason {
+            Skip::NullImage => self.null_image += 1,
+            Skip::EmptyCaption => self.empty_caption += 1,
+            Skip::Undecodable => self.undecodable += 1,
+        }
     }
 }
 
@@ -330,7 +352,8 @@ impl Worker {
             for (unit, samples) in missing.iter().zip(self.read_units(&missing)?) {
                 cache.insert(*unit, Arc::new(samples));
             }
-            let picked: Vec<(RawSample, &Unit, u64)> = addresses
+            let mut counts = LoaderStats::default();
+            let mut picked: Vec<(RawSample, &Unit, u64)> = addresses
                 .iter()
                 .map(|&(unit, row)| {
                     let sample =
@@ -347,6 +370,9 @@ impl Worker {
                     Ok((sample, &self.units[unit], crop_seed(cursor, unit, row)))
                 })
                 .collect::<Result<_>>()?;
+            let holdout = self.config.holdout;
+            picked.retain(|(sample, _, _)| !holdout.holds_out(&sample.key));
+            counts.held_out = addresses.len() as u64 - picked.len() as u64;
             let decoded: Vec<Result<Decoded, Skip>> = self.pool.install(|| {
                 picked
                     .into_par_iter()
@@ -355,15 +381,12 @@ impl Worker {
                     })
                     .collect()
             });
-            let mut counts = LoaderStats::default();
             let mut good = Vec::with_capacity(decoded.len());
             for d in decoded {
                 counts.seen += 1;
                 match d {
                     Ok(sample) => good.push(sample),
-                    Err(Skip::NullImage) => counts.null_image += 1,
-                    Err(Skip::EmptyCaption) => counts.empty_caption += 1,
-                    Err(Skip::Undecodable) => counts.undecodable += 1,
+                    Err(reason) => counts.count(reason),
                 }
             }
             self.stats.lock().expect("stats lock").add(&counts);

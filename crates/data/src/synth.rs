@@ -4,6 +4,10 @@
 //!
 //! Sample i depends only on (seed, i), never on how samples are split into
 //! files, so the same seed gives the same samples at any file size.
+//!
+//! `unseen_combos` keeps some (colour, shape) pairs out of the dataset, so
+//! that `dalle eval` can ask a model for combinations it never saw and
+//! measure how well it composes what it learnt apart.
 
 use crate::{DataError, Result};
 use arrow_array::{ArrayRef, BinaryArray, RecordBatch, StringArray};
@@ -16,8 +20,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use std::fmt;
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::sync::Arc;
 
 pub const SHAPES: &[&str] = &[
@@ -52,6 +58,71 @@ pub enum SynthFormat {
     Jpg,
 }
 
+/// A shape colour and a shape kind, as indexes into `COLORS` and
+/// `SHAPES`; written "red star" in configs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Combo {
+    pub colour: usize,
+    pub shape: usize,
+}
+
+impl Combo {
+    /// Every (colour, shape) pair, colour-major.
+    pub fn all() -> impl Iterator<Item = Combo> {
+        (0..COLORS.len())
+            .flat_map(|colour| (0..SHAPES.len()).map(move |shape| Combo { colour, shape }))
+    }
+}
+
+impl fmt::Display for Combo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", COLORS[self.colour].0, SHAPES[self.shape])
+    }
+}
+
+impl FromStr for Combo {
+    type Err = String;
+
+    /// "COLOUR SHAPE"; the error names the entry and what is wrong with it.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let err = |reason: String| format!("synth.unseen_combos entry `{text}`: {reason}");
+        let words: Vec<&str> = text.split_whitespace().collect();
+        let [colour, shape] = words[..] else {
+            return Err(err(
+                "expected two words, \"COLOUR SHAPE\" (e.g. \"red star\")".into(),
+            ));
+        };
+        let colour = COLORS.iter().position(|c| c.0 == colour).ok_or_else(|| {
+            let names: Vec<&str> = COLORS.iter().map(|c| c.0).collect();
+            err(format!(
+                "unknown shape colour `{colour}` (one of {})",
+                names.join(", ")
+            ))
+        })?;
+        let shape = SHAPES.iter().position(|&s| s == shape).ok_or_else(|| {
+            err(format!(
+                "unknown shape `{shape}` (one of {})",
+                SHAPES.join(", ")
+            ))
+        })?;
+        Ok(Self { colour, shape })
+    }
+}
+
+impl TryFrom<String> for Combo {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        text.parse()
+    }
+}
+
+impl From<Combo> for String {
+    fn from(combo: Combo) -> String {
+        combo.to_string()
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SynthConfig {
@@ -61,6 +132,10 @@ pub struct SynthConfig {
     pub rows_per_file: usize,
     pub rows_per_group: usize,
     pub format: SynthFormat,
+    /// (colour, shape) pairs never drawn, as "COLOUR SHAPE" strings: the
+    /// combinations `dalle eval` measures a model on without it having
+    /// seen them. Each is checked when the config is read.
+    pub unseen_combos: Vec<Combo>,
 }
 
 impl Default for SynthConfig {
@@ -72,7 +147,26 @@ impl Default for SynthConfig {
             rows_per_file: 1024,
             rows_per_group: 256,
             format: SynthFormat::Png,
+            unseen_combos: Vec::new(),
         }
+    }
+}
+
+impl SynthConfig {
+    /// Checks what serde cannot: sizes, and that some pair is left to draw.
+    pub fn validate(&self) -> Result<()> {
+        if self.count == 0 || self.rows_per_file == 0 || self.image_size < 8 {
+            return Err(DataError::Config(format!(
+                "synthetic data needs count, rows_per_file > 0 and image_size ≥ 8, got {self:?}"
+            )));
+        }
+        if Combo::all().all(|c| self.unseen_combos.contains(&c)) {
+            return Err(DataError::Config(
+                "synth.unseen_combos names every (colour, shape) pair: nothing is left to draw"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -90,11 +184,27 @@ pub struct Scene {
 }
 
 impl Scene {
+    /// Sample `index` of a dataset of `seed` in which every pair is drawn.
     pub fn sample(seed: u64, index: u64) -> Self {
+        Self::sample_excluding(seed, index, &[])
+    }
+
+    /// Sample `index` of a dataset of `seed` that never shows the pairs of
+    /// `excluded`: the shape and colour are drawn again, further along the
+    /// same stream, until the pair is allowed. The sample stays a function
+    /// of (seed, index) alone, and with nothing excluded it is
+    /// [`Scene::sample`]'s. At least one pair must be allowed
+    /// ([`SynthConfig::validate`]).
+    pub fn sample_excluding(seed: u64, index: u64, excluded: &[Combo]) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         rng.set_stream(index);
-        let shape = SHAPES[rng.random_range(0..SHAPES.len())];
-        let color = rng.random_range(0..COLORS.len());
+        let (shape, color) = loop {
+            let shape = rng.random_range(0..SHAPES.len());
+            let colour = rng.random_range(0..COLORS.len());
+            if !excluded.contains(&Combo { colour, shape }) {
+                break (SHAPES[shape], colour);
+            }
+        };
         let background = loop {
             let b = rng.random_range(0..BACKGROUNDS.len());
             if BACKGROUNDS[b].0 != COLORS[color].0 {
@@ -213,7 +323,7 @@ fn schema(format: SynthFormat) -> Arc<Schema> {
 fn write_file(path: &Path, range: std::ops::Range<usize>, cfg: &SynthConfig) -> Result<()> {
     let scenes: Vec<Scene> = range
         .clone()
-        .map(|i| Scene::sample(cfg.seed, i as u64))
+        .map(|i| Scene::sample_excluding(cfg.seed, i as u64, &cfg.unseen_combos))
         .collect();
     let keys = StringArray::from_iter_values(range.map(|i| format!("{i:09}")));
     let images = BinaryArray::from_iter_values(
@@ -249,11 +359,7 @@ pub fn write_dataset(
     cfg: &SynthConfig,
     on_file: impl Fn(&Path) + Sync,
 ) -> Result<Vec<PathBuf>> {
-    if cfg.count == 0 || cfg.rows_per_file == 0 || cfg.image_size < 8 {
-        return Err(DataError::Config(format!(
-            "synthetic data needs count, rows_per_file > 0 and image_size ≥ 8, got {cfg:?}"
-        )));
-    }
+    cfg.validate()?;
     std::fs::create_dir_all(dir).map_err(DataError::io(dir))?;
     let starts: Vec<usize> = (0..cfg.count).step_by(cfg.rows_per_file).collect();
     starts
@@ -297,6 +403,77 @@ mod tests {
                 .iter()
                 .all(|s| BACKGROUNDS[s.background].0 != COLORS[s.color].0)
         );
+    }
+
+    #[test]
+    fn excluded_pairs_are_never_drawn_and_the_rest_is_unchanged() {
+        let excluded: Vec<Combo> = ["red star", "blue circle", "white cross"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let combo = |s: &Scene| Combo {
+            colour: s.color,
+            shape: SHAPES.iter().position(|&k| k == s.shape).unwrap(),
+        };
+        let mut redrawn = 0;
+        for i in 0..3000 {
+            let free = Scene::sample(4, i);
+            let kept = Scene::sample_excluding(4, i, &excluded);
+            assert!(!excluded.contains(&combo(&kept)), "sample {i}: {kept:?}");
+            assert_eq!(
+                kept,
+                Scene::sample_excluding(4, i, &excluded),
+                "a pure function"
+            );
+            if excluded.contains(&combo(&free)) {
+                redrawn += 1;
+            } else {
+                // Only samples that drew an excluded pair change.
+                assert_eq!(kept, free, "sample {i}");
+            }
+        }
+        // 3 of 64 pairs: about 140 of 3000 samples are drawn again.
+        assert!((80..220).contains(&redrawn), "{redrawn}");
+    }
+
+    #[test]
+    fn combos_parse_and_print_and_name_a_bad_entry() {
+        for combo in Combo::all() {
+            assert_eq!(combo.to_string().parse::<Combo>().unwrap(), combo);
+        }
+        assert_eq!(Combo::all().count(), COLORS.len() * SHAPES.len());
+        assert_eq!(
+            "red star".parse::<Combo>().unwrap(),
+            Combo {
+                colour: 0,
+                shape: 7
+            }
+        );
+        for (bad, reason) in [
+            ("pink star", "unknown shape colour `pink`"),
+            ("black star", "unknown shape colour `black`"),
+            ("red oval", "unknown shape `oval`"),
+            ("red", "two words"),
+            ("a red star", "two words"),
+        ] {
+            let e = Combo::try_from(bad.to_string()).unwrap_err();
+            assert!(e.contains(&format!("`{bad}`")) && e.contains(reason), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_config_that_excludes_every_pair_is_refused() {
+        let all = SynthConfig {
+            unseen_combos: Combo::all().collect(),
+            ..SynthConfig::default()
+        };
+        let e = all.validate().unwrap_err().to_string();
+        assert!(e.contains("synth.unseen_combos"), "{e}");
+        let mut most = all.clone();
+        most.unseen_combos.pop();
+        assert!(most.validate().is_ok());
+        let e = write_dataset(Path::new("/nonexistent/never"), &all, |_| {}).unwrap_err();
+        assert!(e.to_string().contains("every (colour, shape) pair"), "{e}");
     }
 
     #[test]

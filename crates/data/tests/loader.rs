@@ -8,6 +8,7 @@ use dalle_data::image_ops::{Crop, Preprocess};
 use dalle_data::loader::{ImageLoader, LoaderConfig};
 use dalle_data::order::{Cursor, Sharding};
 use dalle_data::parquet_source::{self, SampleData};
+use dalle_data::split::Holdout;
 use dalle_data::synth::{self, SynthConfig};
 use dalle_data::tokens::{self, TokenRow};
 use dalle_store::{Location, StoreConfig};
@@ -33,6 +34,7 @@ fn config(batch_size: usize) -> LoaderConfig {
             crop: Crop::Center,
         },
         columns: ColumnConfig::default(),
+        holdout: Holdout::none(),
     }
 }
 

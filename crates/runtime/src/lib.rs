@@ -9,8 +9,8 @@
 //!   ([`PlanStage`]) and where to start in them; workers report each stage
 //!   done, and a re-formed group starts at the first stage not complete.
 //! - [`worker`]: a blocking client for the synchronous training loop: join,
-//!   heartbeats fed with step metrics in the background, the coordinator's
-//!   latest [`Instruction`], leave.
+//!   heartbeats fed with step metrics (and held-out figures) in the
+//!   background, the coordinator's latest [`Instruction`], leave.
 //!
 //! The service is `dalle.v1.Coordinator` (`proto/dalle/v1/coordinator.proto`);
 //! every call carries the job [`Token`]. The coordinator holds no tensors and
@@ -124,6 +124,59 @@ pub struct StepReport {
     pub samples_per_second: f64,
     /// Share of step time spent waiting on data, 0..1.
     pub data_wait_share: f64,
+}
+
+/// A stage's figures on its validation set after a step: means over every
+/// rank's held-out samples (the same on every rank). Each stage sets what
+/// it measures: the dVAE its reconstruction, the transformer its losses.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct ValidationReport {
+    /// Steps finished when evaluated.
+    pub step: u64,
+    /// Held-out samples evaluated, over every rank.
+    pub samples: u64,
+    /// dVAE: reconstruction loss per image dimension through argmax tokens.
+    pub recon: Option<f64>,
+    /// dVAE: PSNR (dB) of the images decoded from argmax tokens.
+    pub psnr_db: Option<f64>,
+    /// dVAE: distinct codes over the validation set.
+    pub codes_used: Option<u32>,
+    /// dVAE: perplexity of the code histogram over the validation set.
+    pub code_perplexity: Option<f64>,
+    /// Transformer: nats per caption token.
+    pub text_loss: Option<f64>,
+    /// Transformer: nats per image token.
+    pub image_loss: Option<f64>,
+}
+
+impl From<ValidationReport> for proto::Validation {
+    fn from(v: ValidationReport) -> Self {
+        proto::Validation {
+            step: v.step,
+            samples: v.samples,
+            recon: v.recon,
+            psnr_db: v.psnr_db,
+            codes_used: v.codes_used,
+            code_perplexity: v.code_perplexity,
+            text_loss: v.text_loss,
+            image_loss: v.image_loss,
+        }
+    }
+}
+
+impl From<proto::Validation> for ValidationReport {
+    fn from(v: proto::Validation) -> Self {
+        ValidationReport {
+            step: v.step,
+            samples: v.samples,
+            recon: v.recon,
+            psnr_db: v.psnr_db,
+            codes_used: v.codes_used,
+            code_perplexity: v.code_perplexity,
+            text_loss: v.text_loss,
+            image_loss: v.image_loss,
+        }
+    }
 }
 
 /// What the coordinator tells a worker to do at its next step boundary.

@@ -47,6 +47,7 @@ use crate::auth::AttachToken;
 use crate::proto::{self, coordinator_client::CoordinatorClient};
 use crate::{
     Backend, ClientTls, Instruction, PROTOCOL_VERSION, PlanStage, RuntimeError, StepReport, Token,
+    ValidationReport,
 };
 
 type Client = CoordinatorClient<InterceptedService<Channel, AttachToken>>;
@@ -407,8 +408,9 @@ impl std::fmt::Debug for Membership {
 }
 
 /// Heartbeats of one generation, sent in the background every
-/// `heartbeat_interval` with the latest [`StepReport`]; the coordinator's
-/// answer becomes [`Heartbeats::instruction`]. Dropping it stops them.
+/// `heartbeat_interval` with the latest [`StepReport`] (and the stage's
+/// latest [`ValidationReport`]); the coordinator's answer becomes
+/// [`Heartbeats::instruction`]. Dropping it stops them.
 pub struct Heartbeats {
     reports: watch::Sender<Progress>,
     instruction: watch::Receiver<Instruction>,
@@ -425,6 +427,7 @@ impl Heartbeats {
         let (reports, reports_rx) = watch::channel(Progress {
             stage: assignment.first_stage,
             report: None,
+            validation: None,
         });
         let (instruction_tx, instruction) = watch::channel(Instruction::Continue);
         let beat = Beat {
@@ -452,12 +455,21 @@ impl Heartbeats {
         self.reports.send_modify(|p| p.report = Some(report));
     }
 
+    /// Hands the stage's latest held-out figures to the heartbeats, which
+    /// carry them (with the step figures) until the stage ends; never
+    /// blocks.
+    pub fn report_validation(&self, validation: ValidationReport) {
+        self.reports
+            .send_modify(|p| p.validation = Some(validation));
+    }
+
     /// This worker starts stage `stage` of the plan: the next heartbeats
     /// carry it, and no figures until its first step.
     pub fn enter_stage(&self, stage: usize) {
         self.reports.send_replace(Progress {
             stage,
             report: None,
+            validation: None,
         });
     }
 
@@ -509,12 +521,13 @@ impl std::fmt::Debug for Heartbeats {
     }
 }
 
-/// What the heartbeats carry: the stage this worker is in and its latest
-/// step there.
+/// What the heartbeats carry: the stage this worker is in, its latest step
+/// there and its latest evaluation there.
 #[derive(Debug, Clone, Copy)]
 struct Progress {
     stage: usize,
     report: Option<StepReport>,
+    validation: Option<ValidationReport>,
 }
 
 struct Beat {
@@ -537,7 +550,11 @@ impl Beat {
         let mut last_answer = Instant::now();
         loop {
             ticks.tick().await;
-            let Progress { stage, report } = *reports.borrow();
+            let Progress {
+                stage,
+                report,
+                validation,
+            } = *reports.borrow();
             let request = proto::HeartbeatRequest {
                 stage: stage as u32,
                 worker_id: self.worker_id.clone(),
@@ -547,6 +564,7 @@ impl Beat {
                     loss: r.loss,
                     samples_per_second: r.samples_per_second,
                     data_wait_share: r.data_wait_share,
+                    validation: validation.map(Into::into),
                 }),
             };
             let answer = tokio::time::timeout(self.timeout, self.client.heartbeat(request)).await;

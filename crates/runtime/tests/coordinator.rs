@@ -13,7 +13,8 @@ use dalle_runtime::coordinator::JobPhase;
 use dalle_runtime::proto::{self, coordinator_client::CoordinatorClient};
 use dalle_runtime::{
     Assignment, Coordinator, CoordinatorConfig, CoordinatorHandle, Departure, Heartbeats,
-    Instruction, JoinInfo, Membership, PROTOCOL_VERSION, RuntimeError, StepReport, Token,
+    Instruction, JoinInfo, Membership, PROTOCOL_VERSION, PlanStage, RuntimeError, StepReport,
+    Token, ValidationReport,
 };
 
 const TOKEN: &str = "test-token-0123456789";
@@ -665,6 +666,90 @@ fn the_status_page_and_metrics_show_the_job() {
     }
     assert!(!metrics.contains(TOKEN) && !page.contains(TOKEN));
     assert!(http_get(status_addr, "/nope").starts_with("HTTP/1.1 404"));
+}
+
+#[test]
+fn held_out_figures_reach_the_metrics_and_stay_after_their_stage() {
+    let mut c = config(1, 1);
+    c.status_listen = Some(([127, 0, 0, 1], 0).into());
+    c.plan = vec![PlanStage::all_ranks("dvae"), PlanStage::all_ranks("gpt")];
+    let coordinator = start(c);
+    let status_addr = coordinator.status_addr().unwrap();
+    let w = running_group(&coordinator, 1).pop().unwrap();
+    let metrics_with = |what: &str, line: &str| {
+        eventually(what, Duration::from_secs(5), || {
+            let metrics = http_get(status_addr, "/metrics");
+            metrics.lines().any(|l| l == line).then_some(metrics)
+        })
+    };
+    let before = http_get(status_addr, "/metrics");
+    assert!(!before.contains("dalle_validation"), "{before}");
+    w.heartbeats.report_validation(ValidationReport {
+        step: 3,
+        samples: 64,
+        recon: Some(0.125),
+        psnr_db: Some(21.5),
+        codes_used: Some(37),
+        code_perplexity: Some(20.25),
+        ..ValidationReport::default()
+    });
+    let metrics = metrics_with(
+        "the dVAE's held-out PSNR",
+        "dalle_validation_psnr_db{stage=\"dvae\"} 21.5",
+    );
+    for line in [
+        "# TYPE dalle_validation_loss gauge",
+        "dalle_validation_loss{stage=\"dvae\",part=\"recon\"} 0.125",
+        "dalle_validation_codes_used{stage=\"dvae\"} 37",
+        "dalle_validation_code_perplexity{stage=\"dvae\"} 20.25",
+        "dalle_validation_step{stage=\"dvae\"} 3",
+        "dalle_validation_samples{stage=\"dvae\"} 64",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no line {line:?} in\n{metrics}"
+        );
+    }
+
+    // The next stage's figures join the dVAE's, which stay.
+    assert_eq!(w.membership.stage_done(&w.assignment, 0).unwrap(), 1);
+    w.heartbeats.enter_stage(1);
+    w.heartbeats.report(StepReport {
+        step: 2,
+        loss: 4.0,
+        samples_per_second: 10.0,
+        data_wait_share: 0.0,
+    });
+    w.heartbeats.report_validation(ValidationReport {
+        step: 2,
+        samples: 32,
+        text_loss: Some(1.5),
+        image_loss: Some(3.25),
+        ..ValidationReport::default()
+    });
+    let metrics = metrics_with(
+        "the transformer's held-out image loss",
+        "dalle_validation_loss{stage=\"gpt\",part=\"image\"} 3.25",
+    );
+    for line in [
+        "dalle_validation_loss{stage=\"gpt\",part=\"text\"} 1.5",
+        "dalle_validation_loss{stage=\"dvae\",part=\"recon\"} 0.125",
+        "dalle_validation_step{stage=\"gpt\"} 2",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no line {line:?} in\n{metrics}"
+        );
+    }
+    assert!(
+        !metrics.contains("dalle_validation_psnr_db{stage=\"gpt\"}"),
+        "{metrics}"
+    );
+    let page = http_get(status_addr, "/");
+    assert!(
+        page.contains("validation gpt: step 2, text 1.5000 nats, image 3.2500 nats, 32 samples"),
+        "{page}"
+    );
 }
 
 #[test]

@@ -15,6 +15,7 @@ use crate::{Result, TrainError};
 use dalle_data::columns::ColumnConfig;
 use dalle_data::image_ops::Crop;
 use dalle_data::synth::SynthConfig;
+use dalle_data::validation::ValidationConfig;
 use dalle_model::dvae::{DvaeConfig, ReconLoss, Relaxation};
 use dalle_model::gpt::GptArch;
 use dalle_model::gpt::sample::SamplingConfig;
@@ -163,6 +164,9 @@ pub struct DataConfig {
     pub max_pixels: u64,
     pub crop: Crop,
     pub columns: ColumnConfig,
+    /// What the stages evaluate on: samples held out by key hash, or a
+    /// dataset of its own.
+    pub validation: ValidationConfig,
 }
 
 impl Default for DataConfig {
@@ -177,6 +181,7 @@ impl Default for DataConfig {
             max_pixels: 64 * 1024 * 1024,
             crop: Crop::Center,
             columns: ColumnConfig::default(),
+            validation: ValidationConfig::default(),
         }
     }
 }
@@ -198,6 +203,10 @@ pub struct DvaeTrainConfig {
     pub tau: Cosine,
     /// Weight of the KL term.
     pub beta: Cosine,
+    /// Weight of the codebook-usage term: KL of the global batch's mean
+    /// posterior to uniform, in nats (not per image dimension). The paper
+    /// has none (0); short runs need it to keep codes alive.
+    pub usage: Cosine,
     pub relaxation: Relaxation,
     pub recon: ReconLoss,
     pub adamw: AdamWConfig,
@@ -206,6 +215,9 @@ pub struct DvaeTrainConfig {
     pub log_every: u64,
     /// Write the weights every this many steps (0: only at the end).
     pub save_every: u64,
+    /// Evaluate on the validation set (`data.validation`) every this many
+    /// steps and at the last one (0: never).
+    pub eval_every: u64,
 }
 
 impl Default for DvaeTrainConfig {
@@ -217,12 +229,14 @@ impl Default for DvaeTrainConfig {
             lr: Cosine::new(1e-4, 1.25e-6, 1_200_000),
             tau: Cosine::new(1.0, 1.0 / 16.0, 150_000),
             beta: Cosine::new(0.0, 6.6, 5_000),
+            usage: Cosine::new(0.0, 0.0, 1),
             relaxation: Relaxation::Soft,
             recon: ReconLoss::LogitLaplace,
             adamw: AdamWConfig::default(),
             grad_clip: None,
             log_every: 100,
             save_every: 10_000,
+            eval_every: 1_000,
         }
     }
 }
@@ -261,6 +275,9 @@ pub struct GptTrainConfig {
     pub log_every: u64,
     /// Write the weights every this many steps (0: only at the end).
     pub save_every: u64,
+    /// Evaluate on the validation set (`data.validation`) every this many
+    /// steps and at the last one (0: never).
+    pub eval_every: u64,
 }
 
 impl Default for GptTrainConfig {
@@ -289,6 +306,7 @@ impl Default for GptTrainConfig {
             caption_dropout: 0.0,
             log_every: 100,
             save_every: 10_000,
+            eval_every: 1_000,
         }
     }
 }
@@ -388,6 +406,10 @@ impl JobConfig {
 
     pub fn validate(&self) -> Result<()> {
         self.dvae.model.validate()?;
+        self.data
+            .validation
+            .validate()
+            .map_err(TrainError::Config)?;
         let t = &self.dvae.train;
         let checks = [
             (t.batch_size == 0, "dvae.train.batch_size must be positive"),
@@ -469,6 +491,19 @@ impl JobConfig {
                 "data.url {url} is not a local directory; give one with --out"
             ))),
         }
+    }
+
+    /// The validation dataset of its own (`data.validation.url`), if set.
+    pub fn validation_location(&self) -> Result<Option<Location>> {
+        self.data
+            .validation
+            .url
+            .as_deref()
+            .map(|url| {
+                Location::parse(url, &self.store)
+                    .map_err(|e| TrainError::Config(format!("data.validation.url: {e}")))
+            })
+            .transpose()
     }
 
     pub fn dvae_weights_path(&self) -> PathBuf {
@@ -609,6 +644,46 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("run.backend"), "{err}");
+    }
+
+    #[test]
+    fn the_validation_section_is_read_and_checked() {
+        let job = load(
+            "[data.validation]\nfraction = 0.05\nmax_samples = 64\n[gpt.train]\neval_every = 50\n",
+            &["dvae.train.eval_every=20"],
+            &[],
+        )
+        .unwrap();
+        let v = &job.data.validation;
+        assert_eq!(
+            (v.fraction, v.max_samples, v.url.as_deref()),
+            (0.05, 64, None)
+        );
+        assert_eq!(
+            (job.dvae.train.eval_every, job.gpt.train.eval_every),
+            (20, 50)
+        );
+        let back = JobConfig::from_toml(&job.to_toml(), "round trip").unwrap();
+        assert_eq!(back.data.validation, job.data.validation);
+        let err = load("[data.validation]\nfraction = 1.5\n", &[], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("data.validation.fraction"), "{err}");
+        let err = load("", &["data.validation.fraktion=0.1"], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("fraktion"), "{err}");
+        let err = load(
+            "[data.validation]\nfraction = 0.1\nurl = \"s3://b/val\"\n",
+            &[],
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("data.validation") && err.contains("not both"),
+            "{err}"
+        );
     }
 
     #[test]

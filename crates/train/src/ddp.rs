@@ -254,6 +254,27 @@ impl DataParallel {
         Ok((means, total as usize))
     }
 
+    /// The mean over every rank's samples of a per-rank mean `local`
+    /// (any shape, over `samples` samples), detached, on `local`'s device.
+    /// One process returns it as it is.
+    pub fn global_mean_tensor(&mut self, local: &Tensor, samples: usize) -> Result<Tensor> {
+        let local = local.detach();
+        if self.world_size() == 1 {
+            return Ok(local);
+        }
+        let host = (&local * samples as f64)
+            .to_device(tch::Device::Cpu)
+            .to_kind(tch::Kind::Float)
+            .flatten(0, -1);
+        let mut sums = Vec::<f32>::try_from(&host)?;
+        sums.push(samples as f32);
+        self.sum(&mut sums)?;
+        let total = f64::from(sums.pop().expect("count pushed")).max(1.0);
+        Ok((Tensor::from_slice(&sums) / total)
+            .view(local.size().as_slice())
+            .to_device(local.device()))
+    }
+
     /// Replaces every parameter's gradient (the mean over this rank's
     /// `local_samples`) by the gradient of the mean over all ranks' samples,
     /// so ranks with fewer samples (bad samples skipped) weigh less.

@@ -10,7 +10,8 @@ use dalle_data::order::Sharding;
 use tch::{Device, Tensor};
 
 /// The loader settings of a job, decoding images to `image_size` pixels;
-/// `sharding` says which slice of each global batch this rank reads.
+/// `sharding` says which slice of each global batch this rank reads. The
+/// validation split's samples are left out (`data.validation`).
 pub fn loader_config(job: &JobConfig, image_size: u32, sharding: Sharding) -> LoaderConfig {
     LoaderConfig {
         sharding,
@@ -25,6 +26,7 @@ pub fn loader_config(job: &JobConfig, image_size: u32, sharding: Sharding) -> Lo
             crop: job.data.crop,
         },
         columns: job.data.columns.clone(),
+        holdout: job.data.validation.holdout(),
     }
 }
 
@@ -54,6 +56,7 @@ impl EpochSummary {
                 null_image = c.null_image,
                 empty_caption = c.empty_caption,
                 undecodable = c.undecodable,
+                held_out = c.held_out,
                 "epoch {} done",
                 self.epoch
             );
@@ -66,8 +69,8 @@ impl EpochSummary {
     }
 }
 
-/// The next batch with at least one sample (a slice of only bad samples is
-/// skipped; the loader has logged each of them).
+/// The next batch with at least one sample (a slice of only bad or
+/// held-out samples is skipped; the loader has logged each bad one).
 pub fn next_nonempty(
     loader: &mut ImageLoader,
     step: u64,
@@ -79,7 +82,10 @@ pub fn next_nonempty(
         if !batch.is_empty() {
             return Ok(batch);
         }
-        tracing::warn!(step, cursor = ?batch.cursor, "every sample of a batch was bad; taking the next batch");
+        tracing::warn!(
+            step, cursor = ?batch.cursor,
+            "every sample of a batch was bad or held out for validation; taking the next batch"
+        );
     }
 }
 

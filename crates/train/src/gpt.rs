@@ -2,14 +2,17 @@
 //! tokenizer (with caption dropout), image tokens from pre-tokenized data
 //! or from the frozen dVAE, the weighted text/image cross-entropy, gradient
 //! accumulation over micro-batches, clipping, AdamW under warm-up + cosine,
-//! and a log line per window (also appended to `gpt-metrics.jsonl`).
+//! a log line per window (also appended to `gpt-metrics.jsonl`), and the
+//! held-out loss every `eval_every` steps (the same file, marked
+//! `"kind": "validation"`).
 
 use crate::config::JobConfig;
 use crate::ddp::{DataParallel, seeded, step_seed};
 use crate::feed::{EpochSummary, batch_tensor, loader_config, next_nonempty, runtime_device};
-use crate::metrics::{GptLog, GptStepMetrics, GptWindow};
+use crate::metrics::{GptLog, GptStepMetrics, GptWindow, Progress};
 use crate::optim::AdamW;
 use crate::stage_run::{StagePlan, StageRun, StepTiming};
+use crate::validation::{self, GptHeldOut, GptValidation, HeldOut};
 use crate::{Result, TrainError};
 use dalle_data::columns::Payload;
 use dalle_data::loader::{Batch, ImageLoader, LoaderStats};
@@ -89,6 +92,20 @@ impl CaptionEncoder {
             seed: job.run.seed,
             warned: false,
         })
+    }
+
+    /// The encoder of held-out captions: no BPE dropout, no caption
+    /// dropout, so evaluation sees every caption as it is.
+    pub fn for_evaluation(job: &JobConfig, tokenizer: &TextTokenizer) -> Self {
+        let text_len = job.text.text_len;
+        Self {
+            null: dalle_model::text::null_caption(tokenizer.vocab_size(), text_len),
+            tokenizer: tokenizer.clone(),
+            text_len,
+            dropout: 0.0,
+            seed: job.run.seed,
+            warned: false,
+        }
     }
 
     /// Whether the caption of sample `key` is dropped at `step`.
@@ -220,6 +237,8 @@ pub fn accumulate_gradients(
 #[derive(Debug)]
 pub struct GptTrainReport {
     pub logs: Vec<GptLog>,
+    /// Each evaluation on the validation set.
+    pub validation: Vec<GptValidation>,
     pub weights: PathBuf,
     pub loader: LoaderStats,
     pub truncated_captions: usize,
@@ -227,11 +246,12 @@ pub struct GptTrainReport {
 
 /// Trains the transformer as configured by `job` on this rank's slice of
 /// every global batch (all of it with [`DataParallel::solo`]), calling
-/// `on_log` for every log line. Only rank 0 writes files.
+/// `on_progress` with every log line and every held-out evaluation. Only
+/// rank 0 writes files.
 pub fn train(
     job: &JobConfig,
     ddp: &mut DataParallel,
-    mut on_log: impl FnMut(&GptLog),
+    mut on_progress: impl FnMut(Progress<'_, GptLog, GptValidation>),
 ) -> Result<GptTrainReport> {
     let cfg = &job.gpt.train;
     let device = runtime_device(job)?;
@@ -281,6 +301,31 @@ pub fn train(
     )?;
     let images = ImageTokens::new(job, loader.payload(), device, &data.url)?;
     let mut captions = CaptionEncoder::new(job, &tokenizer)?;
+    let image_size = dvae_config.image_size as u32;
+    let steps = (first_step, cfg.steps);
+    let held = match HeldOut::open(job, &data, image_size, cfg.eval_every, steps, ddp)? {
+        Some(held) => {
+            // A validation dataset of its own may hold images where the
+            // training data holds tokens (or the other way round).
+            let own_images;
+            let held_images = if held.set.payload == loader.payload() {
+                &images
+            } else {
+                own_images = ImageTokens::new(job, held.set.payload, device, &held.url)?;
+                &own_images
+            };
+            let mut encoder = CaptionEncoder::for_evaluation(job, &tokenizer);
+            let chunk = cfg.micro_batch();
+            Some(GptHeldOut::encode(
+                held,
+                &mut encoder,
+                held_images,
+                chunk,
+                device,
+            )?)
+        }
+        None => None,
+    };
     let parameters: i64 = params.iter().map(|(_, t)| t.numel() as i64).sum();
     tracing::info!(
         data = %data.url, row_groups = loader.units(), ?device, parameters, first_step,
@@ -292,6 +337,7 @@ pub fn train(
     let mut window = GptWindow::default();
     let mut epoch = EpochSummary::default();
     let mut logs = Vec::new();
+    let mut validations = Vec::new();
     let mut truncated_total = 0;
     let positions_per_sample = (config.text_len + config.image_len()) as usize;
 
@@ -345,8 +391,15 @@ pub fn train(
         if run.log_due(done) {
             let line = window.finish(done, lr);
             run.log(&line)?;
-            on_log(&line);
+            on_progress(Progress::Line(&line));
             logs.push(line);
+        }
+        if let Some(held) = held.as_ref().filter(|h| h.held.due(done)) {
+            let weight = cfg.text_loss_weight;
+            let line = validation::evaluate_gpt(&model, held, weight, ddp, done)?;
+            run.log(&line)?;
+            on_progress(Progress::Validation(&line));
+            validations.push(line);
         }
         let save = |path: &std::path::Path| model.save(path);
         run.end_step(ddp, done, &batch, timing, loss, save, &params, &optimizer)?;
@@ -356,11 +409,12 @@ pub fn train(
     let stats = loader.stats();
     tracing::info!(
         weights = %weights.display(), seen = stats.seen, skipped = stats.skipped(),
-        truncated_captions = truncated_total,
+        held_out = stats.held_out, truncated_captions = truncated_total,
         "transformer training done"
     );
     Ok(GptTrainReport {
         logs,
+        validation: validations,
         weights,
         loader: stats,
         truncated_captions: truncated_total,

@@ -1,6 +1,7 @@
 //! Training for dalle-rs: the optimizer (kept in the project so its state
-//! can be saved), schedules, the dVAE training loop with its metrics, and
-//! the job configuration that drives them.
+//! can be saved), schedules, the dVAE and transformer training loops with
+//! their metrics and held-out evaluation, and the job configuration that
+//! drives them.
 
 pub mod checkpointing;
 pub mod config;
@@ -14,5 +15,6 @@ pub mod metrics;
 pub mod optim;
 pub mod schedule;
 mod stage_run;
+pub mod validation;
 
 pub use error::{Result, TrainError};

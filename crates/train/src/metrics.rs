@@ -51,6 +51,14 @@ impl MetricsFile {
     }
 }
 
+/// What a training loop hands its caller as it goes: each log line, and
+/// each evaluation on the validation set (`Held`).
+#[derive(Debug, Clone, Copy)]
+pub enum Progress<'a, Line, Held> {
+    Line(&'a Line),
+    Validation(&'a Held),
+}
+
 /// What one dVAE step reports.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct DvaeStepMetrics {
@@ -58,6 +66,8 @@ pub struct DvaeStepMetrics {
     pub recon: f64,
     pub kl: f64,
     pub mse: f64,
+    /// KL of the global batch's mean posterior to uniform, nats.
+    pub usage: f64,
     pub images: usize,
     pub data_wait: Duration,
     /// Time spent in collectives (gradient averaging, metric sums).
@@ -76,8 +86,13 @@ pub struct DvaeLog {
     pub psnr: f64,
     /// KL to the uniform prior, nats per grid position.
     pub kl: f64,
+    /// KL of the batch's mean posterior to uniform, nats (0: codes used
+    /// evenly; ln K: one code).
+    pub usage: f64,
     pub tau: f64,
     pub beta: f64,
+    /// Weight of the usage term.
+    pub usage_weight: f64,
     pub lr: f64,
     /// Distinct codes in the window's last batch.
     pub codes_used: i64,
@@ -94,13 +109,14 @@ impl std::fmt::Display for DvaeLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "step {} | loss {:.4} | recon {:.4} | psnr {:.2} dB | kl {:.3} | tau {:.3} | beta {:.3} | \
-             lr {:.2e} | codes {} ppl {:.1} | {:.1} img/s | data wait {:.1}%",
+            "step {} | loss {:.4} | recon {:.4} | psnr {:.2} dB | kl {:.3} | usage kl {:.3} | tau {:.3} | \
+             beta {:.3} | lr {:.2e} | codes {} ppl {:.1} | {:.1} img/s | data wait {:.1}%",
             self.step,
             self.loss,
             self.recon,
             self.psnr,
             self.kl,
+            self.usage,
             self.tau,
             self.beta,
             self.lr,
@@ -130,6 +146,7 @@ impl Window {
         self.sum.recon += m.recon;
         self.sum.kl += m.kl;
         self.sum.mse += m.mse;
+        self.sum.usage += m.usage;
         self.sum.images += m.images;
         self.sum.data_wait += m.data_wait;
         self.sum.comm += m.comm;
@@ -145,6 +162,7 @@ impl Window {
         line.recon = self.sum.recon / n;
         line.kl = self.sum.kl / n / kl_positions.max(1) as f64;
         line.psnr = dalle_model::dvae::loss::psnr(self.sum.mse / n);
+        line.usage = self.sum.usage / n;
         line.images_per_s = self.sum.images as f64 / wall;
         line.data_wait = self.sum.data_wait.as_secs_f64() / wall;
         line.comm = self.sum.comm.as_secs_f64() / wall;

@@ -1,7 +1,7 @@
 //! Residual block shared by encoder and decoder:
-//! `id_path(x) + post_gain · res_path(x)`, with `post_gain = 1 / n_layers²`
-//! (n_layers = blocks in the whole network) so that a deep stack of blocks
-//! starts close to the identity. `id_path` is a 1×1 conv only where the
+//! `id_path(x) + post_gain · res_path(x)`, with OpenAI's `post_gain = 1 /
+//! n_layers²` (n_layers = blocks in the whole network) unless the config
+//! sets it, so that a deep stack of blocks starts close to the identity. `id_path` is a 1×1 conv only where the
 //! width changes. The residual path is four ReLU→conv pairs through a
 //! bottleneck of n_out / 4 channels; only the kernel sizes differ between
 //! encoder (3,3,3,1) and decoder (1,3,3,3).
@@ -20,7 +20,7 @@ pub struct ResBlock {
 }
 
 impl ResBlock {
-    pub fn new(p: nn::Path, n_in: i64, n_out: i64, n_layers: i64, kernels: [i64; 4]) -> Self {
+    pub fn new(p: nn::Path, n_in: i64, n_out: i64, post_gain: f64, kernels: [i64; 4]) -> Self {
         let n_hid = n_out / 4;
         let id_path = (n_in != n_out).then(|| Conv2d::new(&p / "id_path", n_in, n_out, 1));
         let widths = [n_in, n_hid, n_hid, n_hid, n_out];
@@ -40,7 +40,7 @@ impl ResBlock {
         Self {
             id_path,
             res_path,
-            post_gain: 1.0 / (n_layers * n_layers) as f64,
+            post_gain,
         }
     }
 

@@ -24,6 +24,11 @@ pub struct DvaeConfig {
     pub vocab_size: i64,
     /// Width of the decoder's first 1×1 conv, the codebook embedding size.
     pub n_init: i64,
+    /// Scale of every residual path. Unset: OpenAI's 1 / n_layers² (n_layers
+    /// = blocks in the whole network), which starts a deep stack close to
+    /// the identity; a short run with few blocks learns faster at 1.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub post_gain: Option<f64>,
 }
 
 impl Default for DvaeConfig {
@@ -35,6 +40,7 @@ impl Default for DvaeConfig {
             n_blk_per_group: 2,
             vocab_size: 8192,
             n_init: 128,
+            post_gain: None,
         }
     }
 }
@@ -43,6 +49,12 @@ impl DvaeConfig {
     /// Side of the token grid an image encodes to.
     pub fn grid_size(&self) -> i64 {
         self.image_size / DOWNSAMPLE
+    }
+
+    /// The scale of every residual path (see [`DvaeConfig::post_gain`]).
+    pub fn residual_gain(&self) -> f64 {
+        let n_layers = GROUP_COUNT * self.n_blk_per_group;
+        self.post_gain.unwrap_or(1.0 / (n_layers * n_layers) as f64)
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -57,6 +69,11 @@ impl DvaeConfig {
         if let Some((key, v)) = positive.iter().find(|(_, v)| *v <= 0) {
             return Err(ModelError::Config(format!(
                 "dvae.{key} must be positive, got {v}"
+            )));
+        }
+        if let Some(gain) = self.post_gain.filter(|g| !(g.is_finite() && *g > 0.0)) {
+            return Err(ModelError::Config(format!(
+                "dvae.post_gain must be positive, got {gain}"
             )));
         }
         if self.image_size % DOWNSAMPLE != 0 {

@@ -19,7 +19,7 @@ pub struct Decoder {
 impl Decoder {
     pub fn new(p: nn::Path, cfg: &DvaeConfig) -> Self {
         let blocks = &p / "blocks";
-        let n_layers = GROUP_COUNT * cfg.n_blk_per_group;
+        let post_gain = cfg.residual_gain();
         let input = Conv2d::new(&blocks / "input", cfg.vocab_size, cfg.n_init, 1);
         let mut width = cfg.n_init;
         let groups = (1..=GROUP_COUNT)
@@ -30,7 +30,7 @@ impl Decoder {
                     .map(|i| {
                         let n_in = if i == 1 { width } else { n_out };
                         let path = &group / format!("block_{i}");
-                        ResBlock::new(path, n_in, n_out, n_layers, DECODER_KERNELS)
+                        ResBlock::new(path, n_in, n_out, post_gain, DECODER_KERNELS)
                     })
                     .collect();
                 width = n_out;

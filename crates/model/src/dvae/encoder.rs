@@ -18,7 +18,7 @@ pub struct Encoder {
 impl Encoder {
     pub fn new(p: nn::Path, cfg: &DvaeConfig) -> Self {
         let blocks = &p / "blocks";
-        let n_layers = GROUP_COUNT * cfg.n_blk_per_group;
+        let post_gain = cfg.residual_gain();
         let input = Conv2d::new(&blocks / "input", cfg.channels, cfg.n_hid, 7);
         let mut width = cfg.n_hid;
         let groups = (1..=GROUP_COUNT)
@@ -29,7 +29,7 @@ impl Encoder {
                     .map(|i| {
                         let n_in = if i == 1 { width } else { n_out };
                         let path = &group / format!("block_{i}");
-                        ResBlock::new(path, n_in, n_out, n_layers, ENCODER_KERNELS)
+                        ResBlock::new(path, n_in, n_out, post_gain, ENCODER_KERNELS)
                     })
                     .collect();
                 width = n_out;

@@ -16,8 +16,23 @@ pub const LOGIT_LAPLACE_EPS: f64 = 0.1;
 pub enum ReconLoss {
     /// The paper's logit-Laplace likelihood on mapped pixels.
     LogitLaplace,
-    /// Mean squared error of the decoded mean against the pixels.
+    /// A Gaussian likelihood of the decoded mean with a fixed scale
+    /// [`PIXEL_SIGMA`] on [0, 1] pixels: MSE / (2σ²) + ln(σ√(2π)) nats per
+    /// dimension. In nats, like the logit-Laplace term, so β weighs the
+    /// KL against it on the same scale; a raw MSE (~0.01) would let any
+    /// β > 0 drive the posterior to the uniform prior.
     Mse,
+}
+
+/// Scale of the Gaussian likelihood of [`ReconLoss::Mse`]: a pixel off by a
+/// tenth of the range costs half a nat more than an exact one.
+pub const PIXEL_SIGMA: f64 = 0.1;
+
+/// Negative log-likelihood per dimension of [`ReconLoss::Mse`] for a mean
+/// squared error on [0, 1] pixels.
+pub fn gaussian_nll(mse: &Tensor) -> Tensor {
+    let log_norm = (PIXEL_SIGMA * (2.0 * std::f64::consts::PI).sqrt()).ln();
+    mse / (2.0 * PIXEL_SIGMA * PIXEL_SIGMA) + log_norm
 }
 
 /// [0, 1] pixels → [ε, 1−ε].
@@ -60,6 +75,39 @@ pub fn kl_to_uniform(logits: &Tensor) -> Tensor {
     let log_q = logits.log_softmax(1, Kind::Float);
     let per_position = (log_q.exp() * (&log_q + k.ln())).sum_dim_intlist(1, false, Kind::Float);
     per_position.sum(Kind::Float) / logits.size()[0] as f64
+}
+
+/// Mean posterior over codes of a batch, `q̄(k)`: the soft code histogram
+/// that the codebook-usage term spreads out.
+///
+/// # Shapes
+/// `(N, K, h, w)` logits → `(K,)`
+pub fn mean_posterior(logits: &Tensor) -> Tensor {
+    logits
+        .softmax(1, Kind::Float)
+        .mean_dim([0i64, 2, 3].as_slice(), false, Kind::Float)
+}
+
+/// KL(q̄ ‖ uniform) in nats of a mean posterior `(K,)`: 0 when the batch
+/// spreads its codes evenly over the codebook, ln K when it uses one code.
+pub fn usage_kl(mean_posterior: &Tensor) -> Tensor {
+    let k = mean_posterior.size()[0] as f64;
+    (mean_posterior * (mean_posterior.clamp_min(1e-30).log() + k.ln())).sum(Kind::Float)
+}
+
+/// A loss whose gradient with respect to this rank's logits is that of
+/// KL(q̄_global ‖ uniform), where `global` is the mean posterior over every
+/// rank's batch (a constant here) and `local` this rank's, carrying the
+/// graph. Averaged over ranks by sample count, as data-parallel gradients
+/// are, it gives exactly the gradient of the usage term of the whole global
+/// batch, so the objective does not depend on how the batch is split.
+///
+/// d KL / d q̄(k) = ln q̄(k) + ln K + 1; the constant 1 drops out because
+/// q̄ always sums to one.
+pub fn usage_surrogate(local: &Tensor, global: &Tensor) -> Tensor {
+    let k = global.size()[0] as f64;
+    let slope = (global.detach().clamp_min(1e-30).log() + k.ln()).to_device(local.device());
+    (local * slope).sum(Kind::Float)
 }
 
 /// Peak signal-to-noise ratio in dB of a mean squared error on [0, 1] pixels.

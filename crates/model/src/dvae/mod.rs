@@ -37,6 +37,9 @@ const CONFIG_KEY: &str = "dvae_config";
 pub struct Objective {
     pub tau: f64,
     pub beta: f64,
+    /// Weight of the codebook-usage term, KL(q̄ ‖ uniform) of the batch's
+    /// mean posterior, added by [`StepOutput::add_usage_term`].
+    pub usage: f64,
     pub relaxation: Relaxation,
     pub recon: ReconLoss,
 }
@@ -44,9 +47,10 @@ pub struct Objective {
 /// What one training forward pass produces: the loss to minimise and the
 /// parts it is made of.
 pub struct StepOutput {
-    /// recon + β · KL / (C·H·W), scalar, carries the graph.
+    /// recon + β · KL / (C·H·W) (+ the usage term once added), scalar,
+    /// carries the graph.
     pub loss: Tensor,
-    /// Reconstruction term per image dimension (NLL or MSE), scalar.
+    /// Reconstruction term, nats per image dimension, scalar.
     pub recon: Tensor,
     /// KL to the uniform prior, nats per image, scalar.
     pub kl: Tensor,
@@ -54,6 +58,27 @@ pub struct StepOutput {
     pub mse: Tensor,
     /// Argmax codes of the encoder, `(N, h, w)`.
     pub tokens: Tensor,
+    /// Mean posterior over codes of this batch, `(K,)`, carries the graph.
+    pub mean_posterior: Tensor,
+}
+
+impl StepOutput {
+    /// Adds `weight` × KL(q̄ ‖ uniform) to the loss, with q̄ the mean
+    /// posterior `global` of the whole (global) batch, and returns that KL.
+    ///
+    /// Why: KL(q(z|x) ‖ uniform) at each position only makes each
+    /// posterior less confident; it does nothing against a batch that
+    /// puts all its positions on a handful of codes, which is how the
+    /// codebook collapses. Spreading the batch's mean posterior keeps
+    /// every code in use while each position stays confident.
+    pub fn add_usage_term(&mut self, weight: f64, global: &Tensor) -> Tensor {
+        let kl = loss::usage_kl(global);
+        if weight > 0.0 {
+            let term = loss::usage_surrogate(&self.mean_posterior, global) * weight;
+            self.loss = &self.loss + term;
+        }
+        kl
+    }
 }
 
 pub struct Dvae {
@@ -154,7 +179,7 @@ impl Dvae {
         let mse = (&mean - &x).square().mean(Kind::Float);
         let recon = match objective.recon {
             ReconLoss::LogitLaplace => loss::logit_laplace_nll(&stats, &loss::map_pixels(&x)),
-            ReconLoss::Mse => mse.shallow_clone(),
+            ReconLoss::Mse => loss::gaussian_nll(&mse),
         };
         let kl = loss::kl_to_uniform(&logits);
         let dims = (x.numel() / x.size()[0] as usize) as f64;
@@ -165,6 +190,7 @@ impl Dvae {
             kl,
             mse: mse.detach(),
             tokens: logits.detach().argmax(1, false),
+            mean_posterior: loss::mean_posterior(&logits),
         })
     }
 
@@ -257,6 +283,7 @@ impl Dvae {
             n_blk_per_group,
             vocab_size: codebook[1],
             n_init: codebook[0],
+            post_gain: None,
         };
         let model = Self::new(config, device)?;
         let vars = model.vs.variables();

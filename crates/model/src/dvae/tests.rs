@@ -9,6 +9,7 @@ fn tiny() -> DvaeConfig {
         n_blk_per_group: 1,
         vocab_size: 16,
         n_init: 8,
+        post_gain: None,
     }
 }
 
@@ -25,6 +26,7 @@ fn objective(relaxation: Relaxation) -> Objective {
     Objective {
         tau: 1.0,
         beta: 1.0,
+        usage: 0.0,
         relaxation,
         recon: ReconLoss::LogitLaplace,
     }
@@ -173,6 +175,41 @@ fn logit_laplace_nll_is_smallest_at_the_true_logit() {
     let want = (2f64.ln() * 2.0 + (0.3f64 * 0.7).ln() + (0.6f64 * 0.4).ln()) / 2.0;
     assert!((at_truth - want).abs() < 1e-5, "{at_truth} vs {want}");
     assert!(nll(x.logit(None::<f64>) + 0.5) > at_truth + 0.4);
+}
+
+#[test]
+fn usage_kl_is_zero_when_codes_are_spread_and_ln_k_on_one_code() {
+    let spread = loss::usage_kl(&Tensor::full([8], 1.0 / 8.0, (Kind::Float, Device::Cpu)));
+    assert!(spread.double_value(&[]).abs() < 1e-6);
+    let one = Tensor::from_slice(&[1.0f32, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+    let collapsed = loss::usage_kl(&one).double_value(&[]);
+    assert!((collapsed - 8f64.ln()).abs() < 1e-5, "{collapsed}");
+}
+
+/// The surrogate must give the usage term's true gradient, also when the
+/// batch is split across ranks and the halves' gradients are averaged.
+#[test]
+fn usage_surrogate_has_the_gradient_of_the_global_usage_kl() {
+    tch::manual_seed(3);
+    let logits =
+        (Tensor::randn([4, 6, 2, 2], (Kind::Float, Device::Cpu)) * 2.0).set_requires_grad(true);
+    let grad_of = |loss: Tensor| Tensor::run_backward(&[loss], &[&logits], false, false).remove(0);
+    let whole = grad_of(loss::usage_kl(&loss::mean_posterior(&logits)));
+
+    let halves = [logits.narrow(0, 0, 2), logits.narrow(0, 2, 2)];
+    let means: Vec<Tensor> = halves.iter().map(loss::mean_posterior).collect();
+    let global = ((&means[0] + &means[1]) / 2.0).detach();
+    // Each rank's gradient weighs half: the data-parallel mean over ranks.
+    let split = grad_of(
+        (loss::usage_surrogate(&means[0], &global) + loss::usage_surrogate(&means[1], &global))
+            / 2.0,
+    );
+    let diff = (&whole - &split).abs().max().double_value(&[]);
+    assert!(diff < 1e-6, "surrogate gradient differs by {diff}");
+    assert!(
+        whole.abs().max().double_value(&[]) > 1e-3,
+        "the gradient is not trivially zero"
+    );
 }
 
 #[test]

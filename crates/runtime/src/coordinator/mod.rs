@@ -29,7 +29,7 @@ use tokio::sync::watch;
 
 use crate::auth::CheckToken;
 use crate::proto::coordinator_server::CoordinatorServer;
-use crate::{Backend, PlanStage, RuntimeError, ServerTls, Token};
+use crate::{Backend, PlanStage, RuntimeError, ServerTls, Token, ValidationReport};
 use state::State;
 
 /// Makes the NCCL unique id of a generation (its argument); `Err` ends the
@@ -194,7 +194,7 @@ impl JobStatus {
 }
 
 /// One stage of the plan, as the status page shows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StageStatus {
     /// Its name.
     pub name: String,
@@ -205,6 +205,9 @@ pub struct StageStatus {
     /// From its start to its completion (or until now while running);
     /// across re-formations.
     pub elapsed: Option<Duration>,
+    /// Its latest figures on the validation set, as its workers reported
+    /// them (kept once it is complete).
+    pub validation: Option<ValidationReport>,
 }
 
 /// How far a stage of the plan got.

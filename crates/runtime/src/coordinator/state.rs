@@ -26,7 +26,7 @@ use super::{
     StageStatus, WaitingWorker, WorkerStatus,
 };
 use crate::proto::{self, Instruction};
-use crate::{Backend, PROTOCOL_VERSION};
+use crate::{Backend, PROTOCOL_VERSION, ValidationReport};
 
 pub(super) type JoinResult = Result<proto::JoinReply, Status>;
 
@@ -138,6 +138,9 @@ pub(super) struct State {
     /// When each stage started, and how long each complete one took.
     stage_started: Vec<Option<Instant>>,
     stage_took: Vec<Option<Duration>>,
+    /// Each stage's latest held-out figures, as its members last reported
+    /// them (kept after the stage ends).
+    validation: Vec<Option<ValidationReport>>,
 }
 
 impl State {
@@ -161,6 +164,7 @@ impl State {
             completed: 0,
             stage_started: vec![None; config.plan.len()],
             stage_took: vec![None; config.plan.len()],
+            validation: vec![None; config.plan.len()],
             config,
         }
     }
@@ -324,8 +328,14 @@ impl State {
                 // Figures of a stage the member has left (a heartbeat sent
                 // before its StageDone) would pass for the next stage's.
                 if request.stage as usize == member.stage {
+                    let held_out = request.metrics.as_ref().and_then(|m| m.validation);
                     member.step = request.step;
                     member.metrics = request.metrics;
+                    if let (Some(figures), Some(slot)) =
+                        (held_out, self.validation.get_mut(request.stage as usize))
+                    {
+                        *slot = Some(figures.into());
+                    }
                     self.log_progress();
                 }
                 reply(Instruction::Continue, String::new())
@@ -610,6 +620,7 @@ impl State {
                     elapsed: self.stage_took[i].or_else(|| {
                         self.stage_started[i].map(|t| now.saturating_duration_since(t))
                     }),
+                    validation: self.validation[i],
                 })
                 .collect(),
         }
@@ -1184,6 +1195,7 @@ mod tests {
                     loss: 1.0,
                     samples_per_second: 1.0,
                     data_wait_share: 0.0,
+                    validation: None,
                 }),
                 stage,
             },

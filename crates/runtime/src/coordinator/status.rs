@@ -11,6 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use super::{JobPhase, JobStatus, Shared, StageState};
+use crate::ValidationReport;
 
 /// Largest request head read; a status page needs no more.
 const MAX_HEAD: usize = 8 * 1024;
@@ -146,6 +147,16 @@ pub(super) fn render_page(status: &JobStatus) -> String {
                 if stage.leader_only { "rank 0" } else { "all" }
             );
         }
+        for stage in &status.stages {
+            if let Some(v) = &stage.validation {
+                let _ = writeln!(
+                    page,
+                    "validation {}: {}",
+                    stage.name,
+                    describe_validation(v)
+                );
+            }
+        }
     }
     let _ = writeln!(page);
     let _ = writeln!(
@@ -196,6 +207,24 @@ pub(super) fn render_page(status: &JobStatus) -> String {
         }
     }
     page
+}
+
+/// A stage's held-out figures in a few words, for the page.
+fn describe_validation(v: &ValidationReport) -> String {
+    let mut parts = vec![format!("step {}", v.step)];
+    let mut figure = |name: &str, value: Option<String>| {
+        if let Some(value) = value {
+            parts.push(format!("{name} {value}"));
+        }
+    };
+    figure("recon", v.recon.map(|x| format!("{x:.4}")));
+    figure("psnr", v.psnr_db.map(|x| format!("{x:.2} dB")));
+    figure("codes", v.codes_used.map(|x| x.to_string()));
+    figure("ppl", v.code_perplexity.map(|x| format!("{x:.1}")));
+    figure("text", v.text_loss.map(|x| format!("{x:.4} nats")));
+    figure("image", v.image_loss.map(|x| format!("{x:.4} nats")));
+    parts.push(format!("{} samples", v.samples));
+    parts.join(", ")
 }
 
 /// Prometheus' text exposition format.
@@ -332,6 +361,73 @@ pub(super) fn render_metrics(status: &JobStatus) -> String {
         "Samples per second, summed over the active workers.",
         &job(status.samples_per_second),
     );
+    let held_out: Vec<(&str, &ValidationReport)> = status
+        .stages
+        .iter()
+        .filter_map(|s| s.validation.as_ref().map(|v| (s.name.as_str(), v)))
+        .collect();
+    if !held_out.is_empty() {
+        let by_stage = |value: &dyn Fn(&ValidationReport) -> Option<f64>| -> Vec<(String, f64)> {
+            held_out
+                .iter()
+                .filter_map(|(stage, v)| {
+                    value(v).map(|x| (format!("{{stage=\"{}\"}}", escape(stage)), x))
+                })
+                .collect()
+        };
+        let losses: Vec<(String, f64)> = held_out
+            .iter()
+            .flat_map(|(stage, v)| {
+                [
+                    ("recon", v.recon),
+                    ("text", v.text_loss),
+                    ("image", v.image_loss),
+                ]
+                .into_iter()
+                .filter_map(move |(part, x)| {
+                    let labels = format!("{{stage=\"{}\",part=\"{part}\"}}", escape(stage));
+                    x.map(|x| (labels, x))
+                })
+            })
+            .collect();
+        metric(
+            "dalle_validation_loss",
+            "gauge",
+            "Latest held-out loss of each stage by part: the dVAE's reconstruction per image \
+             dimension (recon), the transformer's nats per caption (text) and image (image) token.",
+            &losses,
+        );
+        metric(
+            "dalle_validation_psnr_db",
+            "gauge",
+            "Latest held-out PSNR (dB) of the dVAE's images decoded from argmax tokens.",
+            &by_stage(&|v| v.psnr_db),
+        );
+        metric(
+            "dalle_validation_codes_used",
+            "gauge",
+            "Distinct dVAE codes over the validation set at the latest evaluation.",
+            &by_stage(&|v| v.codes_used.map(f64::from)),
+        );
+        metric(
+            "dalle_validation_code_perplexity",
+            "gauge",
+            "Perplexity of the dVAE's code histogram over the validation set.",
+            &by_stage(&|v| v.code_perplexity),
+        );
+        metric(
+            "dalle_validation_step",
+            "gauge",
+            "Step of each stage's latest held-out evaluation.",
+            &by_stage(&|v| Some(v.step as f64)),
+        );
+        metric(
+            "dalle_validation_samples",
+            "gauge",
+            "Held-out samples in each stage's latest evaluation.",
+            &by_stage(&|v| Some(v.samples as f64)),
+        );
+    }
     let labelled = |value: &dyn Fn(&super::WorkerStatus) -> Option<f64>| -> Vec<(String, f64)> {
         status
             .workers
@@ -431,18 +527,29 @@ mod tests {
                     leader_only: false,
                     state: StageState::Complete,
                     elapsed: Some(Duration::from_secs(90)),
+                    validation: Some(ValidationReport {
+                        step: 40,
+                        samples: 64,
+                        recon: Some(0.25),
+                        psnr_db: Some(21.5),
+                        codes_used: Some(37),
+                        code_perplexity: Some(20.5),
+                        ..ValidationReport::default()
+                    }),
                 },
                 StageStatus {
                     name: "tokenizer".into(),
                     leader_only: true,
                     state: StageState::Running,
                     elapsed: Some(Duration::from_secs(2)),
+                    validation: None,
                 },
                 StageStatus {
                     name: "gpt".into(),
                     leader_only: false,
                     state: StageState::Pending,
                     elapsed: None,
+                    validation: None,
                 },
             ],
         };
@@ -462,6 +569,11 @@ mod tests {
             "dalle_stage_state{stage=\"tokenizer\",state=\"complete\"} 0",
             "dalle_stage_state{stage=\"tokenizer\",state=\"running\"} 1",
             "dalle_worker_heartbeat_age_seconds{worker=\"w3\",rank=\"0\",host=\"node\\\"1\",slot=\"cpu:0\",state=\"active\"} 0.25",
+            "dalle_validation_loss{stage=\"dvae\",part=\"recon\"} 0.25",
+            "dalle_validation_psnr_db{stage=\"dvae\"} 21.5",
+            "dalle_validation_codes_used{stage=\"dvae\"} 37",
+            "dalle_validation_code_perplexity{stage=\"dvae\"} 20.5",
+            "dalle_validation_step{stage=\"dvae\"} 40",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
@@ -472,6 +584,14 @@ mod tests {
         assert!(page.contains("generation:  2"), "{page}");
         assert!(page.contains("node1:5000"), "{page}");
         assert!(page.contains("tokenizer      running"), "{page}");
+        assert!(
+            page.contains("validation dvae: step 40, recon 0.2500, psnr 21.50 dB, codes 37"),
+            "{page}"
+        );
+        assert!(
+            !text.contains("part=\"text\""),
+            "no transformer figures before it was evaluated:\n{text}"
+        );
         assert!(
             page.lines()
                 .any(|l| l.starts_with("0 ") && l.contains("tokenizer")),

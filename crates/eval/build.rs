@@ -1,0 +1,3 @@
+fn main() {
+    dalle_build_support::link_libtorch();
+}

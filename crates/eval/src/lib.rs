@@ -1,0 +1,24 @@
+//! Quality measurements of dalle-rs models, the numbers `dalle eval`
+//! reports: how close dVAE reconstructions come to their originals (PSNR,
+//! SSIM, per-colour errors) next to the baselines they must beat, and
+//! whether a generated image shows what its synthetic caption asked for
+//! (attribute probes: small classifiers trained on the synthetic dataset).
+//!
+//! - [`caption`]: synthetic captions ⇄ attribute indexes.
+//! - [`image_metrics`]: PSNR, SSIM, baselines and the reconstruction report.
+//! - [`colour_error`]: reconstruction error of background and shape pixels,
+//!   per named colour.
+//! - [`scenes`]: synthetic scenes rendered to tensors with their labels.
+//! - [`probes`]: the attribute classifier, its training and its weights.
+
+pub mod caption;
+pub mod colour_error;
+pub mod error;
+pub mod image_metrics;
+pub mod probes;
+pub mod scenes;
+
+pub use caption::{Attributes, parse_caption};
+pub use error::{EvalError, Result};
+pub use image_metrics::ReconReport;
+pub use probes::{AttributeAccuracy, ProbeConfig, Probes};
