@@ -152,7 +152,7 @@ fn preprocess(model: &Dvae, job: &JobConfig) -> Preprocess {
     }
 }
 
-fn read_inputs(
+pub(crate) fn read_inputs(
     model: &Dvae,
     job: &JobConfig,
     inputs: &[String],
@@ -269,15 +269,10 @@ fn reconstruct(
     let images = read_inputs(model, job, &inputs, Some(count))?;
     let as_batches = batches(model, &images, 64).map(|(_, x)| Ok(x));
     let report = dalle_train::eval::reconstruct(model, as_batches, count)?;
-    let originals = to_rgb_images(&report.originals)?;
-    let recons = to_rgb_images(&report.reconstructions)?;
-    // Rows alternate: 8 originals, then their 8 reconstructions.
-    let rows: Vec<_> = originals
-        .chunks(8)
-        .zip(recons.chunks(8))
-        .flat_map(|(o, r)| [o.to_vec(), r.to_vec()])
-        .collect();
-    save_png(&grid(&rows, 2), out)?;
+    save_png(
+        &reconstruction_grid(&report.originals, &report.reconstructions)?,
+        out,
+    )?;
     println!(
         "reconstructed {} images: PSNR {:.2} dB (baselines: mean colour {:.2} dB, mean image {:.2} dB); grid in {}",
         report.images,
@@ -289,7 +284,23 @@ fn reconstruct(
     Ok(())
 }
 
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+/// `(N, 3, S, S)` originals and their reconstructions as one picture:
+/// rows alternate, 8 originals, then their 8 reconstructions.
+pub(crate) fn reconstruction_grid(
+    originals: &Tensor,
+    reconstructions: &Tensor,
+) -> Result<image::RgbImage> {
+    let originals = to_rgb_images(originals)?;
+    let recons = to_rgb_images(reconstructions)?;
+    let rows: Vec<_> = originals
+        .chunks(8)
+        .zip(recons.chunks(8))
+        .flat_map(|(o, r)| [o.to_vec(), r.to_vec()])
+        .collect();
+    Ok(grid(&rows, 2))
+}
+
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -300,7 +311,7 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
-fn save_png(image: &image::RgbImage, path: &Path) -> Result<()> {
+pub(crate) fn save_png(image: &image::RgbImage, path: &Path) -> Result<()> {
     let mut bytes = std::io::Cursor::new(Vec::new());
     image.write_to(&mut bytes, image::ImageFormat::Png)?;
     write_atomically(path, bytes.get_ref())

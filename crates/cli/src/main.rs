@@ -4,6 +4,7 @@
 mod bench;
 mod data;
 mod dvae;
+mod eval;
 mod export;
 mod gpt;
 mod inputs;
@@ -59,6 +60,10 @@ enum Command {
     /// Stage 2: the transformer.
     #[command(subcommand)]
     Gpt(gpt::GptCommand),
+    /// Measure a trained run on held-out images: dVAE reconstruction and
+    /// codebook usage, the transformer's held-out loss, prompt fidelity
+    /// (`<run.dir>/eval/eval.json` and pictures).
+    Eval(eval::EvalArgs),
     /// Write the sampler bundle (dVAE decoder, transformer, tokenizer) for
     /// `dalle-sample`.
     Export {
@@ -101,6 +106,7 @@ fn main() -> Result<()> {
         Command::Dvae(cmd) => dvae::run(cmd, &job()?),
         Command::Text(cmd) => text::run(cmd, &job()?),
         Command::Gpt(cmd) => gpt::run(cmd, &job()?),
+        Command::Eval(args) => eval::run(args, &job()?),
         Command::Export { out } => export::run(&job()?, out),
         Command::Launch(args) => launch::run(args, &job()?),
         Command::Worker(args) => worker::run(args),

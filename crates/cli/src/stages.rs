@@ -135,7 +135,7 @@ fn dvae_report(v: &DvaeValidation) -> ValidationReport {
     ValidationReport {
         step: v.step,
         samples: v.val_samples as u64,
-        recon: v.val_recon,
+        recon: Some(v.val_recon),
         psnr_db: Some(v.val_psnr),
         codes_used: Some(v.val_codes_used as u32),
         code_perplexity: Some(v.val_code_perplexity),

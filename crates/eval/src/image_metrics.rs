@@ -152,7 +152,9 @@ pub struct ReconReport {
     pub mean_colour_baseline: Scores,
     /// Every image replaced by the batch's mean image.
     pub dataset_mean_baseline: Scores,
-    pub colours: ColourErrors,
+    /// Per-colour errors; absent when no caption is synthetic.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub colours: Option<ColourErrors>,
 }
 
 impl ReconReport {
@@ -169,7 +171,12 @@ impl ReconReport {
             reconstruction: Scores::of(originals, reconstructions)?,
             mean_colour_baseline: Scores::of(originals, &mean_colour_baseline(originals))?,
             dataset_mean_baseline: Scores::of(originals, &dataset_mean_baseline(originals))?,
-            colours: colour_error::colour_errors(originals, reconstructions, captions)?,
+            colours: Some(colour_error::colour_errors(
+                originals,
+                reconstructions,
+                captions,
+            )?)
+            .filter(|c| c.images > 0),
         })
     }
 }
@@ -333,7 +340,7 @@ mod tests {
         let good = noisy(&x, 0.02, 3);
         let report = ReconReport::compute(&x, &good, &captions).unwrap();
         assert_eq!(report.images, 16);
-        assert_eq!(report.colours.images, 16);
+        assert_eq!(report.colours.as_ref().unwrap().images, 16);
         let (r, c, d) = (
             report.reconstruction,
             report.mean_colour_baseline,
@@ -345,5 +352,16 @@ mod tests {
         assert!(r.psnr > 38.7, "{report:?}");
         let json = serde_json::to_value(&report).unwrap();
         assert!(json["mean_colour_baseline"]["ssim"].is_number());
+        assert!(json["colours"]["rows"].is_array());
+        // Without synthetic captions there is no colour table at all.
+        let photos = vec!["a photo"; 16];
+        let report = ReconReport::compute(&x, &good, &photos).unwrap();
+        assert!(report.colours.is_none());
+        assert!(
+            serde_json::to_value(&report)
+                .unwrap()
+                .get("colours")
+                .is_none()
+        );
     }
 }

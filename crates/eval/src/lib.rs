@@ -10,15 +10,23 @@
 //!   per named colour.
 //! - [`scenes`]: synthetic scenes rendered to tensors with their labels.
 //! - [`probes`]: the attribute classifier, its training and its weights.
+//! - [`codebook`]: how many of its codes a dVAE uses.
+//! - [`fidelity`]: prompts for held-out and unseen captions, and the judge
+//!   of generated images.
+//! - [`report`]: `eval.json` and its summary.
 
 pub mod caption;
+pub mod codebook;
 pub mod colour_error;
 pub mod error;
+pub mod fidelity;
 pub mod image_metrics;
 pub mod probes;
+pub mod report;
 pub mod scenes;
 
 pub use caption::{Attributes, parse_caption};
+pub use codebook::CodebookUsage;
 pub use error::{EvalError, Result};
 pub use image_metrics::ReconReport;
 pub use probes::{AttributeAccuracy, ProbeConfig, Probes};

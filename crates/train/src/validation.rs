@@ -123,12 +123,9 @@ pub struct DvaeValidation {
     pub step: u64,
     /// Held-out images evaluated, over every rank.
     pub val_samples: usize,
-    /// The configured reconstruction loss, nats per image dimension, where
-    /// the hard path gives it: `mse`'s Gaussian likelihood; `None` for
-    /// logit-Laplace, whose scale `Dvae::decode` does not return (see
-    /// `val_mse`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub val_recon: Option<f64>,
+    /// The configured reconstruction loss of the hard path, nats per image
+    /// dimension.
+    pub val_recon: f64,
     /// MSE of the decoded images on [0, 1] pixels.
     pub val_mse: f64,
     /// PSNR (dB) of the decoded images.
@@ -141,10 +138,11 @@ pub struct DvaeValidation {
 
 impl fmt::Display for DvaeValidation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "step {} | validation", self.step)?;
-        if let Some(recon) = self.val_recon {
-            write!(f, " | recon {recon:.4}")?;
-        }
+        write!(
+            f,
+            "step {} | validation | recon {:.4}",
+            self.step, self.val_recon
+        )?;
         write!(
             f,
             " | mse {:.5} | psnr {:.2} dB | codes {} ppl {:.1} | {} images",
@@ -170,27 +168,17 @@ pub fn evaluate_dvae(
     let vocab = model.config().vocab_size;
     let device = model.device();
     let n = held.set.len();
-    let (mut squared_error, mut counts) = (0.0, Tensor::zeros([vocab], (Kind::Int64, device)));
-    tch::no_grad(|| -> Result<()> {
-        for range in held.chunks(batch) {
-            let x = batch_tensor(&held.set.batch(range.clone()), device);
-            let tokens = model.encode(&x)?;
-            let decoded = model.decode(&tokens)?;
-            let mse = (&decoded - &x)
-                .square()
-                .mean(Kind::Double)
-                .double_value(&[]);
-            squared_error += mse * range.len() as f64;
-            counts += tokens.flatten(0, -1).bincount(None::<Tensor>, vocab);
+    let (mut sums, mut counts) = ([0.0; 2], Tensor::zeros([vocab], (Kind::Int64, device)));
+    for range in held.chunks(batch) {
+        let x = batch_tensor(&held.set.batch(range.clone()), device);
+        let out = model.hard_reconstruction(&x, recon)?;
+        for (sum, value) in sums.iter_mut().zip([&out.mse, &out.recon]) {
+            *sum += value.double_value(&[]) * range.len() as f64;
         }
-        Ok(())
-    })?;
-    let local_mse = if n == 0 {
-        0.0
-    } else {
-        squared_error / n as f64
-    };
-    let (means, samples) = ddp.global_means(&[local_mse], n)?;
+        counts += out.tokens.flatten(0, -1).bincount(None::<Tensor>, vocab);
+    }
+    let local_means = sums.map(|sum| if n == 0 { 0.0 } else { sum / n as f64 });
+    let (means, samples) = ddp.global_means(&local_means, n)?;
     let mut histogram =
         Vec::<f32>::try_from(counts.to_kind(Kind::Float).to_device(tch::Device::Cpu))?;
     ddp.sum(&mut histogram)?;
@@ -205,10 +193,7 @@ pub fn evaluate_dvae(
         kind: KIND,
         step,
         val_samples: samples,
-        val_recon: match recon {
-            ReconLoss::Mse => Some(loss::gaussian_nll(&Tensor::from(mse)).double_value(&[])),
-            ReconLoss::LogitLaplace => None,
-        },
+        val_recon: means[1],
         val_mse: mse,
         val_psnr: loss::psnr(mse),
         val_codes_used: codes_used,
@@ -392,14 +377,14 @@ mod tests {
             kind: KIND,
             step: 8,
             val_samples: 10,
-            val_recon: None,
+            val_recon: -1.5,
             val_mse: 0.01,
             val_psnr: 20.0,
             val_codes_used: 3,
             val_code_perplexity: 2.5,
         };
         let json = serde_json::to_value(&dvae).unwrap();
-        assert!(json.get("val_recon").is_none() && json["val_psnr"] == 20.0);
+        assert!(json["val_recon"] == -1.5 && json["val_psnr"] == 20.0);
         assert!(dvae.to_string().contains("psnr 20.00 dB | codes 3 ppl 2.5"));
     }
 }

@@ -193,10 +193,7 @@ fn figures_do_not_depend_on_how_many_ranks_evaluate() {
     assert_eq!((solo_len, solo_dvae.val_samples), (HELD_OUT, HELD_OUT));
     // `mse`'s Gaussian likelihood: σ = 0.1, so MSE / 0.02 + ln(0.1·√(2π)).
     let nll = solo_dvae.val_mse / 0.02 + (0.1 * (2.0 * std::f64::consts::PI).sqrt()).ln();
-    assert!(
-        (solo_dvae.val_recon.unwrap() - nll).abs() < 1e-6,
-        "{solo_dvae}"
-    );
+    assert!((solo_dvae.val_recon - nll).abs() < 1e-6, "{solo_dvae}");
     for world in [2, 3] {
         let ranks = on_ranks(world, evaluate.clone());
         let slices: usize = ranks.iter().map(|r| r.2).sum();
@@ -209,7 +206,7 @@ fn figures_do_not_depend_on_how_many_ranks_evaluate() {
                 close(dvae.val_mse, solo_dvae.val_mse),
                 "W={world}: {dvae} vs {solo_dvae}"
             );
-            let (recon, solo_recon) = (dvae.val_recon.unwrap(), solo_dvae.val_recon.unwrap());
+            let (recon, solo_recon) = (dvae.val_recon, solo_dvae.val_recon);
             assert!(close(recon, solo_recon), "W={world}: {dvae} vs {solo_dvae}");
             assert!(
                 close(dvae.val_code_perplexity, solo_dvae.val_code_perplexity),

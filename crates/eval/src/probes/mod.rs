@@ -97,6 +97,28 @@ pub struct AttributeAccuracy {
 }
 
 impl AttributeAccuracy {
+    /// The share of `predicted` that matches `labels`, attribute by
+    /// attribute.
+    pub fn of(predicted: &[Attributes], labels: &[Attributes]) -> Result<Self> {
+        if labels.len() != predicted.len() || labels.is_empty() {
+            return Err(EvalError::Input {
+                what: "probe labels",
+                expected: format!("one per image ({})", predicted.len()),
+                found: labels.len().to_string(),
+            });
+        }
+        let share = |f: fn(&Attributes) -> usize| {
+            let right = predicted.iter().zip(labels).filter(|(p, l)| f(p) == f(l));
+            right.count() as f64 / labels.len() as f64
+        };
+        Ok(Self {
+            background: share(|a| a.background),
+            shape_colour: share(|a| a.colour),
+            shape_kind: share(|a| a.shape),
+            size: share(|a| a.size),
+        })
+    }
+
     /// What guessing uniformly scores: one over each attribute's classes.
     pub fn chance() -> Self {
         Self {
@@ -256,24 +278,7 @@ impl Probes {
 
     /// How often each probe is right on `images` with true `labels`.
     pub fn accuracy(&self, images: &Tensor, labels: &[Attributes]) -> Result<AttributeAccuracy> {
-        let predicted = self.predict(images)?;
-        if labels.len() != predicted.len() {
-            return Err(EvalError::Input {
-                what: "probe labels",
-                expected: format!("one per image ({})", predicted.len()),
-                found: labels.len().to_string(),
-            });
-        }
-        let share = |f: fn(&Attributes) -> usize| {
-            let right = predicted.iter().zip(labels).filter(|(p, l)| f(p) == f(l));
-            right.count() as f64 / labels.len() as f64
-        };
-        Ok(AttributeAccuracy {
-            background: share(|a| a.background),
-            shape_colour: share(|a| a.colour),
-            shape_kind: share(|a| a.shape),
-            size: share(|a| a.size),
-        })
+        AttributeAccuracy::of(&self.predict(images)?, labels)
     }
 
     /// Writes the weights as safetensors with the config in the metadata,

@@ -81,6 +81,18 @@ impl StepOutput {
     }
 }
 
+/// [`Dvae::hard_reconstruction`] of a batch.
+pub struct HardReconstruction {
+    /// Argmax codes, `(N, h, w)`.
+    pub tokens: Tensor,
+    /// Decoded `[0, 1]` images, `(N, C, S, S)`.
+    pub pixels: Tensor,
+    /// Mean squared error on [0, 1] pixels, scalar.
+    pub mse: Tensor,
+    /// The reconstruction term, nats per image dimension, scalar.
+    pub recon: Tensor,
+}
+
 pub struct Dvae {
     config: DvaeConfig,
     vs: nn::VarStore,
@@ -167,6 +179,33 @@ impl Dvae {
     /// Encode then decode: what the model keeps of an image.
     pub fn reconstruct(&self, images: &Tensor) -> Result<Tensor> {
         self.decode(&self.encode(images)?)
+    }
+
+    /// What stage 2 sees of `[0, 1]` images: argmax tokens decoded without
+    /// noise, and `recon`'s reconstruction term for that decoding.
+    pub fn hard_reconstruction(
+        &self,
+        images: &Tensor,
+        recon: ReconLoss,
+    ) -> Result<HardReconstruction> {
+        tch::no_grad(|| {
+            let tokens = self.encode(images)?;
+            let x = images.to_device(self.device()).to_kind(Kind::Float);
+            let z = relax::one_hot_codes(&tokens, self.config.vocab_size);
+            let stats = self.decoder.forward(&z);
+            let pixels = loss::stats_to_pixels(&stats);
+            let mse = (&pixels - &x).square().mean(Kind::Float);
+            let recon = match recon {
+                ReconLoss::LogitLaplace => loss::logit_laplace_nll(&stats, &loss::map_pixels(&x)),
+                ReconLoss::Mse => loss::gaussian_nll(&mse),
+            };
+            Ok(HardReconstruction {
+                tokens,
+                pixels,
+                mse,
+                recon,
+            })
+        })
     }
 
     /// One training forward pass on `[0, 1]` images.

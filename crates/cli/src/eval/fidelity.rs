@@ -1,0 +1,170 @@
+//! Prompt fidelity as `dalle eval` measures it: the probes learn the
+//! attributes from the job's synthetic images, their accuracy on the
+//! held-out images is the ceiling, then the bundle draws samples for
+//! held-out captions (half of them with (colour, shape) pairs the
+//! training captions never hold, when there are such pairs) and the
+//! probes judge each sample against its caption.
+
+use super::held_out::{self, HeldOutSet};
+use super::stage2::Stage2;
+use crate::dvae::save_png;
+use anyhow::{Context, Result};
+use dalle_data::synth::Combo;
+use dalle_eval::fidelity::{self, FidelityReport, ProbeReport, Row};
+use dalle_eval::probes::MIN_SIDE;
+use dalle_eval::{AttributeAccuracy, ProbeConfig, Probes, scenes};
+use dalle_model::images::grid;
+use dalle_sample::generate::{Request, generate};
+use dalle_train::config::JobConfig;
+use indicatif::ProgressBar;
+use serde::Serialize;
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+use tch::{Device, Tensor};
+
+pub const PICTURE: &str = "fidelity.png";
+pub const CAPTIONS: &str = "fidelity.json";
+
+/// What to draw and how.
+pub struct Plan {
+    pub prompts: usize,
+    pub samples_per_prompt: usize,
+    pub seed: u64,
+    pub probe_images: usize,
+    pub batch_size: usize,
+}
+
+/// One row of the picture, for the captions file beside it.
+#[derive(Serialize)]
+struct RowCaption<'a> {
+    caption: &'a str,
+    unseen: bool,
+}
+
+/// Measures fidelity, or says why it cannot be measured.
+pub fn measure(
+    job: &JobConfig,
+    stage2: &Stage2,
+    held: &HeldOutSet,
+    plan: &Plan,
+    out: &Path,
+    device: Device,
+) -> Result<std::result::Result<FidelityReport, String>> {
+    if plan.prompts == 0 || plan.samples_per_prompt == 0 {
+        return Ok(Err("--prompts or --samples-per-prompt is 0".into()));
+    }
+    let known = held.attributes();
+    if known.is_empty() {
+        return Ok(Err(
+            "no held-out caption is synthetic, so no prompt has known attributes".into(),
+        ));
+    }
+    let side = stage2.bundle.decoder.config().image_size;
+    if side < MIN_SIDE {
+        return Ok(Err(format!(
+            "the probes need images of at least {MIN_SIDE} pixels, the model draws {side}"
+        )));
+    }
+
+    let (seen, seen_from) = match held_out::training_combos(job) {
+        Ok(seen) => (seen, "training captions"),
+        Err(e) => {
+            tracing::warn!("cannot read the training captions ({e:#}); taking synth.unseen_combos");
+            let excluded = &job.synth.unseen_combos;
+            let seen: BTreeSet<Combo> = Combo::all().filter(|c| !excluded.contains(c)).collect();
+            (seen, "synth.unseen_combos")
+        }
+    };
+    let unseen = fidelity::unseen_combos(&seen);
+
+    let (images, labels, trained_on) = held_out::probe_images(job, side as u32, plan.probe_images)?;
+    let config = ProbeConfig {
+        seed: plan.seed,
+        ..ProbeConfig::default()
+    };
+    let spinner = spinner(&format!("training probes on {} images", labels.len()));
+    let probes = Probes::train(&images, &labels, &config, device)?;
+    spinner.finish_and_clear();
+    let (index, truth): (Vec<i64>, Vec<_>) = known.iter().map(|&(i, a)| (i as i64, a)).unzip();
+    let ceiling = probes.accuracy(
+        &held.images.index_select(0, &Tensor::from_slice(&index)),
+        &truth,
+    )?;
+
+    let prompts = fidelity::prompt_set(&truth, &unseen, plan.prompts);
+    let k = plan.samples_per_prompt;
+    let mut sampling = stage2.bundle.manifest.sampling.clone();
+    sampling.seed = plan.seed;
+    let request = Request {
+        prompts: prompts.iter().map(|p| p.caption.clone()).collect(),
+        images_per_prompt: k,
+        batch_size: plan.batch_size,
+        sampling: sampling.clone(),
+        use_cache: true,
+    };
+    let tokens = (prompts.len() * k) as u64 * stage2.bundle.gpt.config().image_len() as u64;
+    let bar = crate::progress::bar(tokens, "sampling");
+    let samples = generate(&stage2.bundle, &request, |done| bar.set_position(done))?;
+    bar.finish_and_clear();
+
+    let flat: Vec<_> = samples.iter().flatten().cloned().collect();
+    let wanted: Vec<_> = prompts
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(p.attributes, k))
+        .collect();
+    let flags: Vec<bool> = prompts
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(p.unseen, k))
+        .collect();
+    let scores = fidelity::judge(&probes, &scenes::images_to_tensor(&flat), &wanted, &flags)?;
+    let rows = prompts
+        .iter()
+        .zip(scores.predicted.chunks(k))
+        .map(|(p, predicted)| Row {
+            caption: p.caption.clone(),
+            unseen: p.unseen,
+            judged: predicted.iter().map(|a| a.caption()).collect(),
+        })
+        .collect();
+
+    save_png(&grid(&samples, 2), &out.join(PICTURE))?;
+    let captions: Vec<RowCaption> = prompts
+        .iter()
+        .map(|p| RowCaption {
+            caption: &p.caption,
+            unseen: p.unseen,
+        })
+        .collect();
+    let path = out.join(CAPTIONS);
+    crate::dvae::write_atomically(&path, &serde_json::to_vec_pretty(&captions)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+
+    Ok(Ok(FidelityReport {
+        probes: ProbeReport {
+            trained_on: trained_on.into(),
+            images: labels.len(),
+            config,
+            ceiling,
+            ceiling_images: truth.len(),
+            chance: AttributeAccuracy::chance(),
+        },
+        prompts: prompts.len(),
+        samples_per_prompt: k,
+        sampling,
+        unseen_combos: unseen,
+        seen_from: seen_from.into(),
+        scores,
+        rows,
+        picture: PICTURE.into(),
+        captions: CAPTIONS.into(),
+    }))
+}
+
+/// A spinner for work that reports no progress of its own.
+fn spinner(what: &str) -> ProgressBar {
+    let spinner = ProgressBar::new_spinner();
+    spinner.set_message(what.to_string());
+    spinner.enable_steady_tick(Duration::from_millis(200));
+    spinner
+}
