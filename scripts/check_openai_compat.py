@@ -104,6 +104,11 @@ def build_openai_models(dall_e, cfg: dict):
     )
     encoder = dall_e.Encoder(input_channels=cfg["channels"], **common)
     decoder = dall_e.Decoder(output_channels=cfg["channels"], n_init=cfg["n_init"], **common)
+    # A config's post_gain replaces OpenAI's 1 / n_layers² in every block.
+    if cfg.get("post_gain") is not None:
+        for module in [*encoder.modules(), *decoder.modules()]:
+            if hasattr(module, "post_gain"):
+                module.post_gain = cfg["post_gain"]
     return encoder.eval(), decoder.eval()
 
 
@@ -189,6 +194,10 @@ def train_tiny_model(dalle: Path, work: Path) -> Path:
         f"dvae.train.steps={TRAIN_STEPS}",
         f"dvae.train.lr.start={TRAIN_LR}",
         f"dvae.train.lr.end={TRAIN_LR}",
+        # OpenAI's residual gain (1 / n_layers², 4 blocks), not the demo's 1:
+        # the check is about the released architecture.
+        "dvae.model.post_gain=0.0625",
+        "data.validation.fraction=0",
     ]
     log(f"training a tiny dVAE ({TRAIN_STEPS} steps, demo config) in {run_dir}")
     run_dalle(dalle, ["data", "synth"], overrides)
