@@ -184,7 +184,7 @@ pub fn evaluate_dvae(
     ddp.sum(&mut histogram)?;
     // Not the training steps' communication: keep it out of their share.
     ddp.take_comm_time();
-    let (codes_used, code_perplexity) = usage(&histogram);
+    let (codes_used, code_perplexity) = loss::histogram_usage(&Tensor::from_slice(&histogram));
     let mse = means[0];
     if !mse.is_finite() {
         return Err(TrainError::Diverged { step, loss: mse });
@@ -199,27 +199,6 @@ pub fn evaluate_dvae(
         val_codes_used: codes_used,
         val_code_perplexity: code_perplexity,
     })
-}
-
-/// Distinct codes and the perplexity (`exp` of the entropy) of a code
-/// histogram.
-fn usage(counts: &[f32]) -> (i64, f64) {
-    let total: f64 = counts.iter().map(|&c| f64::from(c)).sum();
-    if total == 0.0 {
-        return (0, 0.0);
-    }
-    let entropy: f64 = counts
-        .iter()
-        .filter(|&&c| c > 0.0)
-        .map(|&c| {
-            let p = f64::from(c) / total;
-            -p * p.ln()
-        })
-        .sum();
-    (
-        counts.iter().filter(|&&c| c > 0.0).count() as i64,
-        entropy.exp(),
-    )
 }
 
 /// The transformer on its validation set: each kind's cross-entropy per
@@ -349,6 +328,10 @@ pub fn evaluate_gpt(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn usage(counts: &[f32]) -> (i64, f64) {
+        loss::histogram_usage(&Tensor::from_slice(counts))
+    }
 
     #[test]
     fn code_usage_of_a_histogram() {

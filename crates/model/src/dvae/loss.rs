@@ -119,10 +119,16 @@ pub fn psnr(mse: f64) -> f64 {
 /// perplexity of their histogram (`exp` of its entropy). A collapsing
 /// codebook shows as both falling.
 pub fn codebook_usage(tokens: &Tensor, vocab_size: i64) -> (i64, f64) {
-    let counts = tokens
-        .flatten(0, -1)
-        .bincount(None::<Tensor>, vocab_size)
-        .to_kind(Kind::Double);
+    histogram_usage(&tokens.flatten(0, -1).bincount(None::<Tensor>, vocab_size))
+}
+
+/// [`codebook_usage`] of a code histogram `(K,)` (e.g. one summed over
+/// ranks); an empty histogram uses no codes, perplexity 0.
+pub fn histogram_usage(counts: &Tensor) -> (i64, f64) {
+    let counts = counts.to_kind(Kind::Double);
+    if counts.sum(Kind::Double).double_value(&[]) == 0.0 {
+        return (0, 0.0);
+    }
     let distinct = counts.gt(0.0).sum(Kind::Int64).int64_value(&[]);
     let p = &counts / counts.sum(Kind::Double);
     let entropy = -(&p * p.clamp_min(1e-30).log())
