@@ -190,6 +190,9 @@ api_bind_addr = "127.0.0.1:{admin}"
             ("AWS_SECRET_ACCESS_KEY", self.secret.clone()),
             ("AWS_REGION", self.region.clone()),
             ("DALLE_STORE__ENDPOINT", self.endpoint.clone()),
+            // Garage 2.5 can stop answering under concurrent range reads
+            // over kept-alive connections (headers sent, body never).
+            ("DALLE_STORE__REUSE_CONNECTIONS", "false".into()),
         ]
     }
 }

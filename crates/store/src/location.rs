@@ -45,6 +45,11 @@ pub struct StoreConfig {
     pub max_retries: usize,
     /// Per-request timeout.
     pub request_timeout_secs: u64,
+    /// Keep idle connections open for the next request (HTTP keep-alive).
+    /// Turn off for Garage 2.5: under concurrent range reads over reused
+    /// connections it can stop answering altogether, sending a response's
+    /// headers but never its body (README, "Data").
+    pub reuse_connections: bool,
 }
 
 impl Default for StoreConfig {
@@ -56,6 +61,7 @@ impl Default for StoreConfig {
             retry_timeout_secs: 60,
             max_retries: 10,
             request_timeout_secs: 30,
+            reuse_connections: true,
         }
     }
 }
@@ -205,6 +211,16 @@ fn split_path(url: &str) -> (&str, &str) {
     }
 }
 
+fn client_options(config: &StoreConfig) -> ClientOptions {
+    let options =
+        ClientOptions::new().with_timeout(Duration::from_secs(config.request_timeout_secs));
+    if config.reuse_connections {
+        options
+    } else {
+        options.with_pool_max_idle_per_host(0)
+    }
+}
+
 fn s3_store(
     bucket: &str,
     config: &StoreConfig,
@@ -217,9 +233,7 @@ fn s3_store(
             max_retries: config.max_retries,
             retry_timeout: Duration::from_secs(config.retry_timeout_secs),
         })
-        .with_client_options(
-            ClientOptions::new().with_timeout(Duration::from_secs(config.request_timeout_secs)),
-        );
+        .with_client_options(client_options(config));
     if let Some(endpoint) = &config.endpoint {
         builder = builder
             .with_allow_http(endpoint.starts_with("http://"))
