@@ -75,7 +75,13 @@ save_every = 0
 fn two_workers_run_the_whole_job() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
-    let config = tiny_job(dir.path(), "", "");
+    // Every stage, the optional reranker too.
+    let config = tiny_job(
+        dir.path(),
+        r#"stages = ["dvae", "tokenizer", "pretokenize", "gpt", "rerank", "export"]"#,
+        "[rerank.model]\nimage_width = 8\ndim = 16\ndepth = 1\nheads = 2\nembed_dim = 16\n\
+         [rerank.train]\nsteps = 10\nbatch_size = 8\nlog_every = 5\nsave_every = 0\n",
+    );
     let out = Command::new(DALLE)
         .arg("--config")
         .arg(&config)
@@ -101,12 +107,21 @@ fn two_workers_run_the_whole_job() {
     let lines = |rank: usize| gpt_losses(&rank_lines(rank));
     assert_eq!(lines(0).len(), 2, "{stderr}");
     assert_eq!(lines(0), lines(1), "the ranks logged different losses");
+    let rerank = |rank: usize| stage_losses(&rank_lines(rank), "dalle_train::rerank");
+    assert_eq!(rerank(0).len(), 2, "{stderr}");
+    assert_eq!(
+        rerank(0),
+        rerank(1),
+        "the ranks logged different reranker losses"
+    );
     // Every stage left its output; the tokens were split across the ranks.
     for file in [
         "dvae.safetensors",
         "tokenizer.json",
         "gpt.safetensors",
+        "reranker.safetensors",
         "bundle/bundle.json",
+        "bundle/reranker.safetensors",
     ] {
         assert!(run.join(file).is_file(), "{file} is missing");
     }
@@ -119,8 +134,13 @@ fn two_workers_run_the_whole_job() {
 
 /// The losses of the transformer's log lines in `log`, in order.
 fn gpt_losses(log: &str) -> Vec<String> {
+    stage_losses(log, "dalle_train::gpt")
+}
+
+/// The losses of a training stage's log lines (`target`) in `log`, in order.
+fn stage_losses(log: &str, target: &str) -> Vec<String> {
     log.lines()
-        .filter(|l| l.contains("dalle_train::gpt") && l.contains("| loss"))
+        .filter(|l| l.contains(target) && l.contains("| loss"))
         .filter_map(|l| l.split("| loss").nth(1)?.split('|').next())
         .map(str::to_string)
         .collect()

@@ -10,6 +10,7 @@ mod gpt;
 mod inputs;
 mod launch;
 mod progress;
+mod rerank;
 mod shared;
 mod stages;
 mod text;
@@ -60,6 +61,9 @@ enum Command {
     /// Stage 2: the transformer.
     #[command(subcommand)]
     Gpt(gpt::GptCommand),
+    /// The optional reranker, which picks the best of N samples.
+    #[command(subcommand)]
+    Rerank(rerank::RerankCommand),
     /// Measure a trained run on held-out images: dVAE reconstruction and
     /// codebook usage, the transformer's held-out loss, prompt fidelity
     /// (`<run.dir>/eval/eval.json` and pictures).
@@ -106,6 +110,7 @@ fn main() -> Result<()> {
         Command::Dvae(cmd) => dvae::run(cmd, &job()?),
         Command::Text(cmd) => text::run(cmd, &job()?),
         Command::Gpt(cmd) => gpt::run(cmd, &job()?),
+        Command::Rerank(cmd) => rerank::run(cmd, &job()?),
         Command::Eval(args) => eval::run(args, &job()?),
         Command::Export { out } => export::run(&job()?, out),
         Command::Launch(args) => launch::run(args, &job()?),

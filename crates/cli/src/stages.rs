@@ -2,7 +2,8 @@
 //! (`run.stages`, handed to every group with where to start); a worker runs
 //! each stage it is given by name: dVAE training (data parallel) → caption
 //! tokenizer (rank 0) → pre-tokenization split across ranks by file →
-//! transformer training (data parallel) → sampler bundle (rank 0). Ranks
+//! transformer training (data parallel) → the optional reranker (data
+//! parallel) → sampler bundle (rank 0). Ranks
 //! meet at a barrier at the end of every stage, since the next one reads
 //! what any rank wrote.
 
@@ -15,6 +16,7 @@ use dalle_store::Location;
 use dalle_train::config::{JobConfig, JobStage};
 use dalle_train::ddp::DataParallel;
 use dalle_train::metrics::Progress;
+use dalle_train::rerank::RerankValidation;
 use dalle_train::validation::{DvaeValidation, GptValidation};
 
 /// The plan the coordinator hands out for `job`.
@@ -86,6 +88,7 @@ pub fn run(
         let needs = match stage {
             JobStage::Pretokenize => vec![job.dvae_weights_path()],
             JobStage::Gpt => vec![job.dvae_weights_path(), job.tokenizer_path()],
+            JobStage::Rerank => vec![job.tokenizer_path()],
             _ => Vec::new(),
         };
         for file in needs {
@@ -123,6 +126,13 @@ pub fn run(
                 }
             })?;
         }
+        JobStage::Rerank => {
+            dalle_train::rerank::train(job, ddp, |progress| {
+                if let Progress::Validation(v) = progress {
+                    on_validation(rerank_report(v));
+                }
+            })?;
+        }
         JobStage::Export if ddp.is_leader() => export::run(job, None)?,
         JobStage::Tokenizer | JobStage::Export => {}
     }
@@ -150,6 +160,17 @@ fn gpt_report(v: &GptValidation) -> ValidationReport {
         samples: v.val_samples as u64,
         text_loss: Some(v.val_text_loss),
         image_loss: Some(v.val_image_loss),
+        ..ValidationReport::default()
+    }
+}
+
+/// The reranker's held-out figures as the coordinator takes them.
+fn rerank_report(v: &RerankValidation) -> ValidationReport {
+    ValidationReport {
+        step: v.step,
+        samples: v.val_samples as u64,
+        rerank_loss: Some(v.val_loss),
+        rerank_top1: Some(v.val_top1),
         ..ValidationReport::default()
     }
 }
@@ -193,7 +214,10 @@ mod tests {
     fn the_plan_round_trips_and_foreign_stages_are_refused() {
         let job = JobConfig::default();
         let plan = plan(&job);
-        assert_eq!(from_plan(&plan).unwrap(), JobStage::ALL);
+        assert_eq!(from_plan(&plan).unwrap(), JobStage::DEFAULT);
+        let mut job = JobConfig::default();
+        job.run.stages = JobStage::ALL.to_vec();
+        assert_eq!(from_plan(&super::plan(&job)).unwrap(), JobStage::ALL);
         let err = from_plan(&[PlanStage::all_ranks("distill")])
             .unwrap_err()
             .to_string();

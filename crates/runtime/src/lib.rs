@@ -147,6 +147,10 @@ pub struct ValidationReport {
     pub text_loss: Option<f64>,
     /// Transformer: nats per image token.
     pub image_loss: Option<f64>,
+    /// Reranker: contrastive loss of the whole validation set, nats.
+    pub rerank_loss: Option<f64>,
+    /// Reranker: share of held-out images whose own caption ranks first.
+    pub rerank_top1: Option<f64>,
 }
 
 impl From<ValidationReport> for proto::Validation {
@@ -160,6 +164,8 @@ impl From<ValidationReport> for proto::Validation {
             code_perplexity: v.code_perplexity,
             text_loss: v.text_loss,
             image_loss: v.image_loss,
+            rerank_loss: v.rerank_loss,
+            rerank_top1: v.rerank_top1,
         }
     }
 }
@@ -175,6 +181,8 @@ impl From<proto::Validation> for ValidationReport {
             code_perplexity: v.code_perplexity,
             text_loss: v.text_loss,
             image_loss: v.image_loss,
+            rerank_loss: v.rerank_loss,
+            rerank_top1: v.rerank_top1,
         }
     }
 }

@@ -19,6 +19,7 @@ use dalle_data::validation::ValidationConfig;
 use dalle_model::dvae::{DvaeConfig, ReconLoss, Relaxation};
 use dalle_model::gpt::GptArch;
 use dalle_model::gpt::sample::SamplingConfig;
+use dalle_model::rerank::RerankArch;
 use dalle_model::text::TextConfig;
 use dalle_store::{Location, StoreConfig};
 use serde::{Deserialize, Serialize};
@@ -45,6 +46,8 @@ pub struct JobConfig {
     /// The caption tokenizer of stage 2.
     pub text: TextConfig,
     pub gpt: GptStage,
+    /// The optional contrastive reranker (`rerank` in `run.stages`).
+    pub rerank: RerankStage,
     pub checkpoint: CheckpointPolicy,
 }
 
@@ -93,13 +96,27 @@ pub enum JobStage {
     Pretokenize,
     /// Transformer training, data parallel.
     Gpt,
+    /// Training the contrastive reranker, data parallel (optional: not in
+    /// the default plan).
+    Rerank,
     /// Writing the sampler bundle (rank 0).
     Export,
 }
 
 impl JobStage {
     /// Every stage, in order.
-    pub const ALL: [JobStage; 5] = [
+    pub const ALL: [JobStage; 6] = [
+        JobStage::Dvae,
+        JobStage::Tokenizer,
+        JobStage::Pretokenize,
+        JobStage::Gpt,
+        JobStage::Rerank,
+        JobStage::Export,
+    ];
+
+    /// The plan when `run.stages` is not set: every stage but the optional
+    /// reranker.
+    pub const DEFAULT: [JobStage; 5] = [
         JobStage::Dvae,
         JobStage::Tokenizer,
         JobStage::Pretokenize,
@@ -114,6 +131,7 @@ impl JobStage {
             JobStage::Tokenizer => "tokenizer",
             JobStage::Pretokenize => "pretokenize",
             JobStage::Gpt => "gpt",
+            JobStage::Rerank => "rerank",
             JobStage::Export => "export",
         }
     }
@@ -139,7 +157,7 @@ impl Default for RunConfig {
             verify_every: 0,
             ledger: false,
             backend: "auto".into(),
-            stages: JobStage::ALL.to_vec(),
+            stages: JobStage::DEFAULT.to_vec(),
             shared_url: None,
         }
     }
@@ -322,6 +340,60 @@ impl GptTrainConfig {
     }
 }
 
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RerankStage {
+    pub model: RerankArch,
+    pub train: RerankTrainConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RerankTrainConfig {
+    pub steps: u64,
+    /// Pairs per optimizer step. Every image is contrasted with every
+    /// caption of the whole global batch, across ranks: a larger batch is
+    /// a harder, more useful task.
+    pub batch_size: usize,
+    pub lr: Cosine,
+    pub adamw: AdamWConfig,
+    /// Clip gradients to this global norm, if set.
+    pub grad_clip: Option<f64>,
+    pub log_every: u64,
+    /// Write the weights every this many steps (0: only at the end).
+    pub save_every: u64,
+    /// Evaluate retrieval on the validation set every this many steps and
+    /// at the last one (0: never).
+    pub eval_every: u64,
+}
+
+impl Default for RerankTrainConfig {
+    /// CLIP's recipe scaled down: AdamW (β₂ 0.98, decay 0.2), warm-up then
+    /// cosine decay.
+    fn default() -> Self {
+        Self {
+            steps: 100_000,
+            batch_size: 4096,
+            lr: Cosine {
+                start: 5e-4,
+                end: 5e-6,
+                steps: 100_000,
+                warmup: 2_000,
+            },
+            adamw: AdamWConfig {
+                beta1: 0.9,
+                beta2: 0.98,
+                eps: 1e-6,
+                weight_decay: 0.2,
+            },
+            grad_clip: None,
+            log_every: 100,
+            save_every: 10_000,
+            eval_every: 1_000,
+        }
+    }
+}
+
 impl JobConfig {
     /// Reads `file` (or the embedded demo), then `DALLE_*` variables from
     /// the process environment, then `overrides` (`dotted.key=value`).
@@ -443,6 +515,18 @@ impl JobConfig {
             ),
             (self.text.text_len == 0, "text.text_len must be positive"),
             (
+                self.rerank.train.batch_size < 2,
+                "rerank.train.batch_size must be at least 2 (pairs are contrasted with each other)",
+            ),
+            (
+                self.rerank.train.log_every == 0,
+                "rerank.train.log_every must be positive",
+            ),
+            (
+                self.rerank.train.lr.start <= 0.0,
+                "rerank.train.lr.start must be positive",
+            ),
+            (
                 !["auto", "tcp-ring", "nccl"].contains(&self.run.backend.as_str()),
                 "run.backend must be auto, tcp-ring or nccl",
             ),
@@ -452,7 +536,7 @@ impl JobConfig {
             (stages.is_empty(), "run.stages must name at least one stage"),
             (
                 stages.windows(2).any(|w| w[0] >= w[1]),
-                "run.stages must list each stage once, in the order dvae, tokenizer, pretokenize, gpt, export",
+                "run.stages must list each stage once, in the order dvae, tokenizer, pretokenize, gpt, rerank, export",
             ),
         ];
         let checks: Vec<_> = checks
@@ -512,6 +596,11 @@ impl JobConfig {
 
     pub fn gpt_weights_path(&self) -> PathBuf {
         self.run.dir.join("gpt.safetensors")
+    }
+
+    /// Where the rerank stage writes its weights (and export looks for them).
+    pub fn rerank_weights_path(&self) -> PathBuf {
+        self.run.dir.join("reranker.safetensors")
     }
 
     /// Stage 2's training data: pre-tokenized by default.
@@ -688,7 +777,17 @@ mod tests {
 
     #[test]
     fn run_stages_choose_part_of_the_plan_in_order() {
-        assert_eq!(load("", &[], &[]).unwrap().run.stages, JobStage::ALL);
+        assert_eq!(load("", &[], &[]).unwrap().run.stages, JobStage::DEFAULT);
+        let job = load(
+            "[run]\nstages = [\"gpt\", \"rerank\", \"export\"]\n",
+            &[],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            job.run.stages,
+            [JobStage::Gpt, JobStage::Rerank, JobStage::Export]
+        );
         let job = load("[run]\nstages = [\"pretokenize\", \"gpt\"]\n", &[], &[]).unwrap();
         assert_eq!(job.run.stages, [JobStage::Pretokenize, JobStage::Gpt]);
         let back = JobConfig::from_toml(&job.to_toml(), "round trip").unwrap();

@@ -275,6 +275,43 @@ impl DataParallel {
             .to_device(local.device()))
     }
 
+    /// Every rank's rows of `local` `(n_r, E)`, stacked in rank order:
+    /// `(Σ n_r, E)`, detached, on `local`'s device, and where this rank's
+    /// rows start. Ranks may hold different row counts (bad samples
+    /// skipped). For losses that compare each sample with every other of
+    /// the global batch (the reranker's contrastive loss).
+    pub fn gather_rows(&mut self, local: &Tensor) -> Result<(Tensor, usize)> {
+        let local = local.detach();
+        if self.world_size() == 1 {
+            return Ok((local, 0));
+        }
+        let (rows, width) = local
+            .size2()
+            .map_err(|e| TrainError::Collective(format!("gathering rows of a non-matrix: {e}")))?;
+        let (rank, world) = (self.rank(), self.world_size());
+        let mut counts = vec![0f32; world];
+        counts[rank] = rows as f32;
+        self.sum(&mut counts)?;
+        let counts: Vec<usize> = counts.iter().map(|&c| c as usize).collect();
+        let offset: usize = counts[..rank].iter().sum();
+        let total: usize = counts.iter().sum();
+        let width = width as usize;
+        let mut all = vec![0f32; total * width];
+        let mine = Vec::<f32>::try_from(
+            local
+                .to_device(Device::Cpu)
+                .to_kind(Kind::Float)
+                .flatten(0, -1),
+        )?;
+        all[offset * width..(offset + rows as usize) * width].copy_from_slice(&mine);
+        self.sum(&mut all)?;
+        let gathered = Tensor::from_slice(&all)
+            .view([total as i64, width as i64])
+            .to_kind(local.kind())
+            .to_device(local.device());
+        Ok((gathered, offset))
+    }
+
     /// Replaces every parameter's gradient (the mean over this rank's
     /// `local_samples`) by the gradient of the mean over all ranks' samples,
     /// so ranks with fewer samples (bad samples skipped) weigh less.

@@ -13,6 +13,7 @@ pub mod feed;
 pub mod gpt;
 pub mod metrics;
 pub mod optim;
+pub mod rerank;
 pub mod schedule;
 mod stage_run;
 pub mod validation;

@@ -112,6 +112,7 @@ impl StageRun {
         match self.plan.name {
             "dvae" => tracing::info!(target: "dalle_train::dvae", rank = self.rank, "{line}"),
             "gpt" => tracing::info!(target: "dalle_train::gpt", rank = self.rank, "{line}"),
+            "rerank" => tracing::info!(target: "dalle_train::rerank", rank = self.rank, "{line}"),
             _ => tracing::info!(rank = self.rank, "{line}"),
         }
         self.metrics.append(line)

@@ -84,12 +84,13 @@ impl HeldOut {
     }
 
     /// Refuses a set of token grids where a stage evaluates images (a
-    /// `data.validation.url` of pre-tokenized data, for the dVAE).
+    /// `data.validation.url` of pre-tokenized data, for the dVAE or the
+    /// reranker).
     pub fn expect_images(&self) -> Result<()> {
         match self.set.payload {
             Payload::EncodedImage => Ok(()),
             other => Err(TrainError::Config(format!(
-                "the validation set at {} holds {other}; the dVAE evaluates on images",
+                "the validation set at {} holds {other}; this stage evaluates on images",
                 self.url
             ))),
         }

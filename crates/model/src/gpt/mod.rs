@@ -14,7 +14,7 @@
 //! embedding. Text positions predict over the text vocabulary (BPE ids and
 //! pads), image positions over the image codebook only: two output heads.
 
-mod block;
+pub(crate) mod block;
 pub mod cache;
 pub mod config;
 pub mod masks;

@@ -223,6 +223,8 @@ fn describe_validation(v: &ValidationReport) -> String {
     figure("ppl", v.code_perplexity.map(|x| format!("{x:.1}")));
     figure("text", v.text_loss.map(|x| format!("{x:.4} nats")));
     figure("image", v.image_loss.map(|x| format!("{x:.4} nats")));
+    figure("contrastive", v.rerank_loss.map(|x| format!("{x:.4} nats")));
+    figure("top-1", v.rerank_top1.map(|x| format!("{:.1}%", 100.0 * x)));
     parts.push(format!("{} samples", v.samples));
     parts.join(", ")
 }
@@ -382,6 +384,7 @@ pub(super) fn render_metrics(status: &JobStatus) -> String {
                     ("recon", v.recon),
                     ("text", v.text_loss),
                     ("image", v.image_loss),
+                    ("contrastive", v.rerank_loss),
                 ]
                 .into_iter()
                 .filter_map(move |(part, x)| {
@@ -394,7 +397,8 @@ pub(super) fn render_metrics(status: &JobStatus) -> String {
             "dalle_validation_loss",
             "gauge",
             "Latest held-out loss of each stage by part: the dVAE's reconstruction per image \
-             dimension (recon), the transformer's nats per caption (text) and image (image) token.",
+             dimension (recon), the transformer's nats per caption (text) and image (image) token, the \
+             reranker's contrastive loss (contrastive).",
             &losses,
         );
         metric(
@@ -414,6 +418,12 @@ pub(super) fn render_metrics(status: &JobStatus) -> String {
             "gauge",
             "Perplexity of the dVAE's code histogram over the validation set.",
             &by_stage(&|v| v.code_perplexity),
+        );
+        metric(
+            "dalle_validation_rerank_top1",
+            "gauge",
+            "Share of held-out images whose own caption the reranker scores highest.",
+            &by_stage(&|v| v.rerank_top1),
         );
         metric(
             "dalle_validation_step",
