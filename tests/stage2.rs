@@ -184,6 +184,7 @@ guidance_scale = 2.0
         batch_size: 16,
         sampling: bundle.manifest.sampling.clone(),
         use_cache: true,
+        candidates: None,
     };
     assert_eq!(
         request.sampling,
@@ -193,7 +194,7 @@ guidance_scale = 2.0
             ..SamplingConfig::default()
         }
     );
-    let images = generate(&bundle, &request, |_| {}).unwrap();
+    let images = generate(&bundle, &request, |_| {}).unwrap().images;
     let mut hits = 0;
     for ((prompt, colours), row) in prompts.iter().zip(&images) {
         assert_eq!(row.len(), per_prompt);

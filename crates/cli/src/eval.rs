@@ -55,6 +55,10 @@ pub struct EvalArgs {
     prompts: usize,
     #[arg(long, default_value_t = 4)]
     samples_per_prompt: usize,
+    /// Fidelity again with each sample the reranker's best of N candidates,
+    /// for each N listed (0 or an empty list: not measured).
+    #[arg(long, value_delimiter = ',', default_value = "8,32")]
+    rerank_candidates: Vec<usize>,
     /// Seeds the samples and the probes.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -102,9 +106,25 @@ pub fn run(args: EvalArgs, job: &JobConfig) -> Result<()> {
                 seed: args.seed,
                 probe_images: args.probe_images,
                 batch_size: args.batch_size,
+                rerank_candidates: args
+                    .rerank_candidates
+                    .iter()
+                    .copied()
+                    .filter(|&n| n > 0)
+                    .collect(),
             };
             match fidelity::measure(job, &model, &held, &plan, &out, device)? {
-                Ok(report) => fidelity = Some(report),
+                Ok(report) => {
+                    if report.reranked.is_empty() && !plan.rerank_candidates.is_empty() {
+                        notes.push(format!(
+                            "reranking not measured: {} has no reranker and there is none at \
+                             {} (add `rerank` to run.stages)",
+                            model.name,
+                            job.rerank_weights_path().display()
+                        ));
+                    }
+                    fidelity = Some(report)
+                }
                 Err(why) => notes.push(format!("fidelity not measured: {why}")),
             }
         }

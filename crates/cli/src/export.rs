@@ -1,6 +1,6 @@
 //! `dalle export`: the sampler bundle (dVAE decoder, transformer, caption
-//! tokenizer, sampling defaults) from a run's outputs, to a local path or a
-//! store URL, for `dalle-sample`.
+//! tokenizer, sampling defaults, and the reranker when the run trained one)
+//! from a run's outputs, to a local path or a store URL, for `dalle-sample`.
 
 use anyhow::{Context, Result};
 use dalle_model::dvae::Dvae;
@@ -20,13 +20,38 @@ pub fn run(job: &JobConfig, out: Option<String>) -> Result<()> {
     let dvae_path = job.dvae_weights_path();
     let dvae = Dvae::load(&dvae_path, Device::Cpu)
         .with_context(|| format!("loading dVAE weights {}", dvae_path.display()))?;
+    // The reranker is optional: the rerank stage writes it when it runs.
+    let reranker_path = job.rerank_weights_path();
+    let reranker = if reranker_path.is_file() {
+        tracing::info!(reranker = %reranker_path.display(), "the bundle includes the reranker");
+        Some(read(reranker_path.clone(), "dalle rerank train")?)
+    } else {
+        tracing::info!(
+            "the bundle has no reranker (none at {}; add `rerank` to run.stages to train one \
+             for dalle-sample --candidates)",
+            reranker_path.display()
+        );
+        None
+    };
     let parts = Parts {
         dvae_decoder: dvae.decoder_bytes()?,
         gpt: read(job.gpt_weights_path(), "dalle gpt train")?,
         tokenizer: String::from_utf8(read(job.tokenizer_path(), "dalle text train-tokenizer")?)
             .context("tokenizer.json is not UTF-8")?,
+        reranker,
         sampling: job.gpt.sample.clone(),
     };
+    // A reranker that does not fit would make a bundle that does not load:
+    // refuse before writing anything.
+    parts
+        .check_reranker(
+            dvae.config().image_size,
+            &reranker_path.display().to_string(),
+        )
+        .context(
+            "not exporting: the run's reranker does not fit its transformer and dVAE (retrain it \
+             with `dalle rerank train`, or delete it to export a bundle without one)",
+        )?;
     let location = Location::parse(&out, &job.store)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -211,6 +211,14 @@ pub struct Row {
     pub judged: Vec<String>,
 }
 
+/// Fidelity when each sample is the reranker's best of `candidates`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Reranked {
+    pub candidates: usize,
+    #[serde(flatten)]
+    pub scores: Scores,
+}
+
 /// The fidelity section of `eval.json`.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct FidelityReport {
@@ -225,8 +233,12 @@ pub struct FidelityReport {
     /// Where "seen" was read: "training captions", or "synth.unseen_combos"
     /// when the training data could not be read.
     pub seen_from: String,
+    /// The samples as drawn (best of 1).
     #[serde(flatten)]
     pub scores: Scores,
+    /// The same prompts, each sample the reranker's best of N candidates
+    /// (`--rerank-candidates`); empty without a reranker.
+    pub reranked: Vec<Reranked>,
     pub rows: Vec<Row>,
     /// The picture (one row of samples per prompt) and its rows' captions.
     pub picture: String,

@@ -181,8 +181,20 @@ impl EvalReport {
             judged(s, "all", &Some(f.scores.all))?;
             judged(s, "seen", &f.scores.seen)?;
             judged(s, "unseen", &f.scores.unseen)?;
+            for r in &f.reranked {
+                let n = r.candidates;
+                judged(s, &format!("best/{n}"), &Some(r.scores.all))?;
+                judged(s, &format!("  seen/{n}"), &r.scores.seen)?;
+                judged(s, &format!("unseen/{n}"), &r.scores.unseen)?;
+            }
             line(s, "ceiling", &f.probes.ceiling, None)?;
             line(s, "chance", &f.probes.chance, None)?;
+            if !f.reranked.is_empty() {
+                writeln!(
+                    s,
+                    "          best/N: each sample the reranker's best of N candidates"
+                )?;
+            }
         }
         for note in &self.notes {
             writeln!(s, "note: {note}")?;

@@ -1,7 +1,11 @@
 //! Prompts to images: encode the captions, sample image tokens for a batch
-//! of (prompt, image) rows at a time, decode them with the dVAE decoder.
+//! of (prompt, image) rows at a time, decode them with the dVAE decoder;
+//! with reranking, draw more candidates than kept, score each against its
+//! prompt with the bundle's reranker and keep the best.
 
 use crate::bundle::Bundle;
+pub use crate::rerank::PromptScores;
+use crate::rerank::{check_counts, no_reranker};
 use anyhow::{Context, Result, bail};
 use dalle_model::gpt::sample::{SamplingConfig, sample};
 use dalle_model::images::to_rgb_images;
@@ -18,6 +22,24 @@ pub struct Request {
     pub sampling: SamplingConfig,
     /// Decode with the KV cache (off: recompute every prefix, for comparison).
     pub use_cache: bool,
+    /// Draw this many candidates per prompt and keep the
+    /// `images_per_prompt` the bundle's reranker scores best (None: keep
+    /// every image drawn).
+    pub candidates: Option<usize>,
+}
+
+impl Request {
+    /// Images drawn per prompt.
+    pub fn drawn_per_prompt(&self) -> usize {
+        self.candidates.unwrap_or(self.images_per_prompt)
+    }
+}
+
+/// The images of every prompt, in prompt order (with reranking, the kept
+/// ones, best first), and the scores when reranked.
+pub struct Generated {
+    pub images: Vec<Vec<RgbImage>>,
+    pub scores: Option<Vec<PromptScores>>,
 }
 
 /// Prompts from a file: one per line; blank lines and lines starting with
@@ -37,16 +59,27 @@ pub fn read_prompts(path: &Path) -> Result<Vec<String>> {
     Ok(prompts)
 }
 
-/// The images of every prompt, in prompt order. `on_token` gets the number
-/// of image tokens sampled so far over all rows.
+/// The images of every prompt (see [`Generated`]). `on_token` gets the
+/// number of image tokens sampled so far over all rows.
 pub fn generate(
     bundle: &Bundle,
     request: &Request,
     mut on_token: impl FnMut(u64),
-) -> Result<Vec<Vec<RgbImage>>> {
+) -> Result<Generated> {
     if request.prompts.is_empty() || request.images_per_prompt == 0 {
         bail!("nothing to generate: give at least one prompt and one image per prompt");
     }
+    check_counts(request.candidates, request.images_per_prompt)?;
+    let reranker = match request.candidates {
+        None => None,
+        Some(_) => Some(
+            bundle
+                .reranker
+                .as_ref()
+                .with_context(|| no_reranker("the bundle"))?,
+        ),
+    };
+    let drawn = request.drawn_per_prompt();
     let gpt = bundle.gpt.config();
     let text_len = gpt.text_len as usize;
     let mut rows: Vec<Vec<i64>> = Vec::new();
@@ -61,11 +94,19 @@ pub fn generate(
                 "prompt is longer than the model's {text_len} text tokens; truncated"
             );
         }
-        rows.extend(std::iter::repeat_n(encoded.ids, request.images_per_prompt));
+        rows.extend(std::iter::repeat_n(encoded.ids, drawn));
     }
     let grid = gpt.image_grid;
     let tokens_per_image = gpt.image_len() as u64;
-    let mut images = Vec::with_capacity(rows.len());
+    let keep = request.images_per_prompt;
+    let mut per_prompt: Vec<Vec<RgbImage>> = Vec::with_capacity(request.prompts.len());
+    let mut all_scores = Vec::new();
+    // Images (and scores) drawn but not yet chosen among: each prompt's
+    // candidates are chosen among as soon as its last one is decoded, so
+    // at most a batch and a prompt's candidates are held at once.
+    let mut pending: Vec<RgbImage> = Vec::new();
+    let mut pending_scores: Vec<f32> = Vec::new();
+    let mut rows_done = 0u64;
     for (chunk_index, chunk) in rows.chunks(request.batch_size.max(1)).enumerate() {
         let flat: Vec<i64> = chunk.iter().flatten().copied().collect();
         let captions = Tensor::from_slice(&flat).view([chunk.len() as i64, text_len as i64]);
@@ -74,18 +115,34 @@ pub fn generate(
             seed: request.sampling.seed.wrapping_add(chunk_index as u64),
             ..request.sampling.clone()
         };
-        let done_before = images.len() as u64 * tokens_per_image;
+        let done_before = rows_done * tokens_per_image;
         let rows_here = chunk.len() as u64;
         let tokens = sample(&bundle.gpt, &captions, &settings, request.use_cache, |t| {
             on_token(done_before + t as u64 * rows_here)
         })?;
+        rows_done += rows_here;
         let pixels = bundle.decoder.decode(&tokens.view([-1, grid, grid]))?;
-        images.extend(to_rgb_images(&pixels)?);
+        if let Some(reranker) = reranker {
+            // The same caption ids the transformer was given.
+            let scores = reranker.score(&pixels, &captions)?;
+            pending_scores.extend(Vec::<f32>::try_from(scores.to_device(tch::Device::Cpu))?);
+        }
+        pending.extend(to_rgb_images(&pixels)?);
+        while pending.len() >= drawn {
+            let candidates: Vec<RgbImage> = pending.drain(..drawn).collect();
+            if reranker.is_none() {
+                per_prompt.push(candidates);
+                continue;
+            }
+            let prompt = &request.prompts[per_prompt.len()];
+            let ranked = PromptScores::rank(prompt, pending_scores.drain(..drawn).collect(), keep);
+            per_prompt.push(ranked.select(candidates));
+            all_scores.push(ranked);
+        }
     }
-    let mut per_prompt = Vec::with_capacity(request.prompts.len());
-    let mut images = images.into_iter();
-    for _ in &request.prompts {
-        per_prompt.push(images.by_ref().take(request.images_per_prompt).collect());
-    }
-    Ok(per_prompt)
+    debug_assert_eq!(per_prompt.len(), request.prompts.len());
+    Ok(Generated {
+        images: per_prompt,
+        scores: reranker.map(|_| all_scores),
+    })
 }

@@ -1,5 +1,6 @@
 //! `dalle-sample BUNDLE --prompt "…"`: images from an exported bundle, one
-//! PNG per image and a grid per prompt.
+//! PNG per image and a grid per prompt; with `--candidates N`, the
+//! reranker's best `-n` of N per prompt and their scores in `scores.json`.
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
@@ -7,6 +8,7 @@ use dalle_model::device::parse_device;
 use dalle_model::images::grid;
 use dalle_sample::bundle::Bundle;
 use dalle_sample::generate::{Request, generate, read_prompts};
+use dalle_sample::rerank::{self, SCORES_FILE, ScoresReport};
 use dalle_store::{Location, StoreConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
@@ -30,8 +32,16 @@ struct Args {
     /// Where the PNGs go.
     #[arg(long, default_value = "samples")]
     out: PathBuf,
+    /// Images written per prompt (with --candidates: how many of the best
+    /// are kept).
     #[arg(long, short = 'n', default_value_t = 4)]
     images_per_prompt: usize,
+    /// Draw N candidates per prompt (N ≥ -n) and keep the -n that the
+    /// bundle's reranker scores best, written best first, with every
+    /// score in scores.json (the bundle needs a reranker: the rerank
+    /// stage). Default: no reranking, -n drawn and written.
+    #[arg(long, value_name = "N")]
+    candidates: Option<usize>,
     /// (prompt, image) pairs sampled at once.
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
@@ -97,6 +107,7 @@ fn main() -> Result<()> {
     if prompts.is_empty() {
         bail!("no prompts: give --prompt TEXT or --prompts-file FILE");
     }
+    rerank::check_counts(args.candidates, args.images_per_prompt)?;
     let device = parse_device(&args.device)?;
     let store = StoreConfig {
         endpoint: args.endpoint.clone(),
@@ -109,6 +120,9 @@ fn main() -> Result<()> {
         .build()?;
     let loading = Instant::now();
     let bundle = runtime.block_on(Bundle::load(&location, device))?;
+    if args.candidates.is_some() && bundle.reranker.is_none() {
+        bail!(rerank::no_reranker(&format!("bundle {}", location.url)));
+    }
     let g = bundle.gpt.config();
     tracing::info!(
         bundle = %location.url, ?device, text_len = g.text_len, image_grid = g.image_grid,
@@ -127,8 +141,9 @@ fn main() -> Result<()> {
         batch_size: args.batch_size,
         sampling,
         use_cache: !args.no_cache,
+        candidates: args.candidates,
     };
-    let total = (prompts.len() * args.images_per_prompt) as u64 * g.image_len() as u64;
+    let total = (prompts.len() * request.drawn_per_prompt()) as u64 * g.image_len() as u64;
     let bar = ProgressBar::new(total);
     bar.set_style(
         ProgressStyle::with_template(
@@ -139,30 +154,58 @@ fn main() -> Result<()> {
     );
     bar.set_message("sampling");
     let started = Instant::now();
-    let images = generate(&bundle, &request, |done| bar.set_position(done))?;
+    let generated = generate(&bundle, &request, |done| bar.set_position(done))?;
     bar.finish_and_clear();
+    let images = generated.images;
     let seconds = started.elapsed().as_secs_f64();
 
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
+    let mut files: Vec<Vec<String>> = Vec::with_capacity(images.len());
     for (i, (prompt, row)) in prompts.iter().zip(&images).enumerate() {
         let stem = format!("{:03}-{}", i + 1, slug(prompt));
+        let mut names = Vec::with_capacity(row.len());
         for (j, image) in row.iter().enumerate() {
-            let path = args.out.join(format!("{stem}-{:02}.png", j + 1));
+            let name = format!("{stem}-{:02}.png", j + 1);
+            let path = args.out.join(&name);
             image
                 .save(&path)
                 .with_context(|| format!("cannot write {}", path.display()))?;
+            names.push(name);
         }
+        files.push(names);
         let path = args.out.join(format!("{stem}-grid.png"));
         grid(std::slice::from_ref(row), 2)
             .save(&path)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
+    if let Some(scores) = &generated.scores {
+        let report = ScoresReport::new(scores, &files, request.sampling.seed);
+        let path = args.out.join(SCORES_FILE);
+        let json = serde_json::to_vec_pretty(&report).expect("scores serialise");
+        std::fs::write(&path, json).with_context(|| format!("cannot write {}", path.display()))?;
+        let (kept, all) = report.means();
+        println!(
+            "kept the reranker's best {} of {} candidates per prompt: mean score {kept:.3} kept, \
+             {all:.3} over all candidates ({})",
+            args.images_per_prompt,
+            request.drawn_per_prompt(),
+            path.display()
+        );
+    }
     let count = images.iter().map(Vec::len).sum::<usize>();
+    // Throughput is of images drawn: with --candidates, more than written.
+    let drawn = prompts.len() * request.drawn_per_prompt();
+    let of_drawn = if drawn == count {
+        String::new()
+    } else {
+        format!(" (best of {drawn} drawn)")
+    };
     println!(
-        "{count} images for {} prompts in {seconds:.1} s: {:.2} images/s, {:.0} image tokens/s ({})",
+        "{count} images{of_drawn} for {} prompts in {seconds:.1} s: {:.2} images/s, {:.0} image \
+         tokens/s ({})",
         prompts.len(),
-        count as f64 / seconds,
+        drawn as f64 / seconds,
         total as f64 / seconds,
         args.out.display()
     );

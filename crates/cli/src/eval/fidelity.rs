@@ -3,14 +3,15 @@
 //! held-out images is the ceiling, then the bundle draws samples for
 //! held-out captions (half of them with (colour, shape) pairs the
 //! training captions never hold, when there are such pairs) and the
-//! probes judge each sample against its caption.
+//! probes judge each sample against its caption; with a reranker, again
+//! with each sample the reranker's best of N candidates.
 
 use super::held_out::{self, HeldOutSet};
 use super::stage2::Stage2;
 use crate::dvae::save_png;
 use anyhow::{Context, Result};
 use dalle_data::synth::Combo;
-use dalle_eval::fidelity::{self, FidelityReport, ProbeReport, Row};
+use dalle_eval::fidelity::{self, FidelityReport, ProbeReport, Reranked, Row};
 use dalle_eval::probes::MIN_SIDE;
 use dalle_eval::{AttributeAccuracy, ProbeConfig, Probes, scenes};
 use dalle_model::images::grid;
@@ -33,6 +34,8 @@ pub struct Plan {
     pub seed: u64,
     pub probe_images: usize,
     pub batch_size: usize,
+    /// Candidates per sample of each reranked measurement.
+    pub rerank_candidates: Vec<usize>,
 }
 
 /// One row of the picture, for the captions file beside it.
@@ -102,10 +105,11 @@ pub fn measure(
         batch_size: plan.batch_size,
         sampling: sampling.clone(),
         use_cache: true,
+        candidates: None,
     };
     let tokens = (prompts.len() * k) as u64 * stage2.bundle.gpt.config().image_len() as u64;
     let bar = crate::progress::bar(tokens, "sampling");
-    let samples = generate(&stage2.bundle, &request, |done| bar.set_position(done))?;
+    let samples = generate(&stage2.bundle, &request, |done| bar.set_position(done))?.images;
     bar.finish_and_clear();
 
     let flat: Vec<_> = samples.iter().flatten().cloned().collect();
@@ -118,6 +122,18 @@ pub fn measure(
         .flat_map(|p| std::iter::repeat_n(p.unseen, k))
         .collect();
     let scores = fidelity::judge(&probes, &scenes::images_to_tensor(&flat), &wanted, &flags)?;
+    let mut reranked = Vec::new();
+    if stage2.bundle.reranker.is_some() {
+        for &n in &plan.rerank_candidates {
+            let best = best_of(stage2, &request, n)?;
+            let scores =
+                fidelity::judge(&probes, &scenes::images_to_tensor(&best), &wanted, &flags)?;
+            reranked.push(Reranked {
+                candidates: n,
+                scores,
+            });
+        }
+    }
     let rows = prompts
         .iter()
         .zip(scores.predicted.chunks(k))
@@ -155,10 +171,35 @@ pub fn measure(
         unseen_combos: unseen,
         seen_from: seen_from.into(),
         scores,
+        reranked,
         rows,
         picture: PICTURE.into(),
         captions: CAPTIONS.into(),
     }))
+}
+
+/// Each of `request`'s samples drawn again as the reranker's best of `n`
+/// candidates: every prompt's `images_per_prompt` slots each get `n`
+/// candidates of their own, in the same order as the plain samples.
+fn best_of(stage2: &Stage2, request: &Request, n: usize) -> Result<Vec<image::RgbImage>> {
+    let k = request.images_per_prompt;
+    let slots = Request {
+        prompts: request
+            .prompts
+            .iter()
+            .flat_map(|p| std::iter::repeat_n(p.clone(), k))
+            .collect(),
+        images_per_prompt: 1,
+        candidates: Some(n),
+        batch_size: request.batch_size,
+        sampling: request.sampling.clone(),
+        use_cache: true,
+    };
+    let tokens = (slots.prompts.len() * n) as u64 * stage2.bundle.gpt.config().image_len() as u64;
+    let bar = crate::progress::bar(tokens, &format!("best of {n}"));
+    let generated = generate(&stage2.bundle, &slots, |done| bar.set_position(done))?;
+    bar.finish_and_clear();
+    Ok(generated.images.into_iter().flatten().collect())
 }
 
 /// A spinner for work that reports no progress of its own.

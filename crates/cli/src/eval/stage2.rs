@@ -9,6 +9,7 @@ use anyhow::{Context, Result, bail};
 use dalle_eval::report::{GptReport, PerToken};
 use dalle_model::dvae::{Dvae, DvaeDecoder};
 use dalle_model::gpt::Gpt;
+use dalle_model::rerank::Reranker;
 use dalle_model::text::TextTokenizer;
 use dalle_model::weights;
 use dalle_sample::bundle::{self, Bundle, Manifest};
@@ -65,6 +66,10 @@ pub fn load(
         }
     };
     check_fits(&stage2, dvae)?;
+    let mut stage2 = stage2;
+    if stage2.bundle.reranker.is_none() {
+        stage2.bundle.reranker = run_reranker(job, &stage2.bundle, device)?;
+    }
     Ok(Ok(stage2))
 }
 
@@ -102,15 +107,35 @@ fn from_run(
                 dvae_decoder: "the evaluated dVAE's decoder".into(),
                 gpt: display(gpt_path),
                 tokenizer: display(tokenizer_path),
+                reranker: None,
                 sampling: job.gpt.sample.clone(),
                 version: env!("CARGO_PKG_VERSION").into(),
             },
             decoder,
             gpt,
             tokenizer,
+            reranker: None,
         },
         name: display(gpt_path),
     })
+}
+
+/// The run's reranker (`<run.dir>/reranker.safetensors`) for a model that
+/// has none of its own, when it fits.
+fn run_reranker(job: &JobConfig, bundle: &Bundle, device: Device) -> Result<Option<Reranker>> {
+    let path = job.rerank_weights_path();
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let reranker = Reranker::load(&path, device)
+        .with_context(|| format!("loading the reranker {}", path.display()))?;
+    bundle::check_reranker(
+        &reranker,
+        &bundle.gpt,
+        &bundle.decoder,
+        &path.display().to_string(),
+    )?;
+    Ok(Some(reranker))
 }
 
 /// The held-out images' tokens come from the evaluated dVAE: its codebook
