@@ -5,8 +5,10 @@
 //! prompt fidelity, samples for held-out and unseen captions judged by
 //! attribute probes ([`fidelity`]). A section the run cannot fill (no
 //! transformer yet, captions that are not synthetic) is left out with a
-//! note saying why.
+//! note saying why. With a reranker (the optional `rerank` stage), fidelity
+//! again with each sample the reranker's best of N candidates ([`best_of`]).
 
+mod best_of;
 mod fidelity;
 mod held_out;
 mod stage2;
@@ -56,9 +58,9 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 4)]
     samples_per_prompt: usize,
     /// Fidelity again with each sample the reranker's best of N candidates,
-    /// for each N listed (0 or an empty list: not measured).
-    #[arg(long, value_delimiter = ',', default_value = "8,32")]
-    rerank_candidates: Vec<usize>,
+    /// for each N of a comma-separated list ("" or 0: not measured).
+    #[arg(long, default_value = "8,32", value_parser = parse_candidates)]
+    rerank_candidates: Candidates,
     /// Seeds the samples and the probes.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -73,6 +75,27 @@ pub struct EvalArgs {
     json_only: bool,
 }
 
+/// The candidate counts of `--rerank-candidates`: distinct, ascending, none
+/// 0 (empty: reranking not measured).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Candidates(pub Vec<usize>);
+
+/// "8,32" → [8, 32]; "" and "0" → none.
+fn parse_candidates(list: &str) -> std::result::Result<Candidates, String> {
+    let mut counts = Vec::new();
+    for item in list.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let n: usize = item.parse().map_err(|_| {
+            format!("`{item}` is not a number of candidates (give a list such as 8,32)")
+        })?;
+        if n > 0 {
+            counts.push(n);
+        }
+    }
+    counts.sort_unstable();
+    counts.dedup();
+    Ok(Candidates(counts))
+}
+
 pub fn run(args: EvalArgs, job: &JobConfig) -> Result<()> {
     let device = runtime_device(job)?;
     let weights = args
@@ -85,6 +108,12 @@ pub fn run(args: EvalArgs, job: &JobConfig) -> Result<()> {
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     // Before any long work: a --bundle that does not load fails here.
     let transformer = stage2::load(job, args.bundle.as_deref(), &dvae, device)?;
+    // So does a reranker that does not fit it; a missing one is a note.
+    let rerank = !args.rerank_candidates.0.is_empty() && args.prompts * args.samples_per_prompt > 0;
+    let reranker = match &transformer {
+        Ok(model) if rerank => Some(best_of::load(job, args.bundle.as_deref(), model, device)?),
+        _ => None,
+    };
     let count = args.count.unwrap_or(job.data.validation.max_samples);
     let held = held_out::read(job, &args.inputs, &dvae, count)?;
     tracing::info!(images = held.len(), source = ?held.source, "held-out images read");
@@ -106,22 +135,13 @@ pub fn run(args: EvalArgs, job: &JobConfig) -> Result<()> {
                 seed: args.seed,
                 probe_images: args.probe_images,
                 batch_size: args.batch_size,
-                rerank_candidates: args
-                    .rerank_candidates
-                    .iter()
-                    .copied()
-                    .filter(|&n| n > 0)
-                    .collect(),
+                rerank_candidates: args.rerank_candidates.0.clone(),
             };
-            match fidelity::measure(job, &model, &held, &plan, &out, device)? {
+            let loaded = reranker.as_ref().and_then(|r| r.as_ref().ok());
+            match fidelity::measure(job, &model, &held, &plan, loaded, &out, device)? {
                 Ok(report) => {
-                    if report.reranked.is_empty() && !plan.rerank_candidates.is_empty() {
-                        notes.push(format!(
-                            "reranking not measured: {} has no reranker and there is none at \
-                             {} (add `rerank` to run.stages)",
-                            model.name,
-                            job.rerank_weights_path().display()
-                        ));
+                    if let Some(Err(why)) = &reranker {
+                        notes.push(format!("reranking not measured: {why}"));
                     }
                     fidelity = Some(report)
                 }
@@ -192,4 +212,50 @@ fn measure_dvae(
         grid: GRID.into(),
     };
     Ok((report, r.tokens))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        eval: EvalArgs,
+    }
+
+    fn candidates(args: &[&str]) -> std::result::Result<Vec<usize>, String> {
+        let argv = std::iter::once("eval").chain(args.iter().copied());
+        Cli::try_parse_from(argv)
+            .map(|cli| cli.eval.rerank_candidates.0)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn rerank_candidates_parse_lists_and_turn_off() {
+        assert_eq!(candidates(&[]).unwrap(), [8, 32]);
+        assert_eq!(
+            candidates(&["--rerank-candidates", "8,32"]).unwrap(),
+            [8, 32]
+        );
+        assert_eq!(
+            candidates(&["--rerank-candidates", "32, 8,8"]).unwrap(),
+            [8, 32]
+        );
+        assert_eq!(candidates(&["--rerank-candidates=4"]).unwrap(), [4]);
+        assert!(
+            candidates(&["--rerank-candidates", "0"])
+                .unwrap()
+                .is_empty()
+        );
+        assert!(candidates(&["--rerank-candidates", ""]).unwrap().is_empty());
+        assert!(candidates(&["--rerank-candidates="]).unwrap().is_empty());
+        assert_eq!(candidates(&["--rerank-candidates", "0,16"]).unwrap(), [16]);
+        let err = candidates(&["--rerank-candidates", "8,many"]).unwrap_err();
+        assert!(
+            err.contains("`many` is not a number of candidates"),
+            "{err}"
+        );
+    }
 }

@@ -9,12 +9,17 @@
 //! captions themselves at the probes' ceiling (their accuracy on real
 //! held-out images), and the same images against other captions near zero
 //! (the tests below hold it to that).
+//!
+//! With a reranker, the same prompts are drawn again with each sample the
+//! reranker's pick of N candidates ([`best_of_each`]) and judged alike, as
+//! the DALL-E paper picked its samples with CLIP.
 
 use crate::caption::{Attributes, parse_caption};
 use crate::probes::{AttributeAccuracy, ProbeConfig, Probes};
 use crate::{EvalError, Result};
 use dalle_data::synth::{BACKGROUNDS, COLORS, Combo};
 use dalle_model::gpt::sample::SamplingConfig;
+use dalle_model::rerank::best;
 use serde::Serialize;
 use std::collections::{BTreeSet, HashSet};
 use tch::Tensor;
@@ -211,12 +216,57 @@ pub struct Row {
     pub judged: Vec<String>,
 }
 
+/// The reranker's pick in each slot: of `scores`, drawn `candidates` at a
+/// time for one slot after another, the index of each slot's best within
+/// the slot (ties: the earlier drawn). A last, shorter slot is chosen in
+/// too.
+pub fn best_of_each(scores: &[f32], candidates: usize) -> Vec<usize> {
+    scores
+        .chunks(candidates.max(1))
+        .map(|slot| best(slot, 1)[0])
+        .collect()
+}
+
+/// The reranker's mean score (the cosine of image and caption embeddings,
+/// -1..1) of the samples kept and of every candidate drawn: kept well
+/// above drawn says that it told the candidates apart.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct RerankScores {
+    pub kept: f64,
+    pub drawn: f64,
+}
+
+impl RerankScores {
+    /// Of `scores` drawn `candidates` per slot, slot after slot, where
+    /// slot i kept its candidate `kept[i]`.
+    pub fn of(scores: &[f32], candidates: usize, kept: &[usize]) -> Self {
+        let picked = scores
+            .chunks(candidates.max(1))
+            .zip(kept)
+            .map(|(slot, &i)| slot[i]);
+        Self {
+            kept: mean(picked),
+            drawn: mean(scores.iter().copied()),
+        }
+    }
+}
+
+/// 0 for none.
+fn mean(values: impl Iterator<Item = f32>) -> f64 {
+    let (sum, n) = values.fold((0.0, 0usize), |(s, n), x| (s + f64::from(x), n + 1));
+    sum / n.max(1) as f64
+}
+
 /// Fidelity when each sample is the reranker's best of `candidates`.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Reranked {
     pub candidates: usize,
+    /// The same table as the samples as drawn.
     #[serde(flatten)]
     pub scores: Scores,
+    pub reranker_score: RerankScores,
+    /// The kept samples, laid out like the fidelity picture.
+    pub picture: String,
 }
 
 /// The fidelity section of `eval.json`.
@@ -236,8 +286,11 @@ pub struct FidelityReport {
     /// The samples as drawn (best of 1).
     #[serde(flatten)]
     pub scores: Scores,
-    /// The same prompts, each sample the reranker's best of N candidates
-    /// (`--rerank-candidates`); empty without a reranker.
+    /// The reranker file of `reranked`, when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reranker: Option<String>,
+    /// The same prompts, each sample the reranker's best of N candidates,
+    /// for each N of `--rerank-candidates`; empty without a reranker.
     pub reranked: Vec<Reranked>,
     pub rows: Vec<Row>,
     /// The picture (one row of samples per prompt) and its rows' captions.
@@ -394,5 +447,28 @@ mod tests {
         assert!(e.to_string().contains("one per prompt image (4)"), "{e}");
         assert!(judge(&probes, &images, &labels[..3], &[false; 3]).is_err());
         assert_eq!(Judged::of(&[], &[]).unwrap(), None);
+    }
+
+    #[test]
+    fn the_best_of_each_slot_is_its_argmax_and_its_mean_is_kept() {
+        // Three slots of four candidates; ties go to the earlier drawn.
+        let scores = [
+            0.1, 0.4, -0.2, 0.3, //
+            0.9, 0.0, 0.0, 0.9, //
+            -0.5, -0.4, -0.3, -0.1,
+        ];
+        let kept = best_of_each(&scores, 4);
+        assert_eq!(kept, [1, 0, 3]);
+        for (slot, &i) in scores.chunks(4).zip(&kept) {
+            assert!(slot.iter().all(|&s| s <= slot[i]), "{slot:?} kept {i}");
+        }
+        let r = RerankScores::of(&scores, 4, &kept);
+        assert!((r.kept - (0.4 + 0.9 - 0.1) / 3.0).abs() < 1e-6, "{r:?}");
+        let drawn: f32 = scores.iter().sum::<f32>() / 12.0;
+        assert!((r.drawn - f64::from(drawn)).abs() < 1e-6, "{r:?}");
+        // One candidate per slot keeps every one; a short last slot counts.
+        assert_eq!(best_of_each(&[0.3, 0.1], 1), [0, 0]);
+        assert_eq!(best_of_each(&[0.3, 0.1, 0.2], 2), [0, 0]);
+        assert_eq!(best_of_each(&[], 8), Vec::<usize>::new());
     }
 }

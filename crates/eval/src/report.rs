@@ -6,7 +6,7 @@
 //! and `fidelity` (samples judged by the attribute probes).
 
 use crate::codebook::CodebookUsage;
-use crate::fidelity::{FidelityReport, Judged};
+use crate::fidelity::{FidelityReport, Judged, Scores};
 use crate::image_metrics::ReconReport;
 use crate::probes::AttributeAccuracy;
 use serde::Serialize;
@@ -158,16 +158,23 @@ impl EvalReport {
                 "fidelity: {} prompts × {} samples, judged by probes trained on {} ({} images)",
                 f.prompts, f.samples_per_prompt, f.probes.trained_on, f.probes.images
             )?;
+            // Best of N rows are labelled so; the column widens for them.
+            let labels: Vec<String> = f
+                .reranked
+                .iter()
+                .map(|r| format!("best of {}", r.candidates))
+                .collect();
+            let width = labels.iter().map(String::len).fold(8, usize::max);
             writeln!(
                 s,
-                "          {:<8} {:>10} {:>12} {:>10} {:>6} {:>9}",
+                "          {:<width$} {:>10} {:>12} {:>10} {:>6} {:>9}",
                 "", "background", "shape colour", "shape kind", "size", "all four"
             )?;
             let line = |s: &mut String, name: &str, a: &AttributeAccuracy, all: Option<f64>| {
                 let all = all.map_or("".into(), |v| format!("{:.0}%", 100.0 * v));
                 writeln!(
                     s,
-                    "          {name:<8} {:>9.0}% {:>11.0}% {:>9.0}% {:>5.0}% {all:>9}",
+                    "          {name:<width$} {:>9.0}% {:>11.0}% {:>9.0}% {:>5.0}% {all:>9}",
                     100.0 * a.background,
                     100.0 * a.shape_colour,
                     100.0 * a.shape_kind,
@@ -178,22 +185,32 @@ impl EvalReport {
                 Some(j) => line(s, name, &j.accuracy, Some(j.all_four)),
                 None => Ok(()),
             };
-            judged(s, "all", &Some(f.scores.all))?;
-            judged(s, "seen", &f.scores.seen)?;
-            judged(s, "unseen", &f.scores.unseen)?;
-            for r in &f.reranked {
-                let n = r.candidates;
-                judged(s, &format!("best/{n}"), &Some(r.scores.all))?;
-                judged(s, &format!("  seen/{n}"), &r.scores.seen)?;
-                judged(s, &format!("unseen/{n}"), &r.scores.unseen)?;
+            // All prompts under `label`, then the seen and unseen ones.
+            let table = |s: &mut String, label: &str, indent: &str, t: &Scores| {
+                judged(s, label, &Some(t.all))?;
+                judged(s, &format!("{indent}seen"), &t.seen)?;
+                judged(s, &format!("{indent}unseen"), &t.unseen)
+            };
+            table(s, "all", "", &f.scores)?;
+            for (r, label) in f.reranked.iter().zip(&labels) {
+                table(s, label, "  ", &r.scores)?;
             }
             line(s, "ceiling", &f.probes.ceiling, None)?;
             line(s, "chance", &f.probes.chance, None)?;
             if !f.reranked.is_empty() {
+                let by = f.reranker.as_deref().unwrap_or("the reranker");
                 writeln!(
                     s,
-                    "          best/N: each sample the reranker's best of N candidates"
+                    "          best of N: each sample the pick of {by} among N candidates"
                 )?;
+                for (r, label) in f.reranked.iter().zip(&labels) {
+                    writeln!(
+                        s,
+                        "          {label}: mean reranker score {:.3} kept, {:.3} over all \
+                         candidates",
+                        r.reranker_score.kept, r.reranker_score.drawn
+                    )?;
+                }
             }
         }
         for note in &self.notes {
@@ -206,26 +223,38 @@ impl EvalReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fidelity::{ProbeReport, RerankScores, Reranked};
+    use crate::probes::ProbeConfig;
+    use dalle_model::gpt::sample::SamplingConfig;
 
-    #[test]
-    fn absent_sections_are_left_out_and_bits_are_nats_over_ln_2() {
-        let report = EvalReport {
+    /// A report on 8 fresh synthetic scenes with no dVAE section.
+    fn eval_report(gpt: Option<GptReport>, fidelity: Option<FidelityReport>) -> EvalReport {
+        EvalReport {
             held_out: HeldOutImages {
                 source: HeldOutSource::Synthetic { seed: 1 },
                 images: 8,
                 synthetic_captions: 8,
             },
             dvae: None,
-            gpt: Some(GptReport {
-                model: "bundle".into(),
-                samples: 8,
-                loss: 1.0,
-                text_loss_weight: 0.125,
-                text: PerToken::nats(std::f64::consts::LN_2),
-                image: PerToken::nats(2.0),
-            }),
-            fidelity: None,
+            gpt,
+            fidelity,
+            notes: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn absent_sections_are_left_out_and_bits_are_nats_over_ln_2() {
+        let gpt = Some(GptReport {
+            model: "bundle".into(),
+            samples: 8,
+            loss: 1.0,
+            text_loss_weight: 0.125,
+            text: PerToken::nats(std::f64::consts::LN_2),
+            image: PerToken::nats(2.0),
+        });
+        let report = EvalReport {
             notes: vec!["no bundle".into()],
+            ..eval_report(gpt, None)
         };
         let json = serde_json::to_value(&report).unwrap();
         assert_eq!(json["held_out"]["kind"], "synthetic");
@@ -238,5 +267,116 @@ mod tests {
             text.contains("1.000 bits") && text.contains("note: no bundle"),
             "{text}"
         );
+    }
+
+    /// Fidelity scores whose shares are all `share`, over 8 samples of
+    /// which half are unseen.
+    fn scores(share: f64) -> Scores {
+        let judged = |samples| Judged {
+            samples,
+            accuracy: AttributeAccuracy {
+                background: share,
+                shape_colour: share,
+                shape_kind: share,
+                size: share,
+            },
+            all_four: share,
+        };
+        Scores {
+            all: judged(8),
+            seen: Some(judged(4)),
+            unseen: Some(judged(4)),
+            predicted: Vec::new(),
+        }
+    }
+
+    fn fidelity(reranked: Vec<Reranked>) -> FidelityReport {
+        FidelityReport {
+            probes: ProbeReport {
+                trained_on: "training data".into(),
+                images: 100,
+                config: ProbeConfig::default(),
+                ceiling: scores(0.95).all.accuracy,
+                ceiling_images: 16,
+                chance: AttributeAccuracy::chance(),
+            },
+            prompts: 4,
+            samples_per_prompt: 2,
+            sampling: SamplingConfig::default(),
+            unseen_combos: Vec::new(),
+            seen_from: "training captions".into(),
+            scores: scores(0.25),
+            reranker: (!reranked.is_empty()).then(|| "run/reranker.safetensors".into()),
+            reranked,
+            rows: Vec::new(),
+            picture: "fidelity.png".into(),
+            captions: "fidelity.json".into(),
+        }
+    }
+
+    #[test]
+    fn reranked_fidelity_has_a_table_per_n_in_the_json_and_the_summary() {
+        let reranked = [(8, 0.5), (32, 0.75)]
+            .map(|(n, share)| Reranked {
+                candidates: n,
+                scores: scores(share),
+                reranker_score: RerankScores {
+                    kept: 0.4,
+                    drawn: 0.1,
+                },
+                picture: format!("fidelity-best-of-{n}.png"),
+            })
+            .to_vec();
+        let report = eval_report(None, Some(fidelity(reranked)));
+        let json = serde_json::to_value(&report).unwrap();
+        let f = &json["fidelity"];
+        assert_eq!(f["all"]["accuracy"]["size"], 0.25);
+        assert_eq!(f["reranker"], "run/reranker.safetensors");
+        let tables = f["reranked"].as_array().unwrap();
+        assert_eq!(tables.len(), 2);
+        assert_eq!(tables[0]["candidates"], 8);
+        assert_eq!(tables[1]["candidates"], 32);
+        // The same table as the plain one, flattened beside `candidates`.
+        for part in ["all", "seen", "unseen"] {
+            assert_eq!(tables[1][part]["accuracy"]["shape_kind"], 0.75, "{part}");
+            assert_eq!(tables[1][part]["all_four"], 0.75, "{part}");
+        }
+        assert_eq!(tables[1]["seen"]["samples"], 4);
+        assert_eq!(tables[0]["reranker_score"]["kept"], 0.4);
+        assert_eq!(tables[0]["picture"], "fidelity-best-of-8.png");
+
+        let text = report.summary();
+        let row = |label: &str| {
+            text.lines()
+                .find(|l| l.trim_start().starts_with(label))
+                .unwrap_or_else(|| panic!("no {label:?} row in\n{text}"))
+                .to_string()
+        };
+        assert!(row("best of 8").contains("50%"), "{text}");
+        assert!(row("best of 32").contains("75%"), "{text}");
+        assert!(row("all ").contains("25%"), "{text}");
+        // Each best of N has its seen and unseen rows, and the columns line
+        // up with the header's.
+        let rows_of = |label: &str| {
+            text.lines()
+                .filter(|l| l.trim_start().starts_with(label))
+                .count()
+        };
+        assert_eq!((rows_of("seen"), rows_of("unseen")), (3, 3), "{text}");
+        let header = row("background");
+        let end = |l: &str, word: &str| l.find(word).unwrap() + word.len();
+        assert_eq!(end(&header, "all four"), row("best of 32").len(), "{text}");
+        assert_eq!(end(&header, "all four"), row("chance").len(), "{text}");
+        assert!(
+            text.contains("best of 32: mean reranker score 0.400 kept, 0.100"),
+            "{text}"
+        );
+
+        // Without a reranker the table is as it was: no best of N.
+        let plain = eval_report(None, Some(fidelity(Vec::new())));
+        let json = serde_json::to_value(&plain).unwrap();
+        assert_eq!(json["fidelity"]["reranked"], serde_json::json!([]));
+        assert!(json["fidelity"].get("reranker").is_none());
+        assert!(!plain.summary().contains("best of"), "{}", plain.summary());
     }
 }

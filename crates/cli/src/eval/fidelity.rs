@@ -6,12 +6,13 @@
 //! probes judge each sample against its caption; with a reranker, again
 //! with each sample the reranker's best of N candidates.
 
+use super::best_of;
 use super::held_out::{self, HeldOutSet};
 use super::stage2::Stage2;
 use crate::dvae::save_png;
 use anyhow::{Context, Result};
 use dalle_data::synth::Combo;
-use dalle_eval::fidelity::{self, FidelityReport, ProbeReport, Reranked, Row};
+use dalle_eval::fidelity::{self, FidelityReport, ProbeReport, Reranked, Row, Scores};
 use dalle_eval::probes::MIN_SIDE;
 use dalle_eval::{AttributeAccuracy, ProbeConfig, Probes, scenes};
 use dalle_model::images::grid;
@@ -45,12 +46,14 @@ struct RowCaption<'a> {
     unseen: bool,
 }
 
-/// Measures fidelity, or says why it cannot be measured.
+/// Measures fidelity, or says why it cannot be measured; with a
+/// `reranker`, again for each N of `plan.rerank_candidates`.
 pub fn measure(
     job: &JobConfig,
     stage2: &Stage2,
     held: &HeldOutSet,
     plan: &Plan,
+    reranker: Option<&best_of::Loaded>,
     out: &Path,
     device: Device,
 ) -> Result<std::result::Result<FidelityReport, String>> {
@@ -112,7 +115,6 @@ pub fn measure(
     let samples = generate(&stage2.bundle, &request, |done| bar.set_position(done))?.images;
     bar.finish_and_clear();
 
-    let flat: Vec<_> = samples.iter().flatten().cloned().collect();
     let wanted: Vec<_> = prompts
         .iter()
         .flat_map(|p| std::iter::repeat_n(p.attributes, k))
@@ -121,16 +123,24 @@ pub fn measure(
         .iter()
         .flat_map(|p| std::iter::repeat_n(p.unseen, k))
         .collect();
-    let scores = fidelity::judge(&probes, &scenes::images_to_tensor(&flat), &wanted, &flags)?;
+    // Judges one sample per (prompt, slot) and saves them as `picture`.
+    let judge = |samples: &[Vec<image::RgbImage>], picture: &str| -> Result<Scores> {
+        let flat: Vec<_> = samples.iter().flatten().cloned().collect();
+        let scores = fidelity::judge(&probes, &scenes::images_to_tensor(&flat), &wanted, &flags)?;
+        save_png(&grid(samples, 2), &out.join(picture))?;
+        Ok(scores)
+    };
+    let scores = judge(&samples, PICTURE)?;
     let mut reranked = Vec::new();
-    if stage2.bundle.reranker.is_some() {
+    if let Some(r) = reranker {
         for &n in &plan.rerank_candidates {
-            let best = best_of(stage2, &request, n)?;
-            let scores =
-                fidelity::judge(&probes, &scenes::images_to_tensor(&best), &wanted, &flags)?;
+            let best = best_of::draw(stage2, &r.model, &request, n)?;
+            let picture = best_of::picture(n);
             reranked.push(Reranked {
                 candidates: n,
-                scores,
+                scores: judge(&best.images, &picture)?,
+                reranker_score: best.scores,
+                picture,
             });
         }
     }
@@ -144,7 +154,6 @@ pub fn measure(
         })
         .collect();
 
-    save_png(&grid(&samples, 2), &out.join(PICTURE))?;
     let captions: Vec<RowCaption> = prompts
         .iter()
         .map(|p| RowCaption {
@@ -171,35 +180,12 @@ pub fn measure(
         unseen_combos: unseen,
         seen_from: seen_from.into(),
         scores,
+        reranker: reranker.map(|r| r.path.display().to_string()),
         reranked,
         rows,
         picture: PICTURE.into(),
         captions: CAPTIONS.into(),
     }))
-}
-
-/// Each of `request`'s samples drawn again as the reranker's best of `n`
-/// candidates: every prompt's `images_per_prompt` slots each get `n`
-/// candidates of their own, in the same order as the plain samples.
-fn best_of(stage2: &Stage2, request: &Request, n: usize) -> Result<Vec<image::RgbImage>> {
-    let k = request.images_per_prompt;
-    let slots = Request {
-        prompts: request
-            .prompts
-            .iter()
-            .flat_map(|p| std::iter::repeat_n(p.clone(), k))
-            .collect(),
-        images_per_prompt: 1,
-        candidates: Some(n),
-        batch_size: request.batch_size,
-        sampling: request.sampling.clone(),
-        use_cache: true,
-    };
-    let tokens = (slots.prompts.len() * n) as u64 * stage2.bundle.gpt.config().image_len() as u64;
-    let bar = crate::progress::bar(tokens, &format!("best of {n}"));
-    let generated = generate(&stage2.bundle, &slots, |done| bar.set_position(done))?;
-    bar.finish_and_clear();
-    Ok(generated.images.into_iter().flatten().collect())
 }
 
 /// A spinner for work that reports no progress of its own.

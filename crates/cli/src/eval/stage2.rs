@@ -9,7 +9,6 @@ use anyhow::{Context, Result, bail};
 use dalle_eval::report::{GptReport, PerToken};
 use dalle_model::dvae::{Dvae, DvaeDecoder};
 use dalle_model::gpt::Gpt;
-use dalle_model::rerank::Reranker;
 use dalle_model::text::TextTokenizer;
 use dalle_model::weights;
 use dalle_sample::bundle::{self, Bundle, Manifest};
@@ -66,10 +65,6 @@ pub fn load(
         }
     };
     check_fits(&stage2, dvae)?;
-    let mut stage2 = stage2;
-    if stage2.bundle.reranker.is_none() {
-        stage2.bundle.reranker = run_reranker(job, &stage2.bundle, device)?;
-    }
     Ok(Ok(stage2))
 }
 
@@ -118,24 +113,6 @@ fn from_run(
         },
         name: display(gpt_path),
     })
-}
-
-/// The run's reranker (`<run.dir>/reranker.safetensors`) for a model that
-/// has none of its own, when it fits.
-fn run_reranker(job: &JobConfig, bundle: &Bundle, device: Device) -> Result<Option<Reranker>> {
-    let path = job.rerank_weights_path();
-    if !path.is_file() {
-        return Ok(None);
-    }
-    let reranker = Reranker::load(&path, device)
-        .with_context(|| format!("loading the reranker {}", path.display()))?;
-    bundle::check_reranker(
-        &reranker,
-        &bundle.gpt,
-        &bundle.decoder,
-        &path.display().to_string(),
-    )?;
-    Ok(Some(reranker))
 }
 
 /// The held-out images' tokens come from the evaluated dVAE: its codebook
