@@ -7,6 +7,8 @@
 
 use crate::{ModelError, Result};
 use safetensors::{Dtype, SafeTensors, View};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -136,6 +138,50 @@ pub fn from_bytes(bytes: &[u8], source: &Path) -> Result<WeightFile> {
         metadata,
         tensors,
     })
+}
+
+/// The metadata key naming a file's format.
+const FORMAT_KEY: &str = "format";
+
+/// Metadata of a model's weights file: its `format` and its config as JSON
+/// under `config_key`, so the file alone rebuilds the model.
+pub fn tagged_metadata(
+    format: &str,
+    config_key: &str,
+    config: &impl Serialize,
+) -> HashMap<String, String> {
+    let config = serde_json::to_string(config).expect("config serialises");
+    HashMap::from([
+        (FORMAT_KEY.to_string(), format.to_string()),
+        (config_key.to_string(), config),
+    ])
+}
+
+/// The config of a file written with [`tagged_metadata`], refusing other
+/// formats; `what` names the model in errors ("transformer").
+pub fn tagged_config<T: DeserializeOwned>(
+    file: &WeightFile,
+    format: &str,
+    config_key: &str,
+    what: &str,
+) -> Result<T> {
+    let format_err = |reason: String| ModelError::Format {
+        path: file.path.clone(),
+        reason,
+    };
+    match file.metadata.get(FORMAT_KEY) {
+        Some(f) if f == format => {}
+        other => {
+            return Err(format_err(format!(
+                "format {other:?}, expected `{format}`: not a dalle-rs {what}"
+            )));
+        }
+    }
+    let json = file
+        .metadata
+        .get(config_key)
+        .ok_or_else(|| format_err(format!("no `{config_key}` metadata")))?;
+    serde_json::from_str(json).map_err(|e| format_err(format!("bad `{config_key}`: {e}")))
 }
 
 impl WeightFile {

@@ -34,7 +34,6 @@ use std::path::Path;
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
-const FORMAT_KEY: &str = "format";
 const FORMAT: &str = "dalle-rs/gpt/1";
 const CONFIG_KEY: &str = "gpt_config";
 
@@ -353,11 +352,7 @@ impl Gpt {
 
     /// The metadata a weights file carries: format and config.
     pub fn metadata(&self) -> HashMap<String, String> {
-        let config = serde_json::to_string(&self.config).expect("config serialises");
-        HashMap::from([
-            (FORMAT_KEY.to_string(), FORMAT.to_string()),
-            (CONFIG_KEY.to_string(), config),
-        ])
+        weights::tagged_metadata(FORMAT, CONFIG_KEY, &self.config)
     }
 
     /// Rebuilds a model from a file written by [`Gpt::save`].
@@ -373,22 +368,6 @@ impl Gpt {
     }
 
     pub fn config_from_metadata(file: &WeightFile) -> Result<GptConfig> {
-        let format_err = |reason: String| ModelError::Format {
-            path: file.path.clone(),
-            reason,
-        };
-        match file.metadata.get(FORMAT_KEY) {
-            Some(f) if f == FORMAT => {}
-            other => {
-                return Err(format_err(format!(
-                    "format {other:?}, expected `{FORMAT}`: not a dalle-rs transformer"
-                )));
-            }
-        }
-        let json = file
-            .metadata
-            .get(CONFIG_KEY)
-            .ok_or_else(|| format_err(format!("no `{CONFIG_KEY}` metadata")))?;
-        serde_json::from_str(json).map_err(|e| format_err(format!("bad `{CONFIG_KEY}`: {e}")))
+        weights::tagged_config(file, FORMAT, CONFIG_KEY, "transformer")
     }
 }
