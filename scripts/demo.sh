@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job on embedded defaults (configs/demo.toml), on CPU in about ten
+# The main job on embedded defaults (configs/demo.toml), on CPU in about 15
 # minutes, with `dalle launch` running a coordinator and two data-parallel
 # worker processes: generate the synthetic shapes dataset, train a small
 # dVAE, train the caption tokenizer, pre-tokenize the dataset, train a small
