@@ -18,6 +18,7 @@ use futures::{StreamExt, TryStreamExt};
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
 use parquet::arrow::async_reader::{ParquetRecordBatchStream, ParquetRecordBatchStreamBuilder};
+use parquet::file::metadata::ParquetMetaData;
 use std::sync::Arc;
 
 /// Files whose footers are read at once while planning.
@@ -77,6 +78,7 @@ impl SourceFile {
         let metadata = ArrowReaderMetadata::load_async(&mut reader, ArrowReaderOptions::new())
             .await
             .map_err(DataError::parquet(url.clone()))?;
+        check_row_counts(metadata.metadata(), size, &url)?;
         let columns = columns.resolve(metadata.schema(), &url)?;
         Ok(Self {
             store: location.store.clone(),
@@ -142,6 +144,37 @@ impl SourceFile {
                 .unwrap_or_else(|| format!("{file_name}:{row_group}:{}", first_row + i))
         })
     }
+}
+
+/// Refuses a footer whose row counts the file cannot hold. They are claims
+/// that size per-row buffers and the sample order, so a damaged footer
+/// saying 2^40 rows would abort every rank instead of failing. The bound is
+/// one byte per row: a row here is an image or a token grid with its
+/// caption, which takes far more even compressed. (Run-length encoding can
+/// pack rows of identical values below a byte each, but such a file is no
+/// image–caption dataset.)
+fn check_row_counts(metadata: &ParquetMetaData, size: u64, url: &str) -> Result<()> {
+    let bad = |reason: String| DataError::Parquet {
+        file: url.to_string(),
+        reason,
+    };
+    let mut total: u64 = 0;
+    for (row_group, meta) in metadata.row_groups().iter().enumerate() {
+        let rows = u64::try_from(meta.num_rows()).map_err(|_| {
+            bad(format!(
+                "its footer says row group {row_group} has {} rows (damaged footer)",
+                meta.num_rows()
+            ))
+        })?;
+        total = total.saturating_add(rows);
+        if total > size {
+            return Err(bad(format!(
+                "its footer claims {rows} rows in row group {row_group} ({total} so far), more \
+                 than its {size} bytes can hold at a byte per row (damaged footer)"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Lists the dataset's Parquet files and reads their footers: the row

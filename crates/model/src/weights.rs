@@ -67,12 +67,59 @@ pub fn to_bytes(
         .iter()
         .map(|(name, t)| Ok((name.clone(), to_host(t)?)))
         .collect::<Result<_>>()?;
-    safetensors::serialize(host.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata)).map_err(|e| {
-        ModelError::Format {
-            path: what.to_path_buf(),
-            reason: e.to_string(),
-        }
-    })
+    let format_err = |reason: String| ModelError::Format {
+        path: what.to_path_buf(),
+        reason,
+    };
+    // The crate writes `__metadata__` from a HashMap, in an order that
+    // changes from run to run: identical weights would not give identical
+    // files. So it writes the tensors alone (its header lists them in a
+    // fixed order: by dtype alignment, then name) and the metadata goes in
+    // here, keys sorted.
+    let file = safetensors::serialize(host.iter().map(|(n, t)| (n.as_str(), t)), None)
+        .map_err(|e| format_err(e.to_string()))?;
+    with_sorted_metadata(&file, &metadata).map_err(format_err)
+}
+
+/// `file`, a safetensors file without metadata, with `metadata` added to its
+/// header, keys sorted. The layout is the format's: an 8-byte little-endian
+/// header length, the JSON header padded with spaces to a multiple of 8,
+/// then the data, whose offsets count from the data's start (so a longer
+/// header moves nothing).
+fn with_sorted_metadata(
+    file: &[u8],
+    metadata: &HashMap<String, String>,
+) -> std::result::Result<Vec<u8>, String> {
+    let unexpected = || "unexpected safetensors layout from the serialiser".to_string();
+    let header_len = file
+        .get(..8)
+        .map(|n| u64::from_le_bytes(n.try_into().expect("8 bytes")) as usize)
+        .ok_or_else(unexpected)?;
+    let (header, data) = file[8..]
+        .split_at_checked(header_len)
+        .ok_or_else(unexpected)?;
+    // `{"name":{...},...}`: the tensor entries, between the braces.
+    let tensors = std::str::from_utf8(header)
+        .ok()
+        .and_then(|h| h.trim_end().strip_prefix('{')?.strip_suffix('}'))
+        .ok_or_else(unexpected)?;
+    let sorted: BTreeMap<&String, &String> = metadata.iter().collect();
+    let mut header = format!(
+        "{{\"__metadata__\":{}",
+        serde_json::to_string(&sorted).map_err(|e| e.to_string())?
+    );
+    if !tensors.is_empty() {
+        header.push(',');
+        header.push_str(tensors);
+    }
+    header.push('}');
+    let padded = header.len().next_multiple_of(8);
+    let mut out = Vec::with_capacity(8 + padded + data.len());
+    out.extend_from_slice(&(padded as u64).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    out.resize(8 + padded, b' ');
+    out.extend_from_slice(data);
+    Ok(out)
 }
 
 /// Writes `tensors` (as float32) and `metadata` to `path` atomically.
@@ -233,5 +280,74 @@ impl WeightFile {
             });
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tensors() -> Vec<(String, Tensor)> {
+        vec![
+            (
+                "decoder.w".into(),
+                Tensor::from_slice(&[1.0f32, -2.5, 3.0]).view([3, 1]),
+            ),
+            ("encoder.b".into(), Tensor::from_slice(&[0.25f32])),
+            (
+                "encoder.w".into(),
+                Tensor::from_slice(&[4.0f32, 5.0, 6.0, 7.0]).view([2, 2]),
+            ),
+        ]
+    }
+
+    /// Twelve entries, inserted in `order`, into a fresh map (whose
+    /// iteration order is seeded afresh).
+    fn metadata(order: impl Iterator<Item = usize>) -> HashMap<String, String> {
+        let mut map = HashMap::new();
+        for i in order {
+            map.insert(
+                format!("key-{i:02}"),
+                format!("{{\"value\": {i}, \"quote\": \"\\\"\"}}"),
+            );
+        }
+        map
+    }
+
+    #[test]
+    fn identical_weights_and_metadata_give_identical_files_that_load_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (
+            dir.path().join("a.safetensors"),
+            dir.path().join("b.safetensors"),
+        );
+        save(&a, &tensors(), metadata(0..12)).unwrap();
+        save(&b, &tensors(), metadata((0..12).rev())).unwrap();
+        let (a_bytes, b_bytes) = (std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+        assert!(a_bytes == b_bytes, "the two files differ");
+
+        // The header is the format's: its length, 8-aligned, then JSON with
+        // the metadata's keys in sorted order.
+        let header_len = u64::from_le_bytes(a_bytes[..8].try_into().unwrap()) as usize;
+        assert_eq!(header_len % 8, 0);
+        let header = std::str::from_utf8(&a_bytes[8..8 + header_len]).unwrap();
+        let positions: Vec<usize> = (0..12)
+            .map(|i| header.find(&format!("\"key-{i:02}\"")).unwrap())
+            .collect();
+        assert!(
+            positions.is_sorted(),
+            "metadata keys out of order: {header}"
+        );
+
+        // And it reads back, through the safetensors crate, unchanged.
+        let file = read(&a).unwrap();
+        assert_eq!(file.metadata, metadata(0..12));
+        assert_eq!(file.tensors.len(), 3);
+        for (name, t) in tensors() {
+            assert!(file.tensors[&name].equal(&t), "{name} differs");
+        }
+        // A file with no metadata at all still loads.
+        let empty = to_bytes(&tensors(), HashMap::new(), &a).unwrap();
+        assert!(from_bytes(&empty, &a).unwrap().metadata.is_empty());
     }
 }

@@ -34,7 +34,12 @@
 //!   network error would silently go back in time). A checkpoint that
 //!   failed verification may be replaced by the next save of its step.
 //! - The objects of a save that never committed are removed by the next
-//!   commit's retention pass.
+//!   commit's retention pass, and on local disks so are the `<name>#<N>`
+//!   staging files of writes killed before their rename (listings hide
+//!   them).
+//! - A manifest's sizes are checked against the store's before any buffer
+//!   is sized by them, so a damaged manifest is a corrupt checkpoint (and
+//!   loading falls back), not a huge allocation.
 //! - Local files are not fsynced (object_store's default): after a power
 //!   loss a manifest may survive objects that did not reach the disk;
 //!   verification then finds them and the previous checkpoint is used.

@@ -63,6 +63,10 @@ pub async fn read_object(
     let local = layout::local_dir(loc, path).is_some();
     let (data, crc) = if local || size <= part_bytes {
         let result = loc.store.get(path).await.map_err(missing)?;
+        // The manifest's size is only a claim: a damaged one (say 2^40)
+        // must not size the buffers below, or the process aborts instead
+        // of falling back. The store's own size for the object bounds them.
+        check_size(result.meta.size as usize, size, &url)?;
         match result.payload {
             // A local file is read straight into the buffer, on the
             // blocking pool; at most one byte more, to notice a longer file.

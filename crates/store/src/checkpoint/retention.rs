@@ -6,7 +6,8 @@
 //! pinned by a reader of this process, and anything newer than the commit
 //! that triggered the pass (not ours to judge: a checkpoint to be replaced,
 //! or another branch). Step directories without a manifest older than that
-//! commit are crashed saves: removed.
+//! commit are crashed saves: removed. On local disks, so are the staging
+//! files a killed put left in them (see [`remove_staging_files`]).
 
 use super::checkpointer::Shared;
 use super::layout::{self, MANIFEST};
@@ -14,6 +15,7 @@ use super::pins;
 use super::writer::delete_all;
 use super::{CommitInfo, Result};
 use std::collections::BTreeSet;
+use std::path::Path;
 
 /// What one retention pass deletes.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -64,6 +66,9 @@ pub fn plan_retention(
 pub async fn apply(shared: &Shared, info: &mut CommitInfo) -> Result<()> {
     let run = &shared.run;
     let stage = info.stage.as_str();
+    if let Some(stage_dir) = layout::local_dir(run, &layout::stage_path(run, stage)) {
+        remove_staging_files(&stage_dir, info.step);
+    }
     let mut dirs = layout::scan(run, stage).await?;
     let steps: Vec<(u64, bool)> = dirs.iter().map(|(&s, d)| (s, d.committed)).collect();
     let dir_url = |step: u64| run.describe(&layout::step_path(run, stage, step));
@@ -113,6 +118,73 @@ pub async fn apply(shared: &Shared, info: &mut CommitInfo) -> Result<()> {
     Ok(())
 }
 
+/// Whether `name` is one of object_store's local staging files,
+/// `<name>#<digits>` (the rule its `LocalFileSystem` uses to hide them from
+/// listings). Checkpoint names never hold a `#` (`validate_object_name`),
+/// so under a stage directory such a name can be nothing else.
+fn is_staging_name(name: &str) -> bool {
+    name.split_once('#').is_some_and(|(base, digits)| {
+        !base.is_empty() && !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
+    })
+}
+
+/// Removes the staging files left under a local stage directory by puts
+/// that were killed before their rename (`<object>#1`, `manifest.json#2`,
+/// `latest#1`): listings hide them, so the pass above never sees them and
+/// they would stay forever, keeping their directories too.
+///
+/// Only files that no put of this process is writing: this runs right after
+/// the commit of `current`, inside the one task that saves (a
+/// `Checkpointer` has at most one save in flight, and there is one writer
+/// per run), so every put of ours has finished. For step directories it
+/// also keeps to steps older than `current`, like the removal of crashed
+/// saves: a newer step may be another writer's save in progress.
+fn remove_staging_files(stage_dir: &Path, current: u64) {
+    let Ok(entries) = std::fs::read_dir(stage_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        if !is_dir && is_staging_name(&name) {
+            remove_staging_file(&path);
+        } else if is_dir && layout::parse_step_dir(&name).is_some_and(|step| step < current) {
+            remove_staging_below(&path);
+            // A save killed during its first put leaves nothing else.
+            layout::remove_empty_dirs(&path);
+        }
+    }
+}
+
+fn remove_staging_below(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        match entry.file_type() {
+            Ok(t) if t.is_dir() => remove_staging_below(&path),
+            Ok(t) if t.is_file() && is_staging_name(&entry.file_name().to_string_lossy()) => {
+                remove_staging_file(&path)
+            }
+            _ => {}
+        }
+    }
+}
+
+fn remove_staging_file(path: &Path) {
+    match std::fs::remove_file(path) {
+        Ok(()) => tracing::info!(
+            "{}: removed a staging file of an interrupted write",
+            path.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!("{}: cannot remove this staging file: {e}", path.display()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -159,6 +231,16 @@ mod tests {
             [1, 3],
             "2 is pinned, 9 is newer than the commit"
         );
+    }
+
+    #[test]
+    fn staging_names_follow_object_store() {
+        for name in ["x#3", "model.safetensors#1", "manifest.json#12", "latest#1"] {
+            assert!(is_staging_name(name), "{name}");
+        }
+        for name in ["x", "x#", "#3", "x#3a", "x#-1", "model.safetensors"] {
+            assert!(!is_staging_name(name), "{name}");
+        }
     }
 
     #[test]

@@ -738,3 +738,95 @@ fn bench_reports_throughput() {
     // Cleaned up, and runnable twice in the same place.
     bench(run, 6 * MIB, config()).unwrap();
 }
+
+#[test]
+fn a_manifest_claiming_a_huge_size_falls_back_instead_of_allocating_it() {
+    logs();
+    let dir = tempfile::tempdir().unwrap();
+    let local = Location::parse(dir.path().to_str().unwrap(), &StoreConfig::default()).unwrap();
+    for run in [local, memory("ckpt-huge-size")] {
+        let checkpointer = {
+            let mut checkpointer = Checkpointer::new(run.clone(), config()).unwrap();
+            checkpointer.save_blocking(snapshot("gpt", 1)).unwrap();
+            checkpointer.save_blocking(snapshot("gpt", 2)).unwrap();
+            checkpointer
+        };
+        // Step 2's manifest says one object holds 2^40 bytes (1 TiB): a
+        // reader that sized its buffer by that claim would abort the process.
+        let manifest_name = "gpt/step-0000000002/manifest.json";
+        let mut manifest: Manifest = serde_json::from_slice(&get(&run, manifest_name)).unwrap();
+        let entry = manifest
+            .objects
+            .iter_mut()
+            .find(|o| o.name == "optimizer.bin")
+            .unwrap();
+        let real = entry.size;
+        entry.size = 1 << 40;
+        put(&run, manifest_name, serde_json::to_vec(&manifest).unwrap());
+
+        let loaded = checkpointer.load_latest("gpt").unwrap().unwrap();
+        assert_same(&loaded, &snapshot("gpt", 1));
+        assert_eq!(loaded.skipped.len(), 1);
+        assert_eq!(loaded.skipped[0].step, 2);
+        let object_url = run.describe(&run.child("gpt/step-0000000002/optimizer.bin"));
+        let reason = &loaded.skipped[0].reason;
+        for part in [object_url.as_str(), &real.to_string(), "1099511627776"] {
+            assert!(reason.contains(part), "{part:?} not in {reason}");
+        }
+        let log = logs();
+        assert!(
+            log.lines().any(|l| l.contains("ERROR")
+                && l.contains(&object_url)
+                && l.contains("1099511627776")),
+            "no error line naming {object_url}: {log}"
+        );
+    }
+}
+
+#[test]
+fn retention_removes_staging_files_of_killed_writes_on_local_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = Location::parse(dir.path().to_str().unwrap(), &StoreConfig::default()).unwrap();
+    let mut checkpointer = Checkpointer::new(run.clone(), config()).unwrap();
+    checkpointer.save_blocking(snapshot("gpt", 1)).unwrap();
+    // What object_store's LocalFileSystem leaves when the process dies
+    // mid-put: `<name>#<N>` files, hidden from listings. Step 2 is a save
+    // killed during its first put (nothing else in its directory); step 9
+    // is newer than the next commit, so not retention's to judge.
+    let stage = dir.path().join("gpt");
+    let staging = [
+        "step-0000000001/x#3",
+        "step-0000000001/rng/rank-00000.bin#12",
+        "step-0000000001/manifest.json#1",
+        "step-0000000002/model.safetensors#1",
+        "latest#2",
+    ];
+    let newer = "step-0000000009/model.safetensors#1";
+    for name in staging.iter().chain([&newer]) {
+        let path = stage.join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, b"partial").unwrap();
+    }
+    let committed_before = keys(&run);
+
+    checkpointer.save_blocking(snapshot("gpt", 3)).unwrap();
+    for name in staging {
+        assert!(!stage.join(name).exists(), "{name} left behind");
+    }
+    assert!(
+        !stage.join("step-0000000002").exists(),
+        "empty step-2 dir left"
+    );
+    assert!(
+        stage.join(newer).exists(),
+        "a newer step's file was removed"
+    );
+    // Every object committed before is still there and step 1 still loads.
+    let after = keys(&run);
+    for key in &committed_before {
+        assert!(after.contains(key), "{key} removed");
+    }
+    let mut step1 = run.clone();
+    step1.prefix = run.child("gpt/step-0000000001");
+    assert_same(&checkpointer.load(&step1).unwrap(), &snapshot("gpt", 1));
+}
