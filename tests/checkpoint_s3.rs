@@ -4,7 +4,7 @@
 
 mod support;
 
-use dalle_store::checkpoint::{CheckpointConfig, Checkpointer, Loaded, Snapshot};
+use dalle_store::checkpoint::{CheckpointConfig, Checkpointer, Fence, Loaded, Snapshot};
 use dalle_store::object_store::aws::AmazonS3Builder;
 use dalle_store::object_store::{
     BackoffConfig, ClientOptions, ObjectStoreExt, PutPayload, RetryConfig,
@@ -57,6 +57,7 @@ fn config() -> CheckpointConfig {
         keep_every: None,
         part_bytes: 8 << 20,
         concurrency: 4,
+        fence: None,
     }
 }
 
@@ -285,4 +286,32 @@ fn a_store_unreachable_for_seconds_mid_save_is_retried_and_nothing_is_lost() {
     let mut older = run.clone();
     older.prefix = run.child("gpt/step-0000000001");
     assert_same(&checkpointer.load(&older).unwrap(), &first);
+}
+
+#[test]
+fn on_garage_which_ignores_conditional_puts_an_older_group_is_fenced_out() {
+    logs();
+    let garage = Garage::start();
+    let run = location(&garage, "runs/fenced", 30);
+    let group = |generation| CheckpointConfig {
+        fence: Some(Fence {
+            epoch: 1,
+            generation,
+        }),
+        ..config()
+    };
+    let mut old = Checkpointer::new(run.clone(), group(1)).unwrap();
+    old.claim().unwrap();
+    old.save_blocking(snapshot(1, 0)).unwrap();
+    // A newer group takes over while the old writer sleeps.
+    let mut new = Checkpointer::new(run.clone(), group(2)).unwrap();
+    new.claim().unwrap();
+    new.save_blocking(snapshot(2, 0)).unwrap();
+    // Woken up, the old writer can neither commit nor prune.
+    let err = old.save_blocking(snapshot(3, 0)).unwrap_err();
+    assert!(err.to_string().contains("has claimed the run"), "{err}");
+    assert!(old.discard_after("gpt", 1).is_err());
+    assert_eq!(new.committed_steps("gpt").unwrap(), [1, 2]);
+    let step_3 = run.child("gpt/step-0000000003/manifest.json");
+    assert!(rt().block_on(run.store.head(&step_3)).is_err());
 }

@@ -5,71 +5,9 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-const DALLE: &str = env!("CARGO_BIN_EXE_dalle");
-
-/// A tiny job in `dir`: its config file, with `run` added to its `[run]`
-/// table and `extra` TOML appended.
-fn tiny_job(dir: &Path, run_extra: &str, extra: &str) -> std::path::PathBuf {
-    let run = dir.join("run");
-    let config = dir.join("job.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[run]
-dir = "{}"
-device = "cpu"
-verify_every = 5
-{run_extra}
-
-[synth]
-count = 256
-image_size = 16
-rows_per_file = 64
-rows_per_group = 16
-
-[data]
-decode_threads = 1
-
-[dvae.model]
-image_size = 16
-n_hid = 8
-n_blk_per_group = 1
-vocab_size = 16
-n_init = 8
-
-[dvae.train]
-steps = 10
-batch_size = 8
-log_every = 5
-save_every = 0
-
-[text]
-vocab_size = 300
-text_len = 24
-
-[gpt.model]
-dim = 32
-depth = 1
-heads = 2
-attention = "dense"
-
-[gpt.train]
-steps = 10
-batch_size = 8
-log_every = 5
-save_every = 0
-{extra}
-"#,
-            run.display()
-        ),
-    )
-    .unwrap();
-    config
-}
+use support::launch::{DALLE, KillPid, Running, children, committed, field, tiny_job};
 
 #[test]
 fn two_workers_run_the_whole_job() {
@@ -144,219 +82,6 @@ fn stage_losses(log: &str, target: &str) -> Vec<String> {
         .filter_map(|l| l.split("| loss").nth(1)?.split('|').next())
         .map(str::to_string)
         .collect()
-}
-
-/// A dVAE stage long enough to kill a worker in, with the sample ledger on.
-const STAGE1_LONG: [&str; 6] = [
-    "--set",
-    "dvae.train.steps=600",
-    "--set",
-    "dvae.train.batch_size=6",
-    "--set",
-    "run.ledger=true",
-];
-
-/// The sample keys of every dVAE step in a run's ledger; a step done more
-/// than once (before and after a re-formation) counts as done by the
-/// smaller, later group.
-fn ledger(run: &Path) -> std::collections::BTreeMap<u64, Vec<String>> {
-    let mut by_step: std::collections::BTreeMap<u64, (u64, Vec<String>)> = Default::default();
-    for entry in std::fs::read_dir(run.join("ledger")).unwrap().flatten() {
-        if !entry.file_name().to_string_lossy().starts_with("dvae-") {
-            continue;
-        }
-        for line in std::fs::read_to_string(entry.path()).unwrap().lines() {
-            let v: serde_json::Value = serde_json::from_str(line).unwrap();
-            let (step, world) = (v["step"].as_u64().unwrap(), v["world"].as_u64().unwrap());
-            let keys = v["keys"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|k| k.as_str().unwrap().to_string());
-            let slot = by_step.entry(step).or_insert((world, Vec::new()));
-            if world < slot.0 {
-                *slot = (world, Vec::new());
-            }
-            if world == slot.0 {
-                slot.1.extend(keys);
-            }
-        }
-    }
-    by_step
-        .into_iter()
-        .map(|(step, (_, mut keys))| {
-            keys.sort();
-            (step, keys)
-        })
-        .collect()
-}
-
-/// The newest committed checkpoint step of a stage, if any.
-fn committed(run: &Path, stage: &str) -> Option<u64> {
-    std::fs::read_dir(run.join("checkpoints").join(stage))
-        .ok()?
-        .flatten()
-        .filter(|e| e.path().join("manifest.json").is_file())
-        .filter_map(|e| e.file_name().to_str()?.strip_prefix("step-")?.parse().ok())
-        .max()
-}
-
-/// The worker processes a launcher started.
-fn children(pid: u32) -> Vec<u32> {
-    let path = format!("/proc/{pid}/task/{pid}/children");
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect()
-}
-
-#[test]
-fn a_killed_worker_is_replaced_by_resuming_the_survivors_from_the_checkpoint() {
-    let dir = tempfile::tempdir().unwrap();
-    let run = dir.path().join("run");
-    // A dVAE stage long enough to be killed in, checkpointed every 20 steps.
-    let config = tiny_job(dir.path(), "", "[checkpoint]\nevery = 20\n");
-    let mut launch = Command::new(DALLE)
-        .arg("--config")
-        .arg(&config)
-        .args(STAGE1_LONG)
-        .args(["launch", "--nproc", "3", "--min-workers", "2"])
-        .args(["--heartbeat-timeout-secs", "3"])
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Ready: a checkpoint is committed and the three workers run.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while committed(&run, "dvae").is_none() || children(launch.id()).len() < 3 {
-        assert!(Instant::now() < deadline, "no checkpoint within 2 minutes");
-        assert!(launch.try_wait().unwrap().is_none(), "launch ended early");
-        // Poll the readiness conditions above without spinning a core.
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let before = committed(&run, "dvae").unwrap();
-    let victim = children(launch.id())[2];
-    Command::new("kill")
-        .args(["-9", &victim.to_string()])
-        .status()
-        .unwrap();
-
-    let out = launch.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "the job failed after losing a worker:\n{stderr}"
-    );
-    assert!(
-        stdout.contains("with 2 workers (generation 2, 1 restarts)"),
-        "{stdout}"
-    );
-    // The launcher saw its worker die and told the coordinator, which did
-    // not wait for the heartbeat timeout to drop it.
-    assert!(stderr.contains("exited: signal: 9"), "{stderr}");
-    // The survivors went on from a committed checkpoint, not from scratch.
-    let resumed: Vec<u64> = stderr
-        .lines()
-        .filter(|l| l.contains("resuming from a checkpoint") && l.contains("stage=dvae"))
-        .filter_map(|l| {
-            l.split("step=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect();
-    assert!(
-        !resumed.is_empty() && resumed.iter().all(|&s| s >= before),
-        "{stderr}"
-    );
-    assert!(run.join("bundle/bundle.json").is_file());
-
-    // The sample ledger: every step, before and after the failure, trained on
-    // exactly the samples an uninterrupted run trains on (none lost, none
-    // twice), whatever the world size. The reference runs the dVAE alone.
-    let reference_job = dir.path().join("reference");
-    std::fs::create_dir_all(&reference_job).unwrap();
-    let reference_config = tiny_job(
-        &reference_job,
-        "stages = [\"dvae\"]",
-        "[checkpoint]\nevery = 20\n",
-    );
-    let reference = reference_job.join("run");
-    let out = Command::new(DALLE)
-        .arg("--config")
-        .arg(&reference_config)
-        .args(STAGE1_LONG)
-        .args(["launch", "--nproc", "2"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // Only the planned stage ran.
-    assert!(reference.join("dvae.safetensors").is_file());
-    assert!(!reference.join("tokenizer.json").exists());
-    let (survived, uninterrupted) = (ledger(&run), ledger(&reference));
-    assert_eq!(uninterrupted.len(), 600);
-    assert_eq!(survived, uninterrupted, "the samples of some step differ");
-    let all: Vec<&String> = uninterrupted.values().flatten().collect();
-    assert!(all.iter().all(|k| !k.is_empty()) && all.len() == 600 * 6);
-}
-
-/// Lines a child process writes, collected by a thread as they come.
-#[derive(Clone, Default)]
-struct Log(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
-
-impl Log {
-    fn follow(stream: impl std::io::Read + Send + 'static) -> Self {
-        let log = Log::default();
-        let lines = log.0.clone();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stream)
-                .lines()
-                .map_while(Result::ok)
-            {
-                lines.lock().unwrap().push(line);
-            }
-        });
-        log
-    }
-
-    fn text(&self) -> String {
-        self.0.lock().unwrap().join("\n")
-    }
-
-    /// The first line containing `needle`, once it comes (or fails after
-    /// `limit` with the log so far).
-    fn wait_for(&self, needle: &str, limit: Duration) -> String {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(line) = self.0.lock().unwrap().iter().find(|l| l.contains(needle)) {
-                return line.clone();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no line with {needle:?} within {limit:?}:\n{}",
-                self.text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-/// The value after `key=` in a log line.
-fn field<'a>(line: &'a str, key: &str) -> &'a str {
-    line.split(&format!("{key}="))
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no {key}= in {line}"))
 }
 
 fn status_page(addr: &str) -> String {
@@ -524,58 +249,6 @@ fn over_tls_a_hung_worker_is_dropped_a_newcomer_taken_in_and_strangers_refused()
     assert!(said.contains("stage=gpt"), "{said}");
     log.wait_for("killing it", Duration::ZERO);
     assert!(run.join("bundle/bundle.json").is_file());
-}
-
-/// A child process with both outputs followed as they come (a pipe nobody
-/// reads fills up and blocks it), killed if the test fails before it ends.
-struct Running {
-    child: std::process::Child,
-    stdout: Log,
-    stderr: Log,
-}
-
-impl Running {
-    fn spawn(command: &mut Command) -> Self {
-        let mut child = command
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = Log::follow(child.stdout.take().unwrap());
-        let stderr = Log::follow(child.stderr.take().unwrap());
-        Running {
-            child,
-            stdout,
-            stderr,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn wait(mut self) -> std::process::ExitStatus {
-        self.child.wait().unwrap()
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-struct KillPid(u32);
-
-impl Drop for KillPid {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-9", &self.0.to_string()])
-            .status();
-    }
 }
 
 /// Join with another protocol version, as an older or newer worker would.
@@ -796,4 +469,67 @@ fn the_slurm_node_script_runs_a_job_on_two_nodes() {
     assert!(other_log.text().contains("world=2"), "{}", other_log.text());
     assert!(dir.path().join("node-1/tokenizer.json").is_file());
     assert!(shared.join("bundle/bundle.json").is_file());
+}
+
+#[test]
+fn tokens_from_files_stay_out_of_command_lines_and_guard_the_status_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_job(dir.path(), "stages = [\"dvae\"]", "");
+    let (job_token, status_token) = (
+        dir.path().join("job.token"),
+        dir.path().join("status.token"),
+    );
+    std::fs::write(&job_token, "file-job-token-0042\n").unwrap();
+    std::fs::write(&status_token, "file-status-token-0042\n").unwrap();
+    let launch = Running::spawn(
+        Command::new(DALLE)
+            .arg("--config")
+            .arg(&config)
+            .args(["--set", "dvae.train.steps=300"])
+            .args(["launch", "--nproc", "2", "--status", "127.0.0.1:0"])
+            .arg("--token-file")
+            .arg(&job_token)
+            .arg("--status-token-file")
+            .arg(&status_token)
+            .env_remove("DALLE_JOB_TOKEN")
+            .env("NO_COLOR", "1"),
+    );
+    let started = launch
+        .stderr
+        .wait_for("job started", Duration::from_secs(60));
+    let status = field(&started, "status")
+        .trim_start_matches("Some(")
+        .trim_end_matches(')')
+        .to_string();
+    launch
+        .stderr
+        .wait_for("stage starts", Duration::from_secs(60));
+    // No process of the job shows the token in its command line.
+    let pids: Vec<u32> = std::iter::once(launch.pid())
+        .chain(children(launch.pid()))
+        .collect();
+    assert_eq!(pids.len(), 3);
+    for pid in pids {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        assert!(!cmdline.contains("token-0042"), "pid {pid}: {cmdline}");
+    }
+    // The status page wants the status token, not the job's.
+    let get = |authorization: &str| {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(&status).unwrap();
+        write!(stream, "GET / HTTP/1.1\r\nHost: x\r\n{authorization}\r\n").unwrap();
+        let mut page = String::new();
+        stream.read_to_string(&mut page).unwrap();
+        page
+    };
+    assert!(get("").starts_with("HTTP/1.1 401"));
+    assert!(get("Authorization: Bearer file-job-token-0042\r\n").starts_with("HTTP/1.1 401"));
+    let page = get("Authorization: Bearer file-status-token-0042\r\n");
+    assert!(
+        page.starts_with("HTTP/1.1 200") && page.contains("phase:"),
+        "{page}"
+    );
+    let log = launch.stderr.clone();
+    assert!(launch.wait().success(), "{}", log.text());
 }

@@ -17,7 +17,16 @@
 #                                its host name)
 #   DALLE_RUN_DIR                this node's run directory (default: the
 #                                job's run.dir)
+#   DALLE_TLS_CERT, DALLE_TLS_KEY  serve the coordinator over TLS with this
+#                                certificate and key (PEM, on node 0)
+#   DALLE_TLS_CA                 the CA the workers trust (default:
+#                                DALLE_TLS_CERT, right for a self-signed one)
+#   DALLE_STATUS_TOKEN_FILE      guard the status page with this bearer token
 #   DALLE                        the dalle binary (default: dalle on PATH)
+#
+# Without TLS the job token and the ring secrets cross the cluster network in
+# cleartext (plain HTTP/2): anyone who can sniff it can join the job. Set
+# DALLE_TLS_CERT and DALLE_TLS_KEY unless that network is trusted.
 set -euo pipefail
 
 config=${1:?usage: node.sh CONFIG [dalle global flags...]}
@@ -36,17 +45,32 @@ run_dir=()
 if [[ -n ${DALLE_RUN_DIR:-} ]]; then
   run_dir=(--run-dir "$DALLE_RUN_DIR")
 fi
+scheme=http
+serve_tls=()
+trust_tls=()
+if [[ -n ${DALLE_TLS_CERT:-} ]]; then
+  scheme=https
+  serve_tls=(--tls-cert "$DALLE_TLS_CERT" --tls-key "${DALLE_TLS_KEY:?DALLE_TLS_KEY is not set}")
+  trust_tls=(--tls-ca "${DALLE_TLS_CA:-$DALLE_TLS_CERT}")
+elif [[ $node == 0 ]]; then
+  echo "node.sh: warning: no DALLE_TLS_CERT: the job token crosses the network in cleartext" >&2
+fi
+status_guard=()
+if [[ -n ${DALLE_STATUS_TOKEN_FILE:-} ]]; then
+  status_guard=(--status-token-file "$DALLE_STATUS_TOKEN_FILE")
+fi
 
 if [[ $node == 0 ]]; then
   exec "$dalle" --config "$config" "$@" launch \
     --nproc "$per_node" --min-workers $((nodes * per_node)) \
-    --listen "0.0.0.0:$port" --status "0.0.0.0:$status_port" --advertise "$advertise"
+    --listen "0.0.0.0:$port" --status "0.0.0.0:$status_port" --advertise "$advertise" \
+    "${serve_tls[@]}" "${trust_tls[@]}" "${status_guard[@]}"
 fi
 
 pids=()
 for ((i = 0; i < per_node; i++)); do
-  "$dalle" worker --coordinator "http://$head:$port" --slot "$kind:$i" \
-    --advertise "$advertise" "${run_dir[@]}" &
+  "$dalle" worker --coordinator "$scheme://$head:$port" --slot "$kind:$i" \
+    --advertise "$advertise" "${run_dir[@]}" "${trust_tls[@]}" &
   pids+=($!)
 done
 status=0

@@ -1,3 +1,4 @@
 //! Helpers shared by the tests that run real processes.
 
 pub mod garage;
+pub mod launch;

@@ -24,9 +24,14 @@ pub struct WorkerArgs {
     /// The coordinator, e.g. `http://10.0.0.1:7000`.
     #[arg(long)]
     pub coordinator: String,
-    /// The job token (never logged).
+    /// The job token (never logged). Prefer the environment or
+    /// --token-file: a command line shows in `ps`.
     #[arg(long, env = "DALLE_JOB_TOKEN", hide_env_values = true)]
-    pub token: String,
+    pub token: Option<String>,
+    /// Read the job token from this file (its first line); it wins over
+    /// --token and DALLE_JOB_TOKEN.
+    #[arg(long)]
+    pub token_file: Option<std::path::PathBuf>,
     /// The device this worker drives: `cpu:N`, or `cuda:N` for GPU N.
     #[arg(long, default_value = "cpu:0")]
     pub slot: String,
@@ -76,7 +81,14 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         None => info.host.clone(),
     };
     info.data_addr = format!("{host}:{}", listener.local_addr()?.port());
-    let token = Token::new(args.token.clone())?;
+    let token = match (&args.token_file, &args.token) {
+        (Some(file), _) => Token::from_file(file)?,
+        (None, Some(token)) => Token::new(token.clone())?,
+        (None, None) => bail!(
+            "no job token: set DALLE_JOB_TOKEN or give --token-file (the coordinator's job \
+             token; `dalle launch` hands it to the workers it starts)"
+        ),
+    };
     let tls = if args.tls_ca.is_some() || args.tls_domain.is_some() {
         let trust = match &args.tls_ca {
             Some(ca) => ClientTls::from_ca_file(ca)?,
@@ -173,7 +185,22 @@ fn train_generation(
         };
         cut.trigger(format!("the coordinator ended this group: {reason}"));
     });
-    let mut ddp = collective(job, assignment, listener, interrupt)?;
+    let mut ddp = match collective(job, assignment, listener, interrupt) {
+        Ok(ddp) => ddp,
+        // A peer that died (or was dropped) between its Join reply and the
+        // formation leaves the others unable to form this ring: that is the
+        // group's failure, so join again rather than exit.
+        Err(e) => {
+            return match heartbeats.instruction() {
+                Instruction::Stop { reason } => bail!("the coordinator stopped the job: {reason}"),
+                Instruction::Reform { reason } => Ok(Ending::Reform(reason)),
+                Instruction::Continue => Ok(Ending::Reform(format!(
+                    "the collective of generation {} did not form: {e:#}",
+                    assignment.generation
+                ))),
+            };
+        }
+    };
     let beats = heartbeats.clone();
     ddp = ddp.with_step_hook(Box::new(move |end: &StepEnd| {
         last_step.store(end.step, Ordering::Relaxed);
@@ -200,6 +227,7 @@ fn train_generation(
                 return Err(TrainError::Stopped(reason).into());
             }
             heartbeats.enter_stage(index);
+            let job = &stage_job(job, assignment, index);
             stages::run(stage, job, ddp, &mut |v| heartbeats.report_validation(v))?;
             match membership.stage_done(assignment, index) {
                 Ok(_) => {}
@@ -239,6 +267,20 @@ fn train_generation(
     }
 }
 
+/// The job as stage `index` runs it in this generation. The resume policy
+/// (`--no-resume`, `--resume-from`) is the job's start: once an earlier
+/// generation trained in the stage, every re-formed group resumes the run's
+/// newest committed checkpoint of it, never going back to `resume_from` (which
+/// would discard newer progress) nor refusing the checkpoints it wrote itself.
+fn stage_job(job: &JobConfig, assignment: &Assignment, index: usize) -> JobConfig {
+    let mut job = job.clone();
+    if index == assignment.first_stage && assignment.first_stage_started {
+        job.checkpoint.resume = true;
+        job.checkpoint.resume_from = None;
+    }
+    job
+}
+
 /// The collective of this generation: NCCL for GPU slots, else the TCP
 /// ring over every member's data address.
 fn collective(
@@ -265,7 +307,7 @@ fn collective(
                 ..NcclOptions::default()
             };
             let nccl = NcclCollective::with_options(rank, world, &id, ordinal, options)?;
-            Ok(DataParallel::nccl(nccl, DEFAULT_BUCKET_BYTES))
+            Ok(DataParallel::nccl(nccl, DEFAULT_BUCKET_BYTES).with_group(group(assignment)))
         }
         dalle_runtime::Backend::TcpRing => {
             let peers: Vec<SocketAddr> = assignment
@@ -275,12 +317,23 @@ fn collective(
                 .collect::<Result<_>>()?;
             let config = RingConfig {
                 session: session_id(assignment),
+                secret: dalle_collective::RingSecret::new(assignment.ring_secret.clone()),
                 interrupt,
                 ..RingConfig::default()
             };
             let ring = TcpRing::connect(rank, peers, listener.try_clone()?, config)?;
-            Ok(DataParallel::new(Box::new(ring), DEFAULT_BUCKET_BYTES))
+            Ok(DataParallel::new(Box::new(ring), DEFAULT_BUCKET_BYTES)
+                .with_group(group(assignment)))
         }
+    }
+}
+
+/// This generation's place in the job's order of groups (checkpoint
+/// writers of older ones are fenced out).
+fn group(assignment: &Assignment) -> dalle_store::checkpoint::Fence {
+    dalle_store::checkpoint::Fence {
+        epoch: assignment.job_epoch,
+        generation: assignment.generation,
     }
 }
 

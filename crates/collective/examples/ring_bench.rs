@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use dalle_collective::{Collective, RingConfig, TcpRing};
+use dalle_collective::{Collective, RingConfig, RingSecret, TcpRing};
 
 struct Args {
     sizes_mb: Vec<usize>,
@@ -64,6 +64,8 @@ fn time_ring(world: usize, bytes: usize, chunk_bytes: usize) -> Duration {
     let times = Arc::new(Mutex::new(vec![Duration::ZERO; reps]));
     let cfg = RingConfig {
         session: 1,
+        // Every rank a clone of this config, so one secret for the ring.
+        secret: RingSecret::random(),
         chunk_bytes,
         ..RingConfig::default()
     };

@@ -54,6 +54,13 @@ pub enum Error {
     #[error("{peer} refused the connection: {reason}")]
     Refused { peer: Peer, reason: String },
 
+    /// The handshake's proofs did not match: the peer holds another
+    /// generation's secret (a stale worker, or ranks handed different
+    /// secrets), or it is not a member of the group at all. Retrying cannot
+    /// help.
+    #[error("authentication with {peer} failed: {detail}")]
+    Unauthenticated { peer: Peer, detail: String },
+
     /// Nothing moved for a whole `io_timeout`: the peer hung, or the network
     /// between us did.
     #[error("{op} with {peer}: no progress for {timeout:?} (peer hung or network down)")]

@@ -4,6 +4,9 @@
 //!
 //! - [`TcpRing`]: a ring all-reduce over plain TCP for CPU workers, on one
 //!   machine or across many (std threads and sockets, no async runtime).
+//!   Its links are opened only between holders of the generation's
+//!   [`RingSecret`]; the bytes after that handshake travel in the clear
+//!   (see `connect.rs` for the threat model).
 //! - [`NcclCollective`]: NCCL through cudarc for GPU workers. Its hot path
 //!   works on device buffers ([`NcclCollective::all_reduce_sum_device`]);
 //!   it also implements [`Collective`] on host slices (staged through the
@@ -24,6 +27,7 @@
 //! later call fails fast: the coordinator re-forms the group (new session,
 //! new links) and training resumes from the last checkpoint.
 
+mod auth;
 mod connect;
 mod error;
 mod interrupt;
@@ -32,6 +36,7 @@ mod ring;
 mod sender;
 pub mod wire;
 
+pub use auth::RingSecret;
 pub use error::{Error, Peer, Result};
 pub use interrupt::Interrupt;
 pub use nccl::{

@@ -33,18 +33,31 @@ use crate::connect::{self, Place};
 use crate::error::{Error, Peer, Result};
 use crate::sender::Sender;
 use crate::wire::{HEADER_LEN, Op, OpHeader};
-use crate::{Collective, Interrupt};
+use crate::{Collective, Interrupt, RingSecret};
 
 /// How a ring forms and moves bytes. Every rank of a group must use the same
-/// `session`; the rest may differ per rank.
+/// `session` and `secret`; the rest may differ per rank.
 #[derive(Debug, Clone)]
 pub struct RingConfig {
     /// Names the job and the group's generation: links from any other
     /// session are refused. The coordinator hands it out with the addresses.
+    /// It is not a secret (anyone with a checkpoint can work it out): it
+    /// tells honest ranks of different generations apart, nothing more.
     pub session: u64,
+    /// What every member of this generation, and nobody else, holds: each
+    /// link's handshake proves both ends know it (see `connect.rs`). The
+    /// coordinator draws a fresh [`RingSecret::random`] per generation and
+    /// hands it to each member over its authenticated channel. A ring of two
+    /// or more ranks refuses to form without one (empty, or shorter than
+    /// [`RingSecret::MIN_LEN`]); the default is empty.
+    pub secret: RingSecret,
     /// How long to keep trying to form the ring (peers start at different
     /// times).
     pub connect_timeout: Duration,
+    /// The longest one handshake may take, on either side: a caller that
+    /// has not proved itself by then is cut off, and a connect attempt that
+    /// got no answer by then is retried.
+    pub handshake_timeout: Duration,
     /// The longest a read or write may wait without moving a byte. It bounds
     /// how long a hung peer goes unnoticed, and must exceed the longest time
     /// one rank may arrive at a collective before the others (e.g. a slower
@@ -63,7 +76,9 @@ impl Default for RingConfig {
     fn default() -> Self {
         Self {
             session: 0,
+            secret: RingSecret::default(),
             connect_timeout: Duration::from_secs(60),
+            handshake_timeout: Duration::from_secs(5),
             io_timeout: Duration::from_secs(300),
             chunk_bytes: 1 << 20,
             max_in_flight: 4,
@@ -132,6 +147,19 @@ impl TcpRing {
             return Err(Error::Setup(format!(
                 "{world} ranks do not fit the wire format"
             )));
+        }
+        // One rank opens no link, so it has nothing to authenticate.
+        if world > 1 && config.secret.len() < RingSecret::MIN_LEN {
+            return Err(Error::Setup(format!(
+                "the ring secret is {} bytes, at least {} are needed: without it anyone who \
+                 can reach this rank's port could join the ring (the coordinator hands every \
+                 member the generation's secret)",
+                config.secret.len(),
+                RingSecret::MIN_LEN
+            )));
+        }
+        if config.handshake_timeout.is_zero() {
+            return Err(Error::Setup("handshake_timeout is zero".into()));
         }
         // Whole f32s per chunk, at least one.
         let chunk_bytes = (config.chunk_bytes / 4).max(1) * 4;

@@ -3,36 +3,62 @@
 //! fixed size, so a reader never trusts a length from the wire.
 //!
 //! A link is one TCP connection from rank r to rank r+1 (mod W); data flows
-//! only in that direction except for the handshake's answer.
+//! only in that direction except for the handshake's replies.
 //!
 //! ```text
-//! Hello  (connector → acceptor, 28 bytes)
-//!   magic "DALLERNG" | version u32 | session u64 | rank u32 | world u32
-//! Answer (acceptor → connector, 17 bytes)
+//! Hello     (connector → acceptor, 60 bytes)
+//!   magic "DALLERNG" | version u32 | session u64 | rank u32 | world u32 | nonce [32]
+//! Answer    (acceptor → connector, 17 bytes)
 //!   magic "DALLERNG" | version u32 | verdict u8 | rank u32
-//! OpHeader (before each collective, 24 bytes)
+//! Challenge (acceptor → connector, 64 bytes, only after an Accepted answer)
+//!   nonce [32] | proof [32]            the acceptor's proof (see auth.rs)
+//! Proof     (connector → acceptor, 32 bytes)
+//!   proof [32]                         the connector's proof
+//! Outcome   (acceptor → connector, 1 byte)
+//!   verdict u8                         Accepted or Unauthenticated
+//! OpHeader  (before each collective, 24 bytes)
 //!   op u8 | 0u8 ×3 | root u32 | seq u64 | len u64
 //! then the payload: f32 little-endian for all-reduce, raw bytes for broadcast.
 //! ```
+//!
+//! The first 28 bytes of a hello and the whole answer keep version 1's
+//! layout, so ranks of different versions still tell each other which
+//! version they speak instead of timing out.
 
 /// Says "this is a dalle ring link" before anything else is believed.
 pub const MAGIC: [u8; 8] = *b"DALLERNG";
-/// Bumped whenever any frame below changes.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Bumped whenever any frame below changes. 2: the handshake authenticates
+/// both sides with the generation's secret.
+pub const PROTOCOL_VERSION: u32 = 2;
 
-pub const HELLO_LEN: usize = 28;
+/// The part of a hello every version shares (version 1's whole hello).
+pub const HELLO_HEAD_LEN: usize = 28;
+pub const HELLO_LEN: usize = HELLO_HEAD_LEN + NONCE_LEN;
 pub const ANSWER_LEN: usize = 17;
+pub const CHALLENGE_LEN: usize = NONCE_LEN + PROOF_LEN;
+pub const NONCE_LEN: usize = 32;
+/// An HMAC-SHA256 tag.
+pub const PROOF_LEN: usize = 32;
+pub const OUTCOME_LEN: usize = 1;
 pub const HEADER_LEN: usize = 24;
+
+/// Fresh random bytes per handshake and side, so no recorded proof is good
+/// for another handshake.
+pub type Nonce = [u8; NONCE_LEN];
+/// Proves its sender holds the ring's secret, for one handshake.
+pub type Proof = [u8; PROOF_LEN];
 
 /// What a connecting rank says about itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Hello {
     pub version: u32,
     /// The job and group generation this link belongs to: a worker left over
-    /// from an earlier group (or another job) is refused.
+    /// from an earlier group (or another job) is refused. Not a secret.
     pub session: u64,
     pub rank: u32,
     pub world: u32,
+    /// The connector's half of what the proofs cover.
+    pub nonce: Nonce,
 }
 
 impl Hello {
@@ -43,22 +69,32 @@ impl Hello {
         b[12..20].copy_from_slice(&self.session.to_le_bytes());
         b[20..24].copy_from_slice(&self.rank.to_le_bytes());
         b[24..28].copy_from_slice(&self.world.to_le_bytes());
+        b[28..60].copy_from_slice(&self.nonce);
         b
     }
 
     /// `None` when the magic is wrong: whatever connected does not speak this
     /// protocol at all.
     pub fn decode(b: &[u8; HELLO_LEN]) -> Option<Self> {
-        (b[0..8] == MAGIC).then(|| Self {
-            version: u32_at(b, 8),
+        let version = Self::version_of(b[..HELLO_HEAD_LEN].try_into().expect("head"))?;
+        Some(Self {
+            version,
             session: u64_at(b, 12),
             rank: u32_at(b, 20),
             world: u32_at(b, 24),
+            nonce: b[28..60].try_into().expect("32 bytes"),
         })
+    }
+
+    /// The version a hello of any version announces, from the head they all
+    /// share; `None` when the magic is wrong.
+    pub fn version_of(head: &[u8; HELLO_HEAD_LEN]) -> Option<u32> {
+        (head[0..8] == MAGIC).then(|| u32_at(head, 8))
     }
 }
 
-/// The acceptor's decision on a [`Hello`].
+/// The acceptor's decision on a [`Hello`], and later on the connector's
+/// [`Proof`] (the outcome byte).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Verdict {
@@ -67,21 +103,25 @@ pub enum Verdict {
     WrongSession = 2,
     WrongRank = 3,
     WrongWorld = 4,
+    /// The connector's proof does not match the acceptor's secret.
+    Unauthenticated = 5,
 }
 
 impl Verdict {
-    fn from_u8(v: u8) -> Option<Self> {
+    pub fn decode(v: u8) -> Option<Self> {
         Some(match v {
             0 => Verdict::Accepted,
             1 => Verdict::WrongVersion,
             2 => Verdict::WrongSession,
             3 => Verdict::WrongRank,
             4 => Verdict::WrongWorld,
+            5 => Verdict::Unauthenticated,
             _ => return None,
         })
     }
 
     /// Judges a hello against what this rank expects from its predecessor.
+    /// Only the proofs that follow establish who the caller is.
     pub fn judge(hello: &Hello, session: u64, prev_rank: usize, world: usize) -> Self {
         if hello.version != PROTOCOL_VERSION {
             Verdict::WrongVersion
@@ -122,9 +162,33 @@ impl Answer {
         }
         Some(Self {
             version: u32_at(b, 8),
-            verdict: Verdict::from_u8(b[12])?,
+            verdict: Verdict::decode(b[12])?,
             rank: u32_at(b, 13),
         })
+    }
+}
+
+/// The acceptor's nonce and its proof over both nonces, sent once the hello
+/// is accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Challenge {
+    pub nonce: Nonce,
+    pub proof: Proof,
+}
+
+impl Challenge {
+    pub fn encode(&self) -> [u8; CHALLENGE_LEN] {
+        let mut b = [0u8; CHALLENGE_LEN];
+        b[..NONCE_LEN].copy_from_slice(&self.nonce);
+        b[NONCE_LEN..].copy_from_slice(&self.proof);
+        b
+    }
+
+    pub fn decode(b: &[u8; CHALLENGE_LEN]) -> Self {
+        Self {
+            nonce: b[..NONCE_LEN].try_into().expect("32 bytes"),
+            proof: b[NONCE_LEN..].try_into().expect("32 bytes"),
+        }
     }
 }
 
@@ -193,21 +257,30 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 mod tests {
     use super::*;
 
-    #[test]
-    fn frames_round_trip() {
-        let hello = Hello {
+    fn hello() -> Hello {
+        Hello {
             version: PROTOCOL_VERSION,
             session: 0xDEAD_BEEF_0123_4567,
             rank: 3,
             world: 5,
-        };
-        assert_eq!(Hello::decode(&hello.encode()), Some(hello));
+            nonce: [0xA5; NONCE_LEN],
+        }
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        assert_eq!(Hello::decode(&hello().encode()), Some(hello()));
         let answer = Answer {
             version: 7,
-            verdict: Verdict::WrongSession,
+            verdict: Verdict::Unauthenticated,
             rank: 4,
         };
         assert_eq!(Answer::decode(&answer.encode()), Some(answer));
+        let challenge = Challenge {
+            nonce: [1; NONCE_LEN],
+            proof: [2; PROOF_LEN],
+        };
+        assert_eq!(Challenge::decode(&challenge.encode()), challenge);
         let header = OpHeader {
             op: Op::Broadcast,
             root: 2,
@@ -218,16 +291,32 @@ mod tests {
     }
 
     #[test]
-    fn foreign_bytes_are_not_believed() {
-        let mut b = Hello {
+    fn the_head_keeps_version_1s_layout() {
+        // Version 1's hello for rank 3 of 5, byte for byte.
+        let mut v1 = Vec::from(MAGIC);
+        v1.extend(1u32.to_le_bytes());
+        v1.extend(0xDEAD_BEEF_0123_4567u64.to_le_bytes());
+        v1.extend(3u32.to_le_bytes());
+        v1.extend(5u32.to_le_bytes());
+        let v2 = Hello {
             version: 1,
-            session: 1,
-            rank: 0,
-            world: 2,
+            ..hello()
         }
         .encode();
+        assert_eq!(&v2[..HELLO_HEAD_LEN], &v1[..]);
+        assert_eq!(Hello::version_of(&v1[..].try_into().unwrap()), Some(1));
+    }
+
+    #[test]
+    fn foreign_bytes_are_not_believed() {
+        let mut b = hello().encode();
         b[0] = b'G'; // e.g. an HTTP client's "GET /…"
         assert_eq!(Hello::decode(&b), None);
+        assert_eq!(
+            Hello::version_of(&b[..HELLO_HEAD_LEN].try_into().unwrap()),
+            None
+        );
+        assert_eq!(Verdict::decode(6), None);
         let mut h = [0u8; HEADER_LEN];
         h[0] = 99;
         assert_eq!(OpHeader::decode(&h), None);
@@ -236,16 +325,16 @@ mod tests {
     #[test]
     fn judge_names_the_first_difference() {
         let ok = Hello {
-            version: PROTOCOL_VERSION,
             session: 9,
             rank: 1,
             world: 3,
+            ..hello()
         };
         assert_eq!(Verdict::judge(&ok, 9, 1, 3), Verdict::Accepted);
         assert_eq!(Verdict::judge(&ok, 8, 1, 3), Verdict::WrongSession);
         assert_eq!(Verdict::judge(&ok, 9, 2, 3), Verdict::WrongRank);
         assert_eq!(Verdict::judge(&ok, 9, 1, 4), Verdict::WrongWorld);
-        let old = Hello { version: 0, ..ok };
+        let old = Hello { version: 1, ..ok };
         assert_eq!(Verdict::judge(&old, 9, 1, 3), Verdict::WrongVersion);
     }
 }

@@ -1,20 +1,31 @@
 //! The TCP ring over real loopback sockets, one thread per rank (and one
 //! child process for the rank that is killed).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Barrier};
+use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use dalle_collective::wire::{ANSWER_LEN, Answer, Hello, PROTOCOL_VERSION, Verdict};
-use dalle_collective::{Collective, Error, Interrupt, RingConfig, TcpRing};
+use dalle_collective::wire::{
+    ANSWER_LEN, Answer, CHALLENGE_LEN, HELLO_LEN, Hello, NONCE_LEN, OUTCOME_LEN, PROOF_LEN,
+    PROTOCOL_VERSION, Verdict,
+};
+use dalle_collective::{Collective, Error, Interrupt, RingConfig, RingSecret, TcpRing};
+
+/// The secret every rank of these tests shares (the coordinator would draw
+/// one per generation).
+fn secret() -> RingSecret {
+    RingSecret::new(b"dalle ring tests' shared secret!".to_vec())
+}
 
 fn config(session: u64) -> RingConfig {
     RingConfig {
         session,
+        secret: secret(),
         connect_timeout: Duration::from_secs(10),
+        handshake_timeout: Duration::from_secs(5),
         io_timeout: Duration::from_secs(10),
         // Small chunks so that modest buffers still cross many chunk and
         // segment boundaries.
@@ -305,7 +316,7 @@ fn an_interrupt_ends_forming_a_ring_with_a_peer_that_never_comes() {
     let (mut listeners, addrs) = listeners(2);
     // Rank 1 never starts (nothing listens at its address); only the
     // interrupt ends rank 0's wait. (A peer that listens but never answers
-    // the handshake holds each attempt up to the 10 s handshake limit.)
+    // the handshake holds each attempt up to `handshake_timeout`.)
     drop(listeners.pop());
     let interrupt = cfg.interrupt.clone();
     let flipper = thread::spawn(move || interrupt.trigger("generation 3 is over"));
@@ -368,6 +379,7 @@ fn a_stranger_with_another_session_is_refused_and_the_ring_still_forms() {
         session: 666,
         rank: 1,
         world: 2,
+        nonce: [1; NONCE_LEN],
     };
     stranger.write_all(&hello.encode()).unwrap();
 
@@ -562,4 +574,358 @@ fn a_peer_killed_mid_all_reduce_fails_the_others_within_the_timeout() {
             );
         }
     }
+}
+
+// ---- Authentication and a bounded acceptor ----
+
+/// Starts `TcpRing::connect` for `rank` on a thread of its own.
+fn start_rank(
+    rank: usize,
+    addrs: &[SocketAddr],
+    listener: TcpListener,
+    cfg: RingConfig,
+) -> thread::JoinHandle<Result<TcpRing, Error>> {
+    let addrs = addrs.to_vec();
+    thread::spawn(move || TcpRing::connect(rank, addrs, listener, cfg))
+}
+
+/// Whether the other end closed or reset `stream` within `within` (rather
+/// than keep it open).
+fn hung_up(stream: &mut TcpStream, within: Duration) -> bool {
+    stream.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 256];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return false;
+            }
+            Err(_) => return true, // reset
+        }
+    }
+}
+
+/// All-reduces each rank's `rank + 1` over `rings` and checks the sum.
+fn check_sum(rings: &mut [TcpRing]) {
+    let world = rings.len();
+    let want = (world * (world + 1) / 2) as f32;
+    thread::scope(|s| {
+        for ring in rings.iter_mut() {
+            s.spawn(move || {
+                let mut data = vec![ring.rank() as f32 + 1.0; 1001];
+                ring.all_reduce_sum(&mut data).unwrap();
+                assert!(data.iter().all(|&v| v == want), "rank {}", ring.rank());
+            });
+        }
+    });
+}
+
+/// A config for tests that must tell "formed at once" from "formed after
+/// a timeout": every timeout far longer than the test may take.
+fn patient(session: u64) -> RingConfig {
+    RingConfig {
+        connect_timeout: Duration::from_secs(30),
+        handshake_timeout: Duration::from_secs(20),
+        ..config(session)
+    }
+}
+
+#[test]
+fn a_ring_of_three_sharing_a_random_secret_forms_and_sums() {
+    let cfg = RingConfig {
+        secret: RingSecret::random(),
+        ..config(21)
+    };
+    let mut rings = on_ring(3, cfg, |ring| ring);
+    check_sum(&mut rings);
+}
+
+#[test]
+fn a_ring_without_a_secret_is_refused_before_opening_a_link() {
+    for secret in [RingSecret::default(), RingSecret::new(b"hunter2".to_vec())] {
+        let (mut listeners, addrs) = listeners(2);
+        let cfg = RingConfig {
+            secret,
+            ..config(22)
+        };
+        let err = TcpRing::connect(0, addrs, listeners.remove(0), cfg)
+            .map(|_| ())
+            .unwrap_err();
+        assert!(matches!(err, Error::Setup(_)), "{err}");
+        assert!(err.to_string().contains("secret"), "{err}");
+    }
+    // One rank opens no link: nothing to authenticate.
+    let (mut listeners, addrs) = listeners(1);
+    let cfg = RingConfig {
+        secret: RingSecret::default(),
+        ..config(22)
+    };
+    TcpRing::connect(0, addrs, listeners.remove(0), cfg).unwrap();
+}
+
+#[test]
+fn a_rank_with_the_wrong_secret_is_refused_as_an_authentication_failure() {
+    let ([l0, l1, l2], addrs) = {
+        let (listeners, addrs) = listeners(3);
+        (<[TcpListener; 3]>::try_from(listeners).unwrap(), addrs)
+    };
+    let impostor = RingConfig {
+        secret: RingSecret::random(), // a stale generation's, say
+        ..patient(23)
+    };
+    let check = |err: Error, peer: usize| {
+        let msg = err.to_string();
+        assert!(
+            matches!(&err, Error::Unauthenticated { peer: p, .. } if p.rank == peer),
+            "{msg}"
+        );
+        assert!(msg.contains("authentication with rank"), "{msg}");
+        assert!(
+            msg.contains(&format!("rank {peer} ({})", addrs[peer])),
+            "{msg}"
+        );
+    };
+    let started = Instant::now();
+    // Rank 1 connects to the impostor (rank 2), whose own connection to
+    // rank 0 waits in rank 0's backlog until rank 0 starts: so each link
+    // is judged in turn, never cut short by the other's failure.
+    let rank1 = start_rank(1, &addrs, l1, patient(23));
+    let rank2 = start_rank(2, &addrs, l2, impostor);
+    check(rank1.join().unwrap().map(|_| ()).unwrap_err(), 2);
+    let rank0_cfg = patient(23);
+    let stop_rank0 = rank0_cfg.interrupt.clone();
+    let rank0 = start_rank(0, &addrs, l0, rank0_cfg);
+    check(rank2.join().unwrap().map(|_| ()).unwrap_err(), 0);
+    // Both ended on their own, long before any timeout.
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // Rank 0's predecessor never proved itself: it would wait out its
+    // deadline, so the coordinator's interrupt ends it.
+    stop_rank0.trigger("the group failed to form");
+    let rank0 = rank0.join().unwrap().map(|_| ()).unwrap_err();
+    assert!(matches!(rank0, Error::Interrupted { .. }), "{rank0}");
+}
+
+#[test]
+fn a_connector_with_the_wrong_secret_gets_a_final_refusal_at_once() {
+    let (mut listeners, addrs) = listeners(2);
+    let l1 = listeners.pop().unwrap();
+    let l0 = listeners.pop().unwrap();
+    let rank1 = start_rank(1, &addrs, l1, patient(24));
+    // An impostor plays rank 0 from a port of its own, with a wrong secret.
+    let impostor_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let impostor_addrs = [impostor_listener.local_addr().unwrap(), addrs[1]];
+    let impostor_cfg = RingConfig {
+        secret: RingSecret::random(),
+        ..patient(24)
+    };
+    let started = Instant::now();
+    let err = TcpRing::connect(0, impostor_addrs.to_vec(), impostor_listener, impostor_cfg)
+        .map(|_| ())
+        .unwrap_err();
+    // Not retried until the 30 s deadline: refused for good at the first try.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        matches!(&err, Error::Unauthenticated { peer, .. } if peer.rank == 1),
+        "{err}"
+    );
+    // The real rank 1 turned it away and kept waiting: the real rank 0
+    // still forms the ring with it.
+    let rank0 = start_rank(0, &addrs, l0, patient(24));
+    let mut rings = [
+        rank0.join().unwrap().unwrap(),
+        rank1.join().unwrap().unwrap(),
+    ];
+    check_sum(&mut rings);
+}
+
+#[test]
+fn silent_garbage_and_secretless_strangers_do_not_keep_the_ring_from_forming() {
+    let session = 25;
+    let (mut listeners, addrs) = listeners(3);
+    let l2 = listeners.pop().unwrap();
+    let l1 = listeners.pop().unwrap();
+    let l0 = listeners.pop().unwrap();
+    // Three strangers reach rank 0's port before its real predecessor, rank
+    // 2, does: they wait in the backlog ahead of it.
+    let mut silent = TcpStream::connect(addrs[0]).unwrap();
+    let mut garbage = TcpStream::connect(addrs[0]).unwrap();
+    garbage
+        .write_all(b"GET / HTTP/1.1\r\nHost: dalle-ring\r\n\r\n")
+        .unwrap();
+    // Knows everything public (the session, rank 2 of 3), not the secret.
+    let mut secretless = TcpStream::connect(addrs[0]).unwrap();
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        session,
+        rank: 2,
+        world: 3,
+        nonce: [7; NONCE_LEN],
+    };
+    secretless.write_all(&hello.encode()).unwrap();
+
+    let started = Instant::now();
+    let rank0 = start_rank(0, &addrs, l0, patient(session));
+    let rank1 = start_rank(1, &addrs, l1, patient(session));
+    secretless
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut answer = [0u8; ANSWER_LEN];
+    secretless.read_exact(&mut answer).unwrap();
+    let answer = Answer::decode(&answer).unwrap();
+    assert_eq!((answer.verdict, answer.rank), (Verdict::Accepted, 0));
+    let mut challenge = [0u8; CHALLENGE_LEN];
+    secretless.read_exact(&mut challenge).unwrap();
+    secretless.write_all(&[0u8; PROOF_LEN]).unwrap(); // a guess
+    let mut outcome = [0u8; OUTCOME_LEN];
+    secretless.read_exact(&mut outcome).unwrap();
+    assert_eq!(Verdict::decode(outcome[0]), Some(Verdict::Unauthenticated));
+    assert!(hung_up(&mut secretless, Duration::from_secs(10)));
+    assert!(hung_up(&mut garbage, Duration::from_secs(10)));
+
+    // The silent one still holds a handshake open (for up to 20 s): the
+    // real predecessor gets in regardless.
+    let rank2 = start_rank(2, &addrs, l2, patient(session));
+    let mut rings = [rank0, rank1, rank2].map(|h| h.join().unwrap().unwrap());
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(5), "formed after {took:?}");
+    check_sum(&mut rings);
+    // Rank 0 stopped waiting once formed, and cut the stranger off.
+    assert!(hung_up(&mut silent, Duration::from_secs(10)));
+}
+
+#[test]
+fn a_flood_of_silent_strangers_only_delays_the_ring_by_handshake_timeouts() {
+    let (mut listeners, addrs) = listeners(2);
+    // Far more than the acceptor runs handshakes for at once: the rest
+    // wait in the backlog and are served as slots free.
+    let mut strangers: Vec<_> = (0..20)
+        .map(|_| TcpStream::connect(addrs[0]).unwrap())
+        .collect();
+    let cfg = RingConfig {
+        connect_timeout: Duration::from_secs(30),
+        handshake_timeout: Duration::from_millis(300),
+        ..config(26)
+    };
+    let started = Instant::now();
+    let l1 = listeners.pop().unwrap();
+    let rank0 = start_rank(0, &addrs, listeners.pop().unwrap(), cfg.clone());
+    let rank1 = start_rank(1, &addrs, l1, cfg);
+    let mut rings = [
+        rank0.join().unwrap().unwrap(),
+        rank1.join().unwrap().unwrap(),
+    ];
+    let took = started.elapsed();
+    // A few rounds of 300 ms, not 20 strangers one after another.
+    assert!(took < Duration::from_secs(10), "formed after {took:?}");
+    check_sum(&mut rings);
+    for stranger in &mut strangers {
+        assert!(hung_up(stranger, Duration::from_secs(10)));
+    }
+}
+
+#[test]
+fn a_trickling_stranger_is_cut_off_at_the_handshake_deadline() {
+    let (mut listeners, addrs) = listeners(2);
+    drop(listeners.pop()); // rank 1 never comes
+    let cfg = RingConfig {
+        connect_timeout: Duration::from_secs(30),
+        handshake_timeout: Duration::from_millis(500),
+        ..config(27)
+    };
+    let stop = cfg.interrupt.clone();
+    let rank0 = start_rank(0, &addrs, listeners.pop().unwrap(), cfg);
+    // One byte every 100 ms: each read of the acceptor sees progress well
+    // within the timeout, but the handshake as a whole never finishes.
+    let mut stranger = TcpStream::connect(addrs[0]).unwrap();
+    let started = Instant::now();
+    let cut_after = loop {
+        if stranger.write_all(&[0]).is_err() || hung_up(&mut stranger, Duration::from_millis(100)) {
+            break started.elapsed();
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "never cut off");
+    };
+    assert!(
+        cut_after >= Duration::from_millis(400) && cut_after < Duration::from_secs(2),
+        "cut off after {cut_after:?}"
+    );
+    stop.trigger("test over");
+    let err = rank0.join().unwrap().map(|_| ()).unwrap_err();
+    assert!(matches!(err, Error::Interrupted { .. }), "{err}");
+}
+
+fn two_listeners() -> ([TcpListener; 2], Vec<SocketAddr>) {
+    let (listeners, addrs) = listeners(2);
+    (listeners.try_into().unwrap(), addrs)
+}
+
+/// Forwards one connection from `listener` to `upstream`, recording the
+/// bytes that flow towards `upstream`.
+fn recording_proxy(listener: TcpListener, upstream: SocketAddr) -> Arc<Mutex<Vec<u8>>> {
+    let recorded = Arc::new(Mutex::new(Vec::new()));
+    let record = recorded.clone();
+    thread::spawn(move || {
+        let (mut from, _) = listener.accept().unwrap();
+        let mut to = TcpStream::connect(upstream).unwrap();
+        let (mut back_from, mut back_to) = (to.try_clone().unwrap(), from.try_clone().unwrap());
+        thread::spawn(move || std::io::copy(&mut back_from, &mut back_to));
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = from.read(&mut buf) {
+            record.lock().unwrap().extend_from_slice(&buf[..n]);
+            if to.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown(std::net::Shutdown::Write);
+    });
+    recorded
+}
+
+#[test]
+fn a_replayed_handshake_is_refused() {
+    let session = 28;
+    let ([l0, l1], addrs) = two_listeners();
+    // Rank 0 reaches rank 1 through a proxy that records what rank 0 says.
+    let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let rank0_view = [addrs[0], proxy.local_addr().unwrap()];
+    let recorded = recording_proxy(proxy, addrs[1]);
+    let rank0 = start_rank(0, &rank0_view, l0, patient(session));
+    let rank1 = start_rank(1, &addrs, l1, patient(session));
+    let rings = [
+        rank0.join().unwrap().unwrap(),
+        rank1.join().unwrap().unwrap(),
+    ];
+    // Rank 1 formed, so it has read rank 0's hello and proof through the proxy.
+    let transcript = recorded.lock().unwrap()[..HELLO_LEN + PROOF_LEN].to_vec();
+    drop(rings);
+
+    // Rank 1 waits for its predecessor again, same session and secret; the
+    // recording is played back to it.
+    let ([_never_accepts, l1], addrs) = two_listeners();
+    let cfg = patient(session);
+    let stop = cfg.interrupt.clone();
+    let rank1 = start_rank(1, &addrs, l1, cfg);
+    let mut replay = TcpStream::connect(addrs[1]).unwrap();
+    replay
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    replay.write_all(&transcript).unwrap();
+    let mut answer = [0u8; ANSWER_LEN + CHALLENGE_LEN];
+    replay.read_exact(&mut answer).unwrap();
+    assert_eq!(
+        Answer::decode(answer[..ANSWER_LEN].try_into().unwrap())
+            .unwrap()
+            .verdict,
+        Verdict::Accepted
+    );
+    let mut outcome = [0u8; OUTCOME_LEN];
+    replay.read_exact(&mut outcome).unwrap();
+    assert_eq!(Verdict::decode(outcome[0]), Some(Verdict::Unauthenticated));
+    stop.trigger("test over");
+    let err = rank1.join().unwrap().map(|_| ()).unwrap_err();
+    assert!(matches!(err, Error::Interrupted { .. }), "{err}");
 }

@@ -53,7 +53,21 @@ impl Token {
         &self.0
     }
 
-    fn matches(&self, offered: &[u8]) -> bool {
+    /// A token kept in a file (its first line; surrounding whitespace is
+    /// dropped), so that it shows neither in `ps` nor in shell history.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, RuntimeError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            RuntimeError::Token(format!(
+                "cannot read the token file {}: {e}",
+                path.display()
+            ))
+        })?;
+        Token::new(text.lines().next().unwrap_or_default().trim()).map_err(|e| {
+            RuntimeError::Token(format!("{} holds no usable token: {e}", path.display()))
+        })
+    }
+
+    pub(crate) fn matches(&self, offered: &[u8]) -> bool {
         // Lengths may leak through timing; the bytes do not.
         self.0.as_bytes().ct_eq(offered).into()
     }

@@ -34,7 +34,7 @@ use std::str::FromStr;
 pub use auth::Token;
 pub use coordinator::{
     Coordinator, CoordinatorConfig, CoordinatorHandle, JobOutcome, JobStatus, StageState,
-    StageStatus,
+    StageStatus, WorkerSupply,
 };
 pub use error::RuntimeError;
 pub use tls::{ClientTls, ServerTls};
@@ -42,7 +42,7 @@ pub use worker::{Assignment, Departure, Heartbeats, JoinInfo, Membership};
 
 /// The protocol a worker and its coordinator must both speak; bumped with
 /// any incompatible change of `dalle.v1` (see the proto file).
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Which collective carries the gradients; chosen by the coordinator and
 /// handed to every worker in its assignment.

@@ -119,6 +119,15 @@ pub struct Assignment {
     pub plan: Vec<PlanStage>,
     /// Where this group starts in `plan`: the stages before it are complete.
     pub first_stage: usize,
+    /// An earlier generation started `first_stage` already: resume the
+    /// run's newest committed checkpoint of it, whatever the job's resume
+    /// policy said (that policy is for a stage's first start in the job).
+    pub first_stage_started: bool,
+    /// This generation's ring secret (ring links authenticate with it).
+    pub ring_secret: Vec<u8>,
+    /// The job's epoch (its coordinator's start, ms since the Unix epoch):
+    /// with `generation`, this group's place in the order of groups.
+    pub job_epoch: u64,
 }
 
 impl Assignment {
@@ -135,6 +144,9 @@ impl Assignment {
             heartbeat_interval: Duration::from_millis(reply.heartbeat_interval_ms.max(1).into()),
             heartbeat_timeout: Duration::from_millis(reply.heartbeat_timeout_ms.max(1).into()),
             first_stage: reply.first_stage as usize,
+            first_stage_started: reply.first_stage_started,
+            ring_secret: reply.ring_secret,
+            job_epoch: reply.job_epoch,
             plan: reply
                 .plan
                 .into_iter()
@@ -413,6 +425,8 @@ impl std::fmt::Debug for Membership {
 /// [`Heartbeats::instruction`]. Dropping it stops them.
 pub struct Heartbeats {
     reports: watch::Sender<Progress>,
+    /// Sends a heartbeat now instead of at the next tick.
+    beat_now: Arc<tokio::sync::Notify>,
     instruction: watch::Receiver<Instruction>,
     task: tokio::task::JoinHandle<()>,
     /// Tasks of [`Heartbeats::on_leave_group`].
@@ -430,7 +444,9 @@ impl Heartbeats {
             validation: None,
         });
         let (instruction_tx, instruction) = watch::channel(Instruction::Continue);
+        let beat_now = Arc::new(tokio::sync::Notify::new());
         let beat = Beat {
+            beat_now: beat_now.clone(),
             client: membership.client.clone(),
             url: membership.url.clone(),
             worker_id: assignment.worker_id.clone(),
@@ -443,6 +459,7 @@ impl Heartbeats {
             .spawn(beat.run(reports_rx, instruction_tx));
         Heartbeats {
             reports,
+            beat_now,
             instruction,
             task,
             watchers: Default::default(),
@@ -451,8 +468,18 @@ impl Heartbeats {
     }
 
     /// Hands the latest step's figures to the next heartbeat; never blocks.
+    /// A stage's first step is sent at once: it tells the coordinator that
+    /// the stage trained (its resume policy was applied), which a re-formed
+    /// group must know even when the group breaks before the next tick.
     pub fn report(&self, report: StepReport) {
-        self.reports.send_modify(|p| p.report = Some(report));
+        let mut first = false;
+        self.reports.send_modify(|p| {
+            first = p.report.is_none();
+            p.report = Some(report);
+        });
+        if first {
+            self.beat_now.notify_one();
+        }
     }
 
     /// Hands the stage's latest held-out figures to the heartbeats, which
@@ -531,6 +558,7 @@ struct Progress {
 }
 
 struct Beat {
+    beat_now: Arc<tokio::sync::Notify>,
     client: Client,
     url: String,
     worker_id: String,
@@ -549,7 +577,10 @@ impl Beat {
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_answer = Instant::now();
         loop {
-            ticks.tick().await;
+            tokio::select! {
+                _ = ticks.tick() => {}
+                _ = self.beat_now.notified() => {}
+            }
             let Progress {
                 stage,
                 report,

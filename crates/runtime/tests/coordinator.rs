@@ -895,3 +895,54 @@ fn tls_settings_for_a_plain_url_or_unreadable_files_are_refused_naming_them() {
     assert!(err.to_string().contains("key.pem"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A status request with these extra header lines; the whole response, or
+/// "" when the server closed without one.
+fn http_get_with(addr: SocketAddr, path: &str, headers: &str) -> String {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response
+}
+
+#[test]
+fn a_status_token_guards_both_pages_and_connections_are_capped() {
+    let mut c = config(1, 1);
+    c.status_listen = Some(([127, 0, 0, 1], 0).into());
+    c.status_token = Some(Token::new("status-s3cret").unwrap());
+    let coordinator = start(c);
+    let addr = coordinator.status_addr().unwrap();
+    for path in ["/", "/metrics"] {
+        let refused = http_get_with(addr, path, "");
+        assert!(refused.starts_with("HTTP/1.1 401"), "{refused}");
+        assert!(refused.contains("WWW-Authenticate: Bearer"), "{refused}");
+        let wrong = http_get_with(addr, path, "Authorization: Bearer guess\r\n");
+        assert!(wrong.starts_with("HTTP/1.1 401"), "{wrong}");
+        let page = http_get_with(addr, path, "authorization: bearer status-s3cret\r\n");
+        assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    }
+    let page = http_get_with(addr, "/", "Authorization: Bearer status-s3cret\r\n");
+    assert!(page.contains("phase:"), "{page}");
+
+    // Silent connections take every slot: the next one is closed unserved.
+    let silent: Vec<TcpStream> = (0..32).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    let busy = eventually("the status page to refuse", Duration::from_secs(5), || {
+        let answer = http_get_with(addr, "/", "Authorization: Bearer status-s3cret\r\n");
+        answer.is_empty().then_some(answer)
+    });
+    assert!(busy.is_empty());
+    drop(silent);
+    eventually(
+        "the status page to serve again",
+        Duration::from_secs(5),
+        || {
+            let answer = http_get_with(addr, "/", "Authorization: Bearer status-s3cret\r\n");
+            answer.starts_with("HTTP/1.1 200").then_some(())
+        },
+    );
+}

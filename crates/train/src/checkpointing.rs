@@ -10,12 +10,13 @@
 //! copy the state to host memory); every rank reads.
 
 use crate::config::JobConfig;
+use crate::ddp::DataParallel;
 use crate::optim::AdamW;
 use crate::{Result, TrainError};
 use dalle_data::order::Cursor;
 use dalle_model::weights;
 use dalle_store::Location;
-use dalle_store::checkpoint::{CheckpointConfig, Checkpointer, Snapshot};
+use dalle_store::checkpoint::{CheckpointConfig, Checkpointer, Fence, Loaded, Snapshot};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
@@ -99,8 +100,9 @@ pub struct StageCheckpoints {
 
 impl StageCheckpoints {
     /// The checkpoints of `stage` in the job's run; `writer` is the one
-    /// rank that saves.
-    pub fn open(job: &JobConfig, stage: &str, writer: bool) -> Result<Self> {
+    /// rank that saves, for `group` (fenced: see
+    /// [`dalle_store::checkpoint::Fence`]) when the group is named.
+    pub fn open(job: &JobConfig, stage: &str, writer: bool, group: Option<Fence>) -> Result<Self> {
         let policy = job.checkpoint.clone();
         // Every rank resumes from the checkpoints: with workers on several
         // machines they live where all of them reach.
@@ -113,6 +115,7 @@ impl StageCheckpoints {
         let config = CheckpointConfig {
             keep_last: policy.keep_last.max(1),
             keep_every: policy.keep_every,
+            fence: group.filter(|_| writer),
             ..CheckpointConfig::default()
         };
         Ok(Self {
@@ -136,11 +139,55 @@ impl StageCheckpoints {
 
     /// Restores `parameters` and `optimizer` from the checkpoint the policy
     /// names, and says where to continue; `None` starts from scratch.
+    ///
+    /// Rank 0 decides (and, as the writer, first claims the run for its
+    /// group) and tells the others the step, which they load exactly: no
+    /// rank can pick up a checkpoint another did not see. The loaded
+    /// parameters are then checked to be identical on every rank.
     pub fn resume(
         &mut self,
         parameters: &HashMap<String, Tensor>,
         optimizer: &mut AdamW,
+        ddp: &mut DataParallel,
     ) -> Result<Option<Resume>> {
+        if self.writer {
+            self.store.claim().map_err(checkpoint_error)?;
+        }
+        let chosen = if ddp.is_leader() {
+            self.choose()?
+        } else {
+            None
+        };
+        const NONE: u64 = u64::MAX;
+        let mut step = chosen.as_ref().map_or(NONE, |l| l.step).to_le_bytes();
+        if ddp.world_size() > 1 {
+            ddp.broadcast_from_leader(&mut step, "agreeing on the resume step")?;
+        }
+        let step = u64::from_le_bytes(step);
+        let loaded = match (chosen, step) {
+            (Some(loaded), _) => Some(loaded),
+            (None, NONE) => None,
+            (None, step) => Some(self.load_chosen(step)?),
+        };
+        let resumed = self.restore(loaded, parameters, optimizer)?;
+        if ddp.world_size() > 1 {
+            let mut sorted: Vec<(String, Tensor)> = parameters
+                .iter()
+                .map(|(n, t)| (n.clone(), t.shallow_clone()))
+                .collect();
+            sorted.sort_by(|a, b| a.0.cmp(&b.0));
+            ddp.verify_identical(&sorted).map_err(|e| {
+                TrainError::Config(format!(
+                    "after resuming stage {} at step {step}: {e}",
+                    self.stage
+                ))
+            })?;
+        }
+        Ok(resumed)
+    }
+
+    /// Rank 0's choice of checkpoint, by the policy.
+    fn choose(&mut self) -> Result<Option<Loaded>> {
         let loaded = match &self.policy.resume_from {
             Some(url) => {
                 let location = Location::parse(url, &self.store_config)
@@ -183,16 +230,50 @@ impl StageCheckpoints {
                 None
             }
         };
-        let Some(loaded) = loaded else {
-            return Ok(None);
-        };
-        if self.writer && self.policy.resume_from.is_some() {
+        if let Some(loaded) = &loaded
+            && self.writer
+            && self.policy.resume_from.is_some()
+        {
             // Continuing from an older checkpoint: the newer ones of this
             // run belong to the abandoned future and would block new saves.
             self.store
                 .discard_after(&self.stage, loaded.step)
                 .map_err(checkpoint_error)?;
         }
+        Ok(loaded)
+    }
+
+    /// The checkpoint at `step` that rank 0 chose: of `resume_from`, or of
+    /// this run.
+    fn load_chosen(&self, step: u64) -> Result<Loaded> {
+        let loaded = match &self.policy.resume_from {
+            Some(url) => {
+                let location = Location::parse(url, &self.store_config)
+                    .map_err(|e| TrainError::Config(e.to_string()))?;
+                self.store.load(&location)
+            }
+            None => self.store.load_step(&self.stage, step),
+        }
+        .map_err(checkpoint_error)?;
+        if loaded.step != step {
+            return Err(TrainError::Config(format!(
+                "{}: holds step {}, but rank 0 resumes stage {} at step {step}",
+                loaded.url, loaded.step, self.stage
+            )));
+        }
+        Ok(loaded)
+    }
+
+    /// Puts `loaded` into `parameters` and `optimizer`.
+    fn restore(
+        &mut self,
+        loaded: Option<Loaded>,
+        parameters: &HashMap<String, Tensor>,
+        optimizer: &mut AdamW,
+    ) -> Result<Option<Resume>> {
+        let Some(loaded) = loaded else {
+            return Ok(None);
+        };
         for skipped in &loaded.skipped {
             tracing::error!(url = %skipped.url, reason = %skipped.reason, "skipped a bad checkpoint");
         }

@@ -70,7 +70,11 @@ pub struct DataParallel {
     hook: Option<StepHook>,
     /// Time spent in collectives since [`DataParallel::take_comm_time`].
     comm_time: std::time::Duration,
+    /// Which group of which job this is, for fencing its checkpoints.
+    group: Option<Fence>,
 }
+
+use dalle_store::checkpoint::Fence;
 
 fn collective_error(what: &str) -> impl FnOnce(dalle_collective::Error) -> TrainError + '_ {
     move |e| TrainError::Collective(format!("{what}: {e}"))
@@ -94,7 +98,28 @@ impl DataParallel {
             host: Vec::new(),
             hook: None,
             comm_time: std::time::Duration::ZERO,
+            group: None,
         }
+    }
+
+    /// Names this group (the job's epoch and the generation): its writer
+    /// claims the run's checkpoints, and a writer of an older group can no
+    /// longer commit or delete them.
+    pub fn with_group(mut self, group: Fence) -> Self {
+        self.group = Some(group);
+        self
+    }
+
+    /// The group, if named.
+    pub fn group(&self) -> Option<Fence> {
+        self.group
+    }
+
+    /// Gives every rank rank 0's `bytes`.
+    pub fn broadcast_from_leader(&mut self, bytes: &mut [u8], what: &str) -> Result<()> {
+        self.host()
+            .broadcast(bytes, 0)
+            .map_err(collective_error(what))
     }
 
     /// Calls `hook` at the end of every step (see [`StepHook`]).

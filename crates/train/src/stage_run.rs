@@ -53,17 +53,17 @@ impl StageRun {
     pub fn resume(
         job: &JobConfig,
         plan: StagePlan,
-        ddp: &DataParallel,
+        ddp: &mut DataParallel,
         tokenizer: Option<Vec<u8>>,
         parameters: &HashMap<String, Tensor>,
         optimizer: &mut AdamW,
     ) -> Result<Self> {
         let leader = ddp.is_leader();
-        let mut checkpoints = StageCheckpoints::open(job, plan.name, leader)?;
+        let mut checkpoints = StageCheckpoints::open(job, plan.name, leader, ddp.group())?;
         if let Some(json) = tokenizer {
             checkpoints.carry_tokenizer(json);
         }
-        let resume = checkpoints.resume(parameters, optimizer)?;
+        let resume = checkpoints.resume(parameters, optimizer, ddp)?;
         let (first_step, cursor) = resume
             .as_ref()
             .map_or((0, Cursor::start(job.run.seed)), |r| (r.step, r.cursor));

@@ -6,16 +6,19 @@
 //! `--nproc 0` runs the coordinator alone, for a job whose workers all run
 //! elsewhere (one `dalle worker` per GPU on every node).
 
+mod workers;
+
 use anyhow::{Context, Result, bail};
 use dalle_runtime::coordinator::JobPhase;
 use dalle_runtime::{
-    Backend, Coordinator, CoordinatorConfig, CoordinatorHandle, JobOutcome, Token,
+    Backend, Coordinator, CoordinatorConfig, CoordinatorHandle, JobOutcome, Token, WorkerSupply,
 };
 use dalle_train::config::JobConfig;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+use workers::LocalWorkers;
 
 #[derive(clap::Args)]
 pub struct LaunchArgs {
@@ -41,16 +44,34 @@ pub struct LaunchArgs {
     /// Serve the job's status page and Prometheus metrics here.
     #[arg(long)]
     pub status: Option<SocketAddr>,
-    /// Group re-formations allowed before the job fails.
+    /// Group re-formations allowed before the job fails; also the local
+    /// workers restarted at most (one that dies is started again, so that
+    /// the group re-forms at full size).
     #[arg(long, default_value_t = 3)]
     pub max_restarts: u32,
     /// Silence after which a worker is dropped.
     #[arg(long, default_value_t = 30)]
     pub heartbeat_timeout_secs: u64,
+    /// A worker whose training step stands still this long is dropped as
+    /// hung, heartbeats or not (0: never). It must cover the slowest step
+    /// with a checkpoint save and a held-out evaluation; a stage's first
+    /// step (loading, resuming) and stages without steps are not timed.
+    #[arg(long, default_value_t = 600)]
+    pub progress_timeout_secs: u64,
     /// The job token workers must present (default: a random one, handed
-    /// to the local workers through their environment).
+    /// to the local workers through their environment). Prefer the
+    /// environment or --token-file: a command line shows in `ps`.
     #[arg(long, env = "DALLE_JOB_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Read the job token from this file (its first line); it wins over
+    /// --token and DALLE_JOB_TOKEN.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Serve the status page and /metrics only to requests carrying
+    /// `Authorization: Bearer <token>`, the token being this file's first
+    /// line (Prometheus: `authorization: {credentials_file: …}`).
+    #[arg(long, requires = "status")]
+    pub status_token_file: Option<PathBuf>,
     /// Serve the coordinator over TLS with this certificate chain (PEM);
     /// needs --tls-key.
     #[arg(long, requires = "tls_key")]
@@ -95,10 +116,19 @@ pub fn run(args: LaunchArgs, job: &JobConfig) -> Result<()> {
     }
     prepare_synthetic_data(&job)?;
 
-    let token = match &args.token {
-        Some(t) => Token::new(t.clone())?,
-        None => Token::random(),
+    let token = match (&args.token_file, &args.token) {
+        (Some(file), _) => Token::from_file(file)?,
+        (None, Some(t)) => Token::new(t.clone())?,
+        (None, None) => Token::random(),
     };
+    if !args.listen.ip().is_loopback() && args.tls_cert.is_none() {
+        tracing::warn!(
+            listen = %args.listen,
+            "the coordinator listens beyond this machine without TLS: the job token and the \
+             ring secrets cross the network in cleartext (give --tls-cert and --tls-key, or \
+             keep --listen on a network you trust)"
+        );
+    }
     let timeout = Duration::from_secs(args.heartbeat_timeout_secs.max(2));
     let config = CoordinatorConfig {
         listen: args.listen,
@@ -106,9 +136,16 @@ pub fn run(args: LaunchArgs, job: &JobConfig) -> Result<()> {
         max_workers,
         heartbeat_interval: timeout / 5,
         heartbeat_timeout: timeout,
+        progress_timeout: (args.progress_timeout_secs > 0)
+            .then(|| Duration::from_secs(args.progress_timeout_secs)),
         max_restarts: args.max_restarts,
         backend,
         status_listen: args.status,
+        status_token: args
+            .status_token_file
+            .as_deref()
+            .map(Token::from_file)
+            .transpose()?,
         tls: match (&args.tls_cert, &args.tls_key) {
             (Some(cert), Some(key)) => Some(dalle_runtime::ServerTls::from_files(cert, key)?),
             _ => None,
@@ -126,44 +163,32 @@ pub fn run(args: LaunchArgs, job: &JobConfig) -> Result<()> {
         coordinator = %coordinator.url(), status = ?coordinator.status_addr(),
         workers = args.nproc, backend = backend.as_str(), "job started"
     );
-    let exe = std::env::current_exe().context("cannot find the dalle executable")?;
-    let advertise = match &args.advertise {
-        Some(host) => host.clone(),
-        None if args.listen.ip().is_loopback() => "127.0.0.1".into(),
-        None => dalle_runtime::JoinInfo::this_process("", "").host,
+    let command = workers::WorkerCommand {
+        exe: std::env::current_exe().context("cannot find the dalle executable")?,
+        coordinator: coordinator.url(),
+        slot_kind: slot,
+        advertise: match &args.advertise {
+            Some(host) => host.clone(),
+            None if args.listen.ip().is_loopback() => "127.0.0.1".into(),
+            None => dalle_runtime::JoinInfo::this_process("", "").host,
+        },
+        token: token.expose().to_string(),
+        tls_ca: args.tls_ca.clone().or(args.tls_cert.clone()),
+        tls_domain: args.tls_domain.clone(),
     };
-    let mut workers: Vec<Child> = (0..args.nproc)
-        .map(|i| {
-            let mut worker = Command::new(&exe);
-            worker
-                .arg("worker")
-                .arg("--coordinator")
-                .arg(coordinator.url())
-                .arg("--slot")
-                .arg(format!("{slot}:{i}"))
-                .arg("--advertise")
-                .arg(&advertise)
-                .env("DALLE_JOB_TOKEN", token.expose());
-            if let Some(ca) = args.tls_ca.as_ref().or(args.tls_cert.as_ref()) {
-                worker.arg("--tls-ca").arg(ca);
-            }
-            if let Some(domain) = &args.tls_domain {
-                worker.arg("--tls-domain").arg(domain);
-            }
-            worker
-                .spawn()
-                .with_context(|| format!("cannot start worker {i}"))
-        })
-        .collect::<Result<_>>()?;
+    let mut workers = LocalWorkers::start(command, args.nproc, args.max_restarts)?;
+    // On loopback nobody else can join: once the restarts are spent, a
+    // group too small for min_workers fails at once instead of waiting.
+    let only_local = args.listen.ip().is_loopback() && args.nproc > 0 && max_workers <= args.nproc;
     let host = dalle_runtime::JoinInfo::this_process("", "").host;
-    let outcome = supervise(&coordinator, &mut workers, &host);
+    let outcome = supervise(&coordinator, &mut workers, &host, only_local, timeout);
     // Workers exit after their last answer from the coordinator: keep it
     // serving until they have. One that was dropped as hung may never exit.
     let grace = match outcome {
         Ok(_) => timeout * 2,
         Err(_) => Duration::ZERO,
     };
-    reap(&mut workers, grace)?;
+    workers.reap(grace);
     coordinator.shutdown();
     let outcome = outcome?;
     println!(
@@ -178,28 +203,65 @@ pub fn run(args: LaunchArgs, job: &JobConfig) -> Result<()> {
 }
 
 /// Waits for the job's end, or for the moment nobody is left to run it:
-/// every local worker exited (each failed) and no group runs or waits.
-/// A worker that exits is reported to the coordinator at once (the group
-/// re-forms without waiting out its heartbeat timeout).
+/// every local worker exited and no group runs or waits. A worker that
+/// exits is reported to the coordinator at once (the group re-forms without
+/// waiting out its heartbeat timeout) and, while the job goes on, started
+/// again within the restart budget so that the group re-forms at full size.
 fn supervise(
     coordinator: &CoordinatorHandle,
-    workers: &mut [Child],
+    workers: &mut LocalWorkers,
     host: &str,
+    only_local: bool,
+    grace: Duration,
 ) -> Result<JobOutcome> {
-    let mut reported = vec![false; workers.len()];
+    let mut told_supply = None;
+    let mut dropped: HashMap<u32, Instant> = HashMap::new();
     loop {
         let status = coordinator.status();
-        if matches!(status.phase, JobPhase::Finished | JobPhase::Failed) {
+        if is_over(status.phase) {
             return Ok(coordinator.wait()?);
         }
-        for (worker, reported) in workers.iter_mut().zip(reported.iter_mut()) {
-            if let (false, Ok(Some(exit))) = (*reported, worker.try_wait()) {
-                *reported = true;
-                coordinator.worker_exited(host, worker.id(), &exit.to_string());
+        kill_the_dropped(&status, workers, host, grace, &mut dropped);
+        for exit in workers.poll() {
+            let what = exit.status.to_string();
+            coordinator.worker_exited(host, exit.pid, &what);
+            // Success means the job finished; after its end, nothing to redo.
+            if exit.status.success() || is_over(coordinator.status().phase) {
+                continue;
+            }
+            match workers.restart(exit.local_rank) {
+                Ok(true) => {}
+                Ok(false) => {
+                    let (done, max) = workers.restarts();
+                    tracing::error!(
+                        worker = exit.local_rank,
+                        "worker {} exited ({what}) and is not restarted: {done} of --max-restarts \
+                         {max} spent",
+                        exit.local_rank
+                    );
+                }
+                Err(e) => tracing::error!(worker = exit.local_rank, "{e:#}"),
             }
         }
-        let exited = !workers.is_empty() && reported.iter().all(|&r| r);
-        if exited && status.world_size == 0 && status.waiting.is_empty() {
+        if only_local {
+            let (done, max) = workers.restarts();
+            let supply = WorkerSupply {
+                live: workers.live(),
+                why: format!(
+                    "launch has restarted {done} of --max-restarts {max} worker(s) and nobody else \
+                     can join a coordinator on loopback"
+                ),
+            };
+            if told_supply.as_ref() != Some(&supply) {
+                coordinator.limit_workers(Some(supply.clone()));
+                told_supply = Some(supply);
+            }
+        }
+        if !workers.is_empty()
+            && workers.live() == 0
+            && status.world_size == 0
+            && status.waiting.is_empty()
+        {
             bail!(
                 "every local worker exited and no group is running or forming; last failure: {}",
                 status.reason.as_deref().unwrap_or("none reported")
@@ -211,36 +273,41 @@ fn supervise(
     }
 }
 
-/// Waits up to `grace` for the local workers to exit, then kills the rest
-/// (a worker the coordinator dropped as hung, say).
-fn reap(workers: &mut [Child], grace: Duration) -> Result<()> {
-    let deadline = std::time::Instant::now() + grace;
-    for (i, worker) in workers.iter_mut().enumerate() {
-        loop {
-            if let Some(status) = worker.try_wait()? {
-                if !status.success() {
-                    tracing::warn!(worker = i, %status, "worker exited with an error");
-                }
-                break;
-            }
-            if std::time::Instant::now() >= deadline {
-                if !grace.is_zero() {
-                    tracing::warn!(
-                        worker = i,
-                        pid = worker.id(),
-                        "worker still running {} s after the job ended: killing it",
-                        grace.as_secs()
-                    );
-                }
-                let _ = worker.kill();
-                let _ = worker.wait();
-                break;
-            }
-            // Child exits are not awaitable here without a signal handler.
-            std::thread::sleep(Duration::from_millis(50));
+/// A local worker the coordinator dropped (hung: silent, or heartbeating
+/// without progress) that still runs after `grace` is killed, so that its
+/// exit frees its slot for a restart; otherwise a group that needs it could
+/// never re-form at full size. `dropped`: when each was first seen dropped.
+fn kill_the_dropped(
+    status: &dalle_runtime::JobStatus,
+    workers: &mut LocalWorkers,
+    host: &str,
+    grace: Duration,
+    dropped: &mut HashMap<u32, Instant>,
+) {
+    for member in &status.workers {
+        if member.state == "failed" && member.host == host && workers.runs(member.pid) {
+            dropped.entry(member.pid).or_insert_with(Instant::now);
         }
     }
-    Ok(())
+    dropped.retain(|&pid, since| {
+        if !workers.runs(pid) {
+            return false;
+        }
+        if since.elapsed() > grace {
+            tracing::warn!(
+                pid,
+                "worker pid {pid} was dropped from the group but still runs {} s later: \
+                 killing it",
+                since.elapsed().as_secs()
+            );
+            workers.kill(pid);
+        }
+        true
+    });
+}
+
+fn is_over(phase: JobPhase) -> bool {
+    matches!(phase, JobPhase::Finished | JobPhase::Failed)
 }
 
 /// The embedded defaults train on the synthetic shapes under the run

@@ -53,6 +53,11 @@ pub struct CoordinatorConfig {
     pub heartbeat_interval: Duration,
     /// A worker silent this long is dropped and the group re-forms.
     pub heartbeat_timeout: Duration,
+    /// A member whose step stands still this long, heartbeats or not, is
+    /// dropped as hung (stuck in a collective or a device call); `None`
+    /// never. It must cover the slowest step plus a checkpoint save and a
+    /// held-out evaluation.
+    pub progress_timeout: Option<Duration>,
     /// Re-formations allowed; one more failure ends the job with an error.
     pub max_restarts: u32,
     /// A rendezvous (first or after a failure) that forms no group within
@@ -68,6 +73,10 @@ pub struct CoordinatorConfig {
     pub backend: Backend,
     /// Where the HTTP status page listens (`GET /`, `GET /metrics`), if at all.
     pub status_listen: Option<SocketAddr>,
+    /// When set, the status page and `/metrics` answer only requests with
+    /// `Authorization: Bearer <token>` (Prometheus sends it with
+    /// `authorization: {credentials_file: …}`); others get 401.
+    pub status_token: Option<Token>,
     /// Serve gRPC over TLS with this certificate (workers then use
     /// `https://`); `None`: plain HTTP/2.
     pub tls: Option<ServerTls>,
@@ -79,7 +88,7 @@ pub struct CoordinatorConfig {
 
 impl CoordinatorConfig {
     /// One worker on loopback (port 0), 1 s heartbeats, a 10 s heartbeat
-    /// timeout, a 5 s last call, 3 restarts, a 10 min rendezvous timeout,
+    /// timeout, a 10 min progress timeout, a 5 s last call, 3 restarts, a 10 min rendezvous timeout,
     /// the TCP ring and no status page.
     pub fn new(token: Token, job_toml: String) -> Self {
         CoordinatorConfig {
@@ -89,6 +98,7 @@ impl CoordinatorConfig {
             last_call: Duration::from_secs(5),
             heartbeat_interval: Duration::from_secs(1),
             heartbeat_timeout: Duration::from_secs(10),
+            progress_timeout: Some(Duration::from_secs(600)),
             max_restarts: 3,
             rendezvous_timeout: Some(Duration::from_secs(600)),
             log_every: 10,
@@ -96,6 +106,7 @@ impl CoordinatorConfig {
             job_toml,
             backend: Backend::TcpRing,
             status_listen: None,
+            status_token: None,
             tls: None,
             plan: Vec::new(),
         }
@@ -138,6 +149,17 @@ impl CoordinatorConfig {
         }
         Ok(())
     }
+}
+
+/// The workers that can still take part in a job (see
+/// [`CoordinatorHandle::limit_workers`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerSupply {
+    /// Worker processes alive now (running, or restarted and starting).
+    pub live: u32,
+    /// Why no others can come, for the error (e.g. "launch's --max-restarts
+    /// 3 are spent").
+    pub why: String,
 }
 
 /// How a job ended well.
@@ -480,6 +502,7 @@ impl Coordinator {
             runtime.spawn(status::serve(
                 listener,
                 shared.clone(),
+                config.status_token.clone(),
                 shutdown.subscribe(),
             ));
             addr
@@ -568,6 +591,18 @@ impl CoordinatorHandle {
     pub fn worker_exited(&self, host: &str, pid: u32, what: &str) {
         self.shared
             .update(|state, now| state.process_exited(host, pid, what, now));
+    }
+
+    /// Bounds the workers that can still take part: `Some(n)` when nobody
+    /// but the caller's `n` live worker processes can join (a launcher on
+    /// loopback, say, whose restarts are what is left), with `why` saying
+    /// where more would have come from. A rendezvous that needs more than
+    /// that fails at once, naming `min_workers` and who is missing, instead
+    /// of waiting out its timeout; one that can grow to `n` gives the
+    /// restarted ones a last call. `None`: workers may come from anywhere.
+    pub fn limit_workers(&self, supply: Option<WorkerSupply>) {
+        self.shared
+            .update(|state, now| state.limit_workers(supply, now));
     }
 
     /// Where the job stands now.

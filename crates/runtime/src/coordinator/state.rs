@@ -23,7 +23,7 @@ use tonic::Status;
 
 use super::{
     CoordinatorConfig, Failure, JobEnd, JobOutcome, JobPhase, JobStatus, NcclIdFn, StageState,
-    StageStatus, WaitingWorker, WorkerStatus,
+    StageStatus, WaitingWorker, WorkerStatus, WorkerSupply,
 };
 use crate::proto::{self, Instruction};
 use crate::{Backend, PROTOCOL_VERSION, ValidationReport};
@@ -63,6 +63,9 @@ struct Member {
     rank: u32,
     last_seen: Instant,
     step: Option<u64>,
+    /// When `step` last moved on (or the member joined or changed stage):
+    /// a heartbeating member whose step stands still is hung.
+    progressed: Instant,
     metrics: Option<proto::StepMetrics>,
     state: MemberState,
     /// The plan index of the stage it is in: the stages before it it
@@ -112,6 +115,8 @@ enum Phase {
     Rendezvous {
         since: Instant,
         last_call_until: Option<Instant>,
+        /// When the wait was last logged: a long one is never silent.
+        logged: Instant,
     },
     Running,
     Ended,
@@ -138,9 +143,18 @@ pub(super) struct State {
     /// When each stage started, and how long each complete one took.
     stage_started: Vec<Option<Instant>>,
     stage_took: Vec<Option<Duration>>,
+    /// Stages whose training some member reported a step of: the job's
+    /// resume policy was applied to them, and a re-formed group resumes
+    /// their newest checkpoint instead of applying it again.
+    stage_stepped: Vec<bool>,
     /// Each stage's latest held-out figures, as its members last reported
     /// them (kept after the stage ends).
     validation: Vec<Option<ValidationReport>>,
+    /// The workers that can still come, when the caller knows (see
+    /// [`super::CoordinatorHandle::limit_workers`]).
+    supply: Option<WorkerSupply>,
+    /// When the job started (ms since the Unix epoch), told to every group.
+    epoch: u64,
 }
 
 impl State {
@@ -150,6 +164,7 @@ impl State {
             phase: Phase::Rendezvous {
                 since: now,
                 last_call_until: None,
+                logged: now,
             },
             generation: 0,
             restarts: 0,
@@ -164,7 +179,12 @@ impl State {
             completed: 0,
             stage_started: vec![None; config.plan.len()],
             stage_took: vec![None; config.plan.len()],
+            stage_stepped: vec![false; config.plan.len()],
             validation: vec![None; config.plan.len()],
+            supply: None,
+            epoch: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
             config,
         }
     }
@@ -329,6 +349,14 @@ impl State {
                 // before its StageDone) would pass for the next stage's.
                 if request.stage as usize == member.stage {
                     let held_out = request.metrics.as_ref().and_then(|m| m.validation);
+                    if request.step.is_some()
+                        && let Some(stepped) = self.stage_stepped.get_mut(member.stage)
+                    {
+                        *stepped = true;
+                    }
+                    if request.step != member.step {
+                        member.progressed = now;
+                    }
                     member.step = request.step;
                     member.metrics = request.metrics;
                     if let (Some(figures), Some(slot)) =
@@ -395,6 +423,7 @@ impl State {
         }
         member.stage += 1;
         member.step = None;
+        member.progressed = now;
         member.metrics = None;
         tracing::info!("{} finished stage {name}", member.describe());
         self.advance_plan(now);
@@ -502,6 +531,11 @@ impl State {
             format!("{} exited: {what}", member.describe()),
         );
         self.fail(now, cause, Some(&id));
+        self.advance(now);
+    }
+
+    pub(super) fn limit_workers(&mut self, supply: Option<WorkerSupply>, now: Instant) {
+        self.supply = supply;
         self.advance(now);
     }
 
@@ -653,6 +687,9 @@ impl State {
                 self.fail(now, cause, Some(&id));
             }
         }
+        if matches!(self.phase, Phase::Running) {
+            self.drop_the_stalled(now);
+        }
         if let Phase::Rendezvous { since, .. } = self.phase {
             let pending = &self.pending;
             for member in self.members.iter_mut() {
@@ -669,6 +706,10 @@ impl State {
                     );
                 }
             }
+            if let Some(reason) = self.unformable() {
+                self.finish(JobEnd::Failed(Failure::Other(reason)));
+                return;
+            }
             if let Some(limit) = self.config.rendezvous_timeout
                 && now.saturating_duration_since(since) > limit
             {
@@ -681,6 +722,94 @@ impl State {
                 return;
             }
             self.try_form(now);
+            self.log_long_wait(now);
+        }
+    }
+
+    /// Why no group can form any more, if the supply of workers is known and
+    /// falls short of `min_workers`.
+    fn unformable(&self) -> Option<String> {
+        let supply = self.supply.as_ref()?;
+        let min = self.config.min_workers;
+        if supply.live >= min {
+            return None;
+        }
+        let lost: Vec<String> = self
+            .members
+            .iter()
+            .filter(|m| m.state == MemberState::Failed)
+            .map(Member::describe)
+            .collect();
+        Some(format!(
+            "no group can form for generation {}: min_workers is {min} but only {} worker(s) are \
+             left ({} joined) and {}; missing: {}",
+            self.generation + 1,
+            supply.live,
+            self.pending.len(),
+            supply.why,
+            if lost.is_empty() {
+                "none of the last group".to_string()
+            } else {
+                some_of(lost)
+            }
+        ))
+    }
+
+    /// A rendezvous that waits long says so now and then, with what it waits
+    /// for.
+    fn log_long_wait(&mut self, now: Instant) {
+        const EVERY: Duration = Duration::from_secs(30);
+        let Phase::Rendezvous { since, logged, .. } = self.phase else {
+            return;
+        };
+        if now.saturating_duration_since(logged) < EVERY {
+            return;
+        }
+        let waited = now.saturating_duration_since(since).as_secs();
+        let limit = self
+            .config
+            .rendezvous_timeout
+            .map(|t| format!(" of rendezvous_timeout {} s", t.as_secs()))
+            .unwrap_or_default();
+        tracing::warn!(
+            "still no group after {waited} s{limit}: {}",
+            self.rendezvous_state()
+        );
+        if let Phase::Rendezvous { logged, .. } = &mut self.phase {
+            *logged = now;
+        }
+    }
+
+    /// Fails a member that heartbeats but whose training stands still: stuck
+    /// in a collective or a device call, its heartbeat thread alone alive.
+    /// Only between steps of a stage: before a stage's first step (loading,
+    /// resuming) and in stages without steps there is nothing to measure.
+    fn drop_the_stalled(&mut self, now: Instant) {
+        let Some(limit) = self.config.progress_timeout else {
+            return;
+        };
+        let stalled: Vec<(String, String)> = self
+            .members
+            .iter()
+            .filter(|m| m.state == MemberState::Active)
+            .filter_map(|m| Some((m, m.step?)))
+            .filter(|(m, _)| now.saturating_duration_since(m.progressed) > limit)
+            .map(|(m, step)| {
+                let stood = now.saturating_duration_since(m.progressed);
+                (
+                    m.who.worker_id.clone(),
+                    format!(
+                        "{} made no progress: still at step {step} after {} s \
+                         (progress_timeout {} s)",
+                        m.describe(),
+                        stood.as_secs(),
+                        limit.as_secs()
+                    ),
+                )
+            })
+            .collect();
+        for (id, cause) in stalled {
+            self.fail(now, cause, Some(&id));
         }
     }
 
@@ -729,9 +858,15 @@ impl State {
             return;
         }
         // Newcomers waited during the run already; a first group gives late
-        // starters a last call.
-        let ready =
-            joined >= max || reforming || now >= *last_call_until.get_or_insert(now + last_call);
+        // starters a last call, and so does a re-formation that restarted
+        // workers can still fill up (they are starting now).
+        let restarting = self
+            .supply
+            .as_ref()
+            .is_some_and(|s| joined < max.min(s.live as usize));
+        let ready = joined >= max
+            || (reforming && !restarting)
+            || now >= *last_call_until.get_or_insert(now + last_call);
         if ready {
             self.form(now);
         }
@@ -774,6 +909,12 @@ impl State {
         let ring_peers: Vec<String> = chosen.iter().map(|p| p.who.data_addr.clone()).collect();
         let heartbeat_interval_ms = millis(self.config.heartbeat_interval);
         let heartbeat_timeout_ms = millis(self.config.heartbeat_timeout);
+        let first_stage_started = self
+            .stage_stepped
+            .get(self.completed)
+            .copied()
+            .unwrap_or(false);
+        let ring_secret: [u8; 32] = rand::random();
         let plan: Vec<proto::Stage> = self
             .config
             .plan
@@ -799,12 +940,16 @@ impl State {
                 heartbeat_timeout_ms,
                 plan: plan.clone(),
                 first_stage: self.completed as u32,
+                first_stage_started,
+                ring_secret: ring_secret.to_vec(),
+                job_epoch: self.epoch,
             };
             let member = Member {
                 who: pending.who,
                 rank,
                 last_seen: now,
                 step: None,
+                progressed: now,
                 metrics: None,
                 state: MemberState::Active,
                 stage: self.completed,
@@ -903,6 +1048,7 @@ impl State {
         self.phase = Phase::Rendezvous {
             since: now,
             last_call_until: None,
+            logged: now,
         };
     }
 
@@ -1353,5 +1499,83 @@ mod tests {
         let mut rx = s.join(r, t0).unwrap().1;
         let reply = rx.try_recv().unwrap().unwrap();
         assert_eq!((reply.generation, reply.world_size), (2, 1));
+    }
+
+    fn supply(live: u32) -> Option<WorkerSupply> {
+        Some(WorkerSupply {
+            live,
+            why: "the launcher's restarts are spent".into(),
+        })
+    }
+
+    #[test]
+    fn a_rendezvous_short_of_min_workers_fails_at_once_when_no_more_can_come() {
+        let t0 = Instant::now();
+        let mut s = state(2, 2, t0);
+        s.limit_workers(supply(2), t0);
+        let group = form_group(&mut s, 2, t0);
+        s.members[1].who.pid = 42;
+        s.process_exited("a", 42, "signal: 9 (SIGKILL)", t0);
+        // A restart is on its way: the rendezvous waits for it.
+        s.tick(t0);
+        assert!(matches!(s.phase, Phase::Rendezvous { .. }));
+        // None is: min_workers cannot be met, and the job says so now.
+        s.limit_workers(supply(1), t0);
+        let end = s.end.as_ref().map(JobEnd::reason).expect("the job goes on");
+        assert!(end.contains("min_workers is 2"), "{end}");
+        assert!(end.contains("restarts are spent"), "{end}");
+        assert!(
+            end.contains(&format!("missing: worker {}", group[1].worker_id)),
+            "{end}"
+        );
+    }
+
+    #[test]
+    fn a_reformation_waits_a_last_call_for_restarted_workers() {
+        let t0 = Instant::now();
+        let mut s = state(1, 2, t0);
+        s.limit_workers(supply(2), t0);
+        let group = form_group(&mut s, 2, t0);
+        s.members[1].who.pid = 42;
+        s.process_exited("a", 42, "signal: 9 (SIGKILL)", t0);
+        // The survivor is back; min_workers is met, but a restarted worker
+        // is starting: the last call waits for it.
+        let mut back = request("a", "cpu:0", 1);
+        back.worker_id = group[0].worker_id.clone();
+        let mut survivor = s.join(back, t0).unwrap().1;
+        assert!(survivor.try_recv().is_err(), "formed without the restart");
+        let mut restarted = s
+            .join(request("a", "cpu:1", 2), t0 + Duration::from_millis(50))
+            .unwrap()
+            .1;
+        let (a, b) = (
+            survivor.try_recv().unwrap().unwrap(),
+            restarted.try_recv().unwrap().unwrap(),
+        );
+        assert_eq!((a.generation, a.world_size, b.world_size), (2, 2, 2));
+    }
+
+    #[test]
+    fn a_reformed_group_resumes_a_stage_an_earlier_generation_trained_in() {
+        let t0 = Instant::now();
+        let mut s = planned_state(2, t0);
+        let group = form_group(&mut s, 2, t0);
+        assert!(!group[0].first_stage_started);
+        assert_eq!(group[0].ring_secret.len(), 32);
+        beat(&mut s, &group[0], 0, 5, t0);
+        s.members[1].who.pid = 42;
+        s.process_exited("a", 42, "signal: 9 (SIGKILL)", t0);
+        let mut back = request("a", "cpu:0", 1);
+        back.worker_id = group[0].worker_id.clone();
+        let reply = s.join(back, t0).unwrap().1.try_recv().unwrap().unwrap();
+        assert_eq!((reply.generation, reply.first_stage), (2, 0));
+        assert!(
+            reply.first_stage_started,
+            "the resume policy would apply again"
+        );
+        assert_ne!(
+            reply.ring_secret, group[0].ring_secret,
+            "a secret per generation"
+        );
     }
 }

@@ -11,21 +11,37 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use super::{JobPhase, JobStatus, Shared, StageState};
+use crate::Token;
 use crate::ValidationReport;
 
 /// Largest request head read; a status page needs no more.
 const MAX_HEAD: usize = 8 * 1024;
 
+/// Connections served at once; more are closed at once, so that nobody can
+/// tie up the coordinator's runtime by opening many (each one is also cut
+/// off after a few seconds without a whole request).
+const MAX_CONNECTIONS: usize = 32;
+
 pub(super) async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
+    token: Option<Token>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    tokio::spawn(respond(stream, shared.clone()));
+                Ok((stream, from)) => {
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        tracing::debug!(%from, "status page busy ({MAX_CONNECTIONS} connections): closed");
+                        continue;
+                    };
+                    let (shared, token) = (shared.clone(), token.clone());
+                    tokio::spawn(async move {
+                        respond(stream, shared, token.as_ref()).await;
+                        drop(slot);
+                    });
                 }
                 Err(error) => {
                     // Out of file descriptors, say: wait rather than spin.
@@ -38,7 +54,22 @@ pub(super) async fn serve(
     }
 }
 
-async fn respond(mut stream: TcpStream, shared: Arc<Shared>) {
+/// The credentials of an `Authorization: Bearer …` header in `head`.
+fn bearer(head: &str) -> Option<&[u8]> {
+    head.lines().skip(1).find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        if !name.trim().eq_ignore_ascii_case("authorization") {
+            return None;
+        }
+        let value = value.trim();
+        let (scheme, credentials) = value.split_once(' ')?;
+        scheme
+            .eq_ignore_ascii_case("bearer")
+            .then(|| credentials.trim().as_bytes())
+    })
+}
+
+async fn respond(mut stream: TcpStream, shared: Arc<Shared>, token: Option<&Token>) {
     let mut head = Vec::with_capacity(1024);
     let read = tokio::time::timeout(Duration::from_secs(5), async {
         let mut chunk = [0u8; 1024];
@@ -62,7 +93,13 @@ async fn respond(mut stream: TcpStream, shared: Arc<Shared>) {
         request_line.next().unwrap_or_default(),
     );
     let path = target.split('?').next().unwrap_or_default();
+    let authorized = token.is_none_or(|token| bearer(&head).is_some_and(|b| token.matches(b)));
     let (code, content_type, body) = match (method, path) {
+        _ if !authorized => (
+            "401 Unauthorized\r\nWWW-Authenticate: Bearer realm=\"dalle\"",
+            "text/plain; charset=utf-8",
+            "this status page needs `Authorization: Bearer <status token>`\n".to_string(),
+        ),
         ("GET" | "HEAD", "/") => {
             let status = shared.lock().status(Instant::now());
             ("200 OK", "text/plain; charset=utf-8", render_page(&status))

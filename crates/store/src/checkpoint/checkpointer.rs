@@ -172,6 +172,26 @@ impl Checkpointer {
             })
     }
 
+    /// Claims the run for this writer's group (its `fence`): from now on a
+    /// writer of an older group commits and deletes nothing. `Err(Fenced)`
+    /// when a newer group holds it already. Without a fence, nothing to do.
+    pub fn claim(&self) -> Result<()> {
+        let Some(mine) = self.config().fence else {
+            return Ok(());
+        };
+        let run = self.shared.run.clone();
+        self.block(async move { super::fence::claim(&run, mine).await })
+    }
+
+    /// The committed checkpoint of `stage` at `step` of this run, verified
+    /// (no fallback).
+    pub fn load_step(&self, stage: &str, step: u64) -> Result<Loaded> {
+        layout::validate_stage(stage).map_err(CheckpointError::Invalid)?;
+        let mut dir = self.shared.run.clone();
+        dir.prefix = layout::step_path(&self.shared.run, stage, step);
+        self.load(&dir)
+    }
+
     /// Whether a save is in flight.
     pub fn saving(&self) -> bool {
         self.in_flight.is_some()
@@ -260,7 +280,11 @@ impl Checkpointer {
         layout::validate_stage(stage).map_err(CheckpointError::Invalid)?;
         let run = self.shared.run.clone();
         let stage = stage.to_string();
+        let fence = self.config().fence;
         self.block(async move {
+            if let Some(mine) = fence {
+                super::fence::check(&run, mine).await?;
+            }
             let mut deleted = Vec::new();
             for (s, dir) in layout::scan(&run, &stage).await?.into_iter().rev() {
                 if s <= step {

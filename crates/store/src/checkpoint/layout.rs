@@ -46,6 +46,9 @@ pub struct Manifest {
     pub created_unix_ms: u64,
     pub objects: Vec<ObjectEntry>,
     pub metadata: serde_json::Value,
+    /// The group that wrote it, when the writer had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence: Option<super::Fence>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -291,6 +294,7 @@ mod tests {
                 crc32c: 0x0a1b_2c3d,
             }],
             metadata: serde_json::json!({"world_size": 4}),
+            fence: None,
         };
         let json = serde_json::to_vec(&manifest).unwrap();
         assert!(String::from_utf8_lossy(&json).contains("\"0a1b2c3d\""));

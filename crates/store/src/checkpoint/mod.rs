@@ -40,6 +40,11 @@
 //! - A manifest's sizes are checked against the store's before any buffer
 //!   is sized by them, so a damaged manifest is a corrupt checkpoint (and
 //!   loading falls back), not a huge allocation.
+//! - A writer given a [`Fence`] (its group) claims the run before training
+//!   and commits or deletes nothing once a newer group has claimed it, so a
+//!   process dropped as hung that wakes up later cannot commit over the new
+//!   group's checkpoints or prune its upload in progress (see `fence.rs` for
+//!   what this does on stores without conditional puts).
 //! - Local files are not fsynced (object_store's default): after a power
 //!   loss a manifest may survive objects that did not reach the disk;
 //!   verification then finds them and the previous checkpoint is used.
@@ -55,6 +60,7 @@
 
 mod bench;
 mod checkpointer;
+mod fence;
 mod layout;
 mod pins;
 mod reader;
@@ -66,6 +72,7 @@ mod tests;
 
 pub use bench::{BenchReport, bench};
 pub use checkpointer::Checkpointer;
+pub use fence::{FENCE, Fence};
 pub use layout::{LATEST, MANIFEST, Manifest, ObjectEntry, step_dir_name};
 pub use retention::{RetentionPlan, plan_retention};
 
@@ -86,6 +93,11 @@ pub struct CheckpointConfig {
     pub part_bytes: usize,
     /// Requests in flight at once, per save or load.
     pub concurrency: usize,
+    /// The group this writer belongs to: set, it claims the run
+    /// ([`Checkpointer::claim`]), records itself in every manifest, and
+    /// commits or deletes nothing once a newer group has claimed the run.
+    #[serde(skip)]
+    pub fence: Option<Fence>,
 }
 
 impl Default for CheckpointConfig {
@@ -95,6 +107,7 @@ impl Default for CheckpointConfig {
             keep_every: None,
             part_bytes: 16 << 20,
             concurrency: 8,
+            fence: None,
         }
     }
 }
@@ -196,6 +209,15 @@ pub enum CheckpointError {
     NoneValid { url: String, skipped: Vec<Skipped> },
     #[error("invalid checkpoint: {0}")]
     Invalid(String),
+    #[error(
+        "{url}: {newer} has claimed the run; this writer ({mine}) must not commit or delete \
+         anything any more (a process dropped from its group that woke up?)"
+    )]
+    Fenced {
+        url: String,
+        mine: Fence,
+        newer: Fence,
+    },
     #[error("checkpoint of stage `{stage}` step {step} at {url} was not committed: {source}")]
     SaveFailed {
         stage: String,

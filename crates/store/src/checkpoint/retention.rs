@@ -66,6 +66,11 @@ pub fn plan_retention(
 pub async fn apply(shared: &Shared, info: &mut CommitInfo) -> Result<()> {
     let run = &shared.run;
     let stage = info.stage.as_str();
+    // A writer of an older group prunes nothing: what it would delete may
+    // be the newer group's upload in progress.
+    if let Some(mine) = shared.config.fence {
+        super::fence::check(run, mine).await?;
+    }
     if let Some(stage_dir) = layout::local_dir(run, &layout::stage_path(run, stage)) {
         remove_staging_files(&stage_dir, info.step);
     }

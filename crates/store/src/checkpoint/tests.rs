@@ -22,6 +22,7 @@ fn config() -> CheckpointConfig {
         keep_every: None,
         part_bytes: 5 * MIB,
         concurrency: 4,
+        fence: None,
     }
 }
 
@@ -829,4 +830,76 @@ fn retention_removes_staging_files_of_killed_writes_on_local_disk() {
     let mut step1 = run.clone();
     step1.prefix = run.child("gpt/step-0000000001");
     assert_same(&checkpointer.load(&step1).unwrap(), &snapshot("gpt", 1));
+}
+
+/// A writer of an older group, woken up after a newer group claimed the
+/// run, commits nothing and deletes nothing: not the newer group's
+/// checkpoints, not its upload in progress.
+fn fencing(run: Location) {
+    let group = |epoch, generation| CheckpointConfig {
+        fence: Some(Fence { epoch, generation }),
+        ..config()
+    };
+    let mut old = Checkpointer::new(run.clone(), group(5, 1)).unwrap();
+    old.claim().unwrap();
+    old.save_blocking(snapshot("dvae", 10)).unwrap();
+    let mut new = Checkpointer::new(run.clone(), group(5, 2)).unwrap();
+    new.claim().unwrap();
+    new.save_blocking(snapshot("dvae", 20)).unwrap();
+    // The newer group's next save, under way: objects, no manifest yet.
+    put(&run, "dvae/step-0000000030/model.safetensors", bytes(10, 1));
+
+    let err = old.save_blocking(snapshot("dvae", 40)).unwrap_err();
+    let fenced = |e: &CheckpointError| match e {
+        CheckpointError::Fenced { newer, .. } => newer.generation == 2,
+        CheckpointError::SaveFailed { source, .. } => {
+            matches!(**source, CheckpointError::Fenced { newer, .. } if newer.generation == 2)
+        }
+        _ => false,
+    };
+    assert!(fenced(&err), "{err}");
+    assert!(
+        err.to_string().contains("generation 2 of job epoch 5"),
+        "{err}"
+    );
+    assert!(fenced(&old.discard_after("dvae", 0).unwrap_err()));
+    assert!(fenced(&old.claim().unwrap_err()));
+    // Nothing of the old writer's landed, nothing of the new one's went.
+    let all = keys(&run);
+    assert!(
+        !all.iter().any(|k| k.contains("step-0000000040")),
+        "{all:?}"
+    );
+    assert!(all.contains(&"dvae/step-0000000030/model.safetensors".to_string()));
+    assert_eq!(new.committed_steps("dvae").unwrap(), [10, 20]);
+    // Each checkpoint names the group that wrote it.
+    let manifest: Manifest =
+        serde_json::from_slice(&get(&run, "dvae/step-0000000020/manifest.json")).unwrap();
+    assert_eq!(
+        manifest.fence,
+        Some(Fence {
+            epoch: 5,
+            generation: 2
+        })
+    );
+    // A later job comes after every group of an earlier one.
+    let later = Checkpointer::new(run.clone(), group(6, 1)).unwrap();
+    later.claim().unwrap();
+    let err = new.claim().unwrap_err();
+    assert!(
+        matches!(err, CheckpointError::Fenced { newer, .. } if newer == Fence { epoch: 6, generation: 1 }),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_writer_of_an_older_group_commits_and_deletes_nothing_on_memory() {
+    fencing(memory("ckpt-fencing"));
+}
+
+#[test]
+fn a_writer_of_an_older_group_commits_and_deletes_nothing_on_local_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = Location::parse(dir.path().to_str().unwrap(), &StoreConfig::default()).unwrap();
+    fencing(run);
 }

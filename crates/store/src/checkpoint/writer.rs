@@ -182,6 +182,12 @@ pub async fn commit(shared: &Shared, snapshot: Snapshot) -> Result<CommitInfo> {
     let dir_url = run.describe(&dir);
     let manifest_path = layout::child(&dir, MANIFEST);
     let manifest_url = run.describe(&manifest_path);
+    let fence = shared.config.fence;
+    // Before this save deletes or writes anything, and again before the
+    // commit: a newer group may have claimed the run meanwhile.
+    if let Some(mine) = fence {
+        super::fence::check(run, mine).await?;
+    }
 
     // Never write objects over a committed checkpoint: check its manifest
     // first (the create-only manifest put alone would notice too late, and
@@ -261,8 +267,12 @@ pub async fn commit(shared: &Shared, snapshot: Snapshot) -> Result<CommitInfo> {
             .map_or(0, |d| d.as_millis() as u64),
         objects: entries,
         metadata,
+        fence,
     };
     let json = Bytes::from(serde_json::to_vec_pretty(&manifest).expect("a manifest serialises"));
+    if let Some(mine) = fence {
+        super::fence::check(run, mine).await?;
+    }
     write_manifest(run, &manifest_path, json).await?;
     let seconds = started.elapsed().as_secs_f64();
 

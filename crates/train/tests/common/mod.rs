@@ -2,7 +2,7 @@
 //! synthetic dataset, a random dVAE and a caption tokenizer; ranks joined
 //! by a TCP ring on loopback.
 
-use dalle_collective::{RingConfig, TcpRing};
+use dalle_collective::{RingConfig, RingSecret, TcpRing};
 use dalle_data::synth::{self, SynthConfig};
 use dalle_model::dvae::{Dvae, DvaeConfig};
 use dalle_model::gpt::{AttentionLayout, GptArch};
@@ -86,14 +86,17 @@ pub fn on_ranks<T: Send + 'static>(
         .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
         .collect();
     let peers: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    // One secret for the whole ring, as the coordinator hands out.
+    let secret = RingSecret::random();
     let handles: Vec<_> = listeners
         .into_iter()
         .enumerate()
         .map(|(rank, listener)| {
-            let (peers, train) = (peers.clone(), train.clone());
+            let (peers, train, secret) = (peers.clone(), train.clone(), secret.clone());
             std::thread::spawn(move || {
                 let config = RingConfig {
                     session: 7,
+                    secret,
                     connect_timeout: Duration::from_secs(30),
                     io_timeout: Duration::from_secs(60),
                     ..RingConfig::default()

@@ -1,0 +1,232 @@
+//! The worker processes `dalle launch` runs on this machine: starting them,
+//! forwarding their output line by line under their local rank, and
+//! restarting one that dies, like torchrun's agent, within `--max-restarts`.
+
+use anyhow::{Context, Result};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// How to start one worker: everything but its local rank.
+pub struct WorkerCommand {
+    pub exe: PathBuf,
+    pub coordinator: String,
+    /// "cpu" or "cuda": local rank i drives `{slot_kind}:{i}`.
+    pub slot_kind: &'static str,
+    pub advertise: String,
+    pub token: String,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_domain: Option<String>,
+}
+
+impl WorkerCommand {
+    fn spawn(&self, local_rank: u32) -> Result<Child> {
+        let mut worker = Command::new(&self.exe);
+        worker
+            .arg("worker")
+            .arg("--coordinator")
+            .arg(&self.coordinator)
+            .arg("--slot")
+            .arg(format!("{}:{local_rank}", self.slot_kind))
+            .arg("--advertise")
+            .arg(&self.advertise)
+            // The token travels in the environment, never in `ps`.
+            .env("DALLE_JOB_TOKEN", &self.token)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(ca) = &self.tls_ca {
+            worker.arg("--tls-ca").arg(ca);
+        }
+        if let Some(domain) = &self.tls_domain {
+            worker.arg("--tls-domain").arg(domain);
+        }
+        let mut child = worker
+            .spawn()
+            .with_context(|| format!("cannot start worker {local_rank}"))?;
+        let prefix = format!("[worker {local_rank}] ");
+        if let Some(out) = child.stdout.take() {
+            forward(out, prefix.clone(), || Box::new(std::io::stdout()));
+        }
+        if let Some(err) = child.stderr.take() {
+            forward(err, prefix, || Box::new(std::io::stderr()));
+        }
+        Ok(child)
+    }
+}
+
+/// Copies `stream` to `sink` a whole line at a time, each under `prefix`,
+/// so that lines of several workers never interleave mid-line.
+fn forward(stream: impl Read + Send + 'static, prefix: String, sink: fn() -> Box<dyn Write>) {
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stream);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match reader.read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            if !line.ends_with(b"\n") {
+                line.push(b'\n');
+            }
+            let mut whole = Vec::with_capacity(prefix.len() + line.len());
+            whole.extend_from_slice(prefix.as_bytes());
+            whole.extend_from_slice(&line);
+            // One write per line: the standard streams lock per call.
+            let _ = sink().write_all(&whole);
+        }
+    });
+}
+
+/// A worker that exited, as [`LocalWorkers::poll`] reports it.
+pub struct Exit {
+    pub local_rank: u32,
+    pub pid: u32,
+    pub status: ExitStatus,
+}
+
+struct LocalWorker {
+    local_rank: u32,
+    child: Child,
+    exited: bool,
+}
+
+/// The job's workers on this machine.
+pub struct LocalWorkers {
+    command: WorkerCommand,
+    workers: Vec<LocalWorker>,
+    restarts: u32,
+    max_restarts: u32,
+}
+
+impl LocalWorkers {
+    /// Starts local ranks 0..n.
+    pub fn start(command: WorkerCommand, n: u32, max_restarts: u32) -> Result<Self> {
+        let workers = (0..n)
+            .map(|local_rank| {
+                Ok(LocalWorker {
+                    local_rank,
+                    child: command.spawn(local_rank)?,
+                    exited: false,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(LocalWorkers {
+            command,
+            workers,
+            restarts: 0,
+            max_restarts,
+        })
+    }
+
+    /// The workers that exited since the last call.
+    pub fn poll(&mut self) -> Vec<Exit> {
+        let mut exits = Vec::new();
+        for worker in self.workers.iter_mut().filter(|w| !w.exited) {
+            if let Ok(Some(status)) = worker.child.try_wait() {
+                worker.exited = true;
+                exits.push(Exit {
+                    local_rank: worker.local_rank,
+                    pid: worker.child.id(),
+                    status,
+                });
+            }
+        }
+        exits
+    }
+
+    /// Starts local rank `local_rank` again (its process exited), if the
+    /// restart budget allows: `Ok(false)` once it is spent.
+    pub fn restart(&mut self, local_rank: u32) -> Result<bool> {
+        if self.restarts >= self.max_restarts {
+            return Ok(false);
+        }
+        self.restarts += 1;
+        let child = self.command.spawn(local_rank)?;
+        tracing::warn!(
+            worker = local_rank,
+            pid = child.id(),
+            "restarted worker {local_rank} (restart {} of --max-restarts {})",
+            self.restarts,
+            self.max_restarts
+        );
+        let worker = self
+            .workers
+            .iter_mut()
+            .find(|w| w.local_rank == local_rank)
+            .context("no such local worker")?;
+        worker.child = child;
+        worker.exited = false;
+        Ok(true)
+    }
+
+    /// Whether this machine runs no workers (`--nproc 0`).
+    pub fn is_empty(&self) -> bool {
+        self.workers.is_empty()
+    }
+
+    /// Whether `pid` is one of the workers, still running.
+    pub fn runs(&self, pid: u32) -> bool {
+        self.workers
+            .iter()
+            .any(|w| !w.exited && w.child.id() == pid)
+    }
+
+    /// Kills the running worker `pid` (its exit then shows in `poll`).
+    pub fn kill(&mut self, pid: u32) {
+        if let Some(worker) = self
+            .workers
+            .iter_mut()
+            .find(|w| !w.exited && w.child.id() == pid)
+        {
+            let _ = worker.child.kill();
+        }
+    }
+
+    /// Worker processes alive now.
+    pub fn live(&self) -> u32 {
+        self.workers.iter().filter(|w| !w.exited).count() as u32
+    }
+
+    /// Restarts done so far, and the budget.
+    pub fn restarts(&self) -> (u32, u32) {
+        (self.restarts, self.max_restarts)
+    }
+
+    /// Waits up to `grace` for the workers to exit, then kills the rest (a
+    /// worker the coordinator dropped as hung, say).
+    pub fn reap(&mut self, grace: Duration) {
+        let deadline = Instant::now() + grace;
+        for worker in &mut self.workers {
+            let i = worker.local_rank;
+            loop {
+                match worker.child.try_wait() {
+                    Ok(Some(status)) => {
+                        if !status.success() {
+                            tracing::warn!(worker = i, %status, "worker exited with an error");
+                        }
+                        break;
+                    }
+                    Ok(None) => {}
+                    Err(_) => break,
+                }
+                if Instant::now() >= deadline {
+                    if !grace.is_zero() {
+                        tracing::warn!(
+                            worker = i,
+                            pid = worker.child.id(),
+                            "worker still running {} s after the job ended: killing it",
+                            grace.as_secs()
+                        );
+                    }
+                    let _ = worker.child.kill();
+                    let _ = worker.child.wait();
+                    break;
+                }
+                // Child exits are not awaitable here without a signal handler.
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
