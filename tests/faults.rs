@@ -420,6 +420,8 @@ fn a_dropped_writer_that_wakes_up_commits_nothing_over_the_new_group() {
         "dvae.train.steps=300",
         "--set",
         "checkpoint.every=1",
+        "--set",
+        "run.threads=1",
     ];
     // A coordinator for one worker at a time; the workers are started here.
     let coordinator = Running::spawn(
@@ -480,4 +482,111 @@ fn a_dropped_writer_that_wakes_up_commits_nothing_over_the_new_group() {
         );
     }
     assert_eq!(committed(&run, "dvae"), Some(300));
+}
+
+/// A port free now on loopback (for a coordinator that must come back at
+/// the same address).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn a_coordinator_killed_and_started_again_takes_the_job_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let config = tiny_job(dir.path(), "", "[checkpoint]\nevery = 25\n");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let coordinator = || {
+        Running::spawn(
+            dalle(
+                &config,
+                &["--set", "gpt.train.steps=1000", "--set", "run.threads=1"],
+            )
+            .args([
+                "launch",
+                "--nproc",
+                "0",
+                "--min-workers",
+                "2",
+                "--listen",
+                &listen,
+            ])
+            .args(["--heartbeat-timeout-secs", "3"])
+            .env("DALLE_JOB_TOKEN", "restart-test-token"),
+        )
+    };
+    let mut first = coordinator();
+    first
+        .stderr
+        .wait_for("job started", Duration::from_secs(60));
+    let url = format!("http://{listen}");
+    let worker = |slot: &str| {
+        Running::spawn(
+            dalle(&config, &[])
+                .args(["worker", "--coordinator", &url, "--slot", slot])
+                .args(["--coordinator-grace-secs", "120"])
+                .env("DALLE_JOB_TOKEN", "restart-test-token"),
+        )
+    };
+    let workers = [worker("cpu:0"), worker("cpu:1")];
+    // The coordinator dies while the transformer trains.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while committed(&run, "gpt").is_none() {
+        assert!(Instant::now() < deadline, "{}", first.stderr.text());
+        assert!(
+            first.child.try_wait().unwrap().is_none(),
+            "{}",
+            first.stderr.text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    // Started again on the same run, it takes the job over.
+    let second = coordinator();
+    let took = second
+        .stderr
+        .wait_for("taking over the job", Duration::from_secs(60));
+    assert!(
+        took.contains("generation 1") && took.contains("[dvae, tokenizer, pretokenize]"),
+        "{took}"
+    );
+    let logs: Vec<_> = workers.iter().map(|w| w.stderr.clone()).collect();
+    let (stdout, log) = (second.stdout.clone(), second.stderr.clone());
+    for worker in workers {
+        let said = worker.stderr.clone();
+        assert!(
+            worker.wait().success(),
+            "{}\n\ncoordinator:\n{}",
+            said.text(),
+            log.text()
+        );
+    }
+    assert!(second.wait().success(), "{}", log.text());
+    assert!(stdout.text().contains("(generation 2"), "{}", stdout.text());
+    // The new group went on with the transformer from its checkpoint; the
+    // stages before it ran once.
+    log.wait_for("generation 2 starts at stage 4/5 gpt", Duration::ZERO);
+    for said in logs {
+        let said = said.text();
+        let starts = |stage: &str| {
+            said.lines()
+                .filter(|l| l.contains("stage starts") && l.contains(&format!("stage={stage}")))
+                .count()
+        };
+        assert_eq!((starts("dvae"), starts("gpt")), (1, 2), "{said}");
+        // Killed mid-stage: the new group resumed the transformer from a
+        // checkpoint before its end.
+        let resumed = resumed_steps(&said, "gpt");
+        let mid_stage = |s: &u64| (25..1000).contains(s);
+        assert!(
+            !resumed.is_empty() && resumed.iter().all(mid_stage),
+            "{said}"
+        );
+    }
+    assert!(run.join("bundle/bundle.json").is_file());
 }

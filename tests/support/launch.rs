@@ -82,9 +82,9 @@ pub const STAGE1_LONG: [&str; 6] = [
     "run.ledger=true",
 ];
 
-/// The sample keys of every dVAE step in a run's ledger; a step done more
-/// than once (before and after a re-formation) counts as done by the
-/// smaller, later group.
+/// The sample keys of every dVAE step in a run's ledger, sorted. A step
+/// done more than once (before a failure and again after the re-formation)
+/// counts as the highest generation that did it trained it.
 pub fn ledger(run: &Path) -> std::collections::BTreeMap<u64, Vec<String>> {
     let mut by_step: std::collections::BTreeMap<u64, (u64, Vec<String>)> = Default::default();
     for entry in std::fs::read_dir(run.join("ledger")).unwrap().flatten() {
@@ -93,17 +93,18 @@ pub fn ledger(run: &Path) -> std::collections::BTreeMap<u64, Vec<String>> {
         }
         for line in std::fs::read_to_string(entry.path()).unwrap().lines() {
             let v: serde_json::Value = serde_json::from_str(line).unwrap();
-            let (step, world) = (v["step"].as_u64().unwrap(), v["world"].as_u64().unwrap());
+            let step = v["step"].as_u64().unwrap();
+            let generation = v["generation"].as_u64().unwrap();
             let keys = v["keys"]
                 .as_array()
                 .unwrap()
                 .iter()
                 .map(|k| k.as_str().unwrap().to_string());
-            let slot = by_step.entry(step).or_insert((world, Vec::new()));
-            if world < slot.0 {
-                *slot = (world, Vec::new());
+            let slot = by_step.entry(step).or_insert((generation, Vec::new()));
+            if generation > slot.0 {
+                *slot = (generation, Vec::new());
             }
-            if world == slot.0 {
+            if generation == slot.0 {
                 slot.1.extend(keys);
             }
         }

@@ -45,6 +45,12 @@ pub struct WorkerArgs {
     /// How long to keep trying to join (the coordinator may start later).
     #[arg(long, default_value_t = 600)]
     pub join_timeout_secs: u64,
+    /// How long to keep trying a coordinator that stopped answering (it may
+    /// be starting again on the same run) before giving up; training waits
+    /// at its next step boundary meanwhile. Keep it below the ring's 300 s
+    /// I/O timeout, which a peer waiting in a collective is bound by.
+    #[arg(long, default_value_t = 180)]
+    pub coordinator_grace_secs: u64,
     /// Trust coordinator certificates issued by this CA (PEM; a self-signed
     /// certificate is its own CA). Implies TLS; without it an `https://`
     /// coordinator is checked against the system's roots.
@@ -102,6 +108,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         None
     };
     let mut membership = Membership::connect(&args.coordinator, &token, info, tls.as_ref())?;
+    membership.set_coordinator_grace(Duration::from_secs(args.coordinator_grace_secs));
     let join_timeout = Duration::from_secs(args.join_timeout_secs);
     loop {
         let assignment = membership.join(Instant::now() + join_timeout)?;
@@ -210,6 +217,7 @@ fn train_generation(
             samples_per_second: end.samples_per_second,
             data_wait_share: end.data_wait,
         });
+        beats.wait_for_coordinator();
         match beats.instruction() {
             Instruction::Continue => Ok(()),
             Instruction::Reform { reason } | Instruction::Stop { reason } => {
@@ -221,6 +229,7 @@ fn train_generation(
     let run_plan = |ddp: &mut DataParallel| -> Result<Option<String>> {
         for (index, &stage) in plan.iter().enumerate().skip(assignment.first_stage) {
             // Stages without training steps see the coordinator here.
+            heartbeats.wait_for_coordinator();
             if let Instruction::Reform { reason } | Instruction::Stop { reason } =
                 heartbeats.instruction()
             {

@@ -33,8 +33,8 @@ use std::str::FromStr;
 
 pub use auth::Token;
 pub use coordinator::{
-    Coordinator, CoordinatorConfig, CoordinatorHandle, JobOutcome, JobStatus, StageState,
-    StageStatus, WorkerSupply,
+    Coordinator, CoordinatorConfig, CoordinatorHandle, JobOutcome, JobStateStore, JobStatus,
+    StageState, StageStatus, StateStore, WorkerSupply,
 };
 pub use error::RuntimeError;
 pub use tls::{ClientTls, ServerTls};

@@ -177,9 +177,26 @@ pub struct Membership {
     client: Client,
     info: JoinInfo,
     worker_id: Option<String>,
+    /// How long the coordinator may stay unreachable before this worker
+    /// gives up; `None`: the heartbeat timeout.
+    grace: Option<Duration>,
 }
 
 impl Membership {
+    /// Keeps trying an unreachable coordinator for `grace` (at least the
+    /// heartbeat timeout) before giving up: long enough for a coordinator
+    /// to be started again. Meanwhile training pauses at its next step
+    /// boundary ([`Heartbeats::wait_for_coordinator`]).
+    pub fn set_coordinator_grace(&mut self, grace: Duration) {
+        self.grace = Some(grace);
+    }
+
+    fn grace(&self, assignment: &Assignment) -> Duration {
+        self.grace
+            .unwrap_or_default()
+            .max(assignment.heartbeat_timeout)
+    }
+
     /// Prepares the connection (nothing is sent yet; the coordinator need
     /// not be up). `coordinator_url` is `http://host:port` (or `host:port`),
     /// or `https://host:port` checked against the system's roots.
@@ -246,6 +263,7 @@ impl Membership {
             client: CoordinatorClient::with_interceptor(channel, AttachToken::new(token)),
             info,
             worker_id: None,
+            grace: None,
         })
     }
 
@@ -392,19 +410,30 @@ impl Membership {
             generation: assignment.generation,
             stage: stage as u32,
         };
-        let mut client = self.client.clone();
         let patience = assignment.heartbeat_timeout.max(Duration::from_secs(5));
-        let answer = self
-            .runtime
-            .block_on(async { tokio::time::timeout(patience, client.stage_done(request)).await });
-        match answer {
-            Ok(Ok(reply)) => Ok(reply.into_inner().completed_stages as usize),
-            Ok(Err(status)) => Err(rpc_error(&self.url, "StageDone", &status)),
-            Err(_) => Err(RuntimeError::Unreachable {
-                coordinator: self.url.clone(),
-                rpc: "StageDone",
-                detail: format!("no answer within {}", humanize(patience)),
-            }),
+        // An unreachable coordinator may be starting again: keep trying for
+        // the grace period.
+        let deadline = Instant::now() + self.grace(assignment);
+        loop {
+            let mut client = self.client.clone();
+            let request = request.clone();
+            let answer = self.runtime.block_on(async {
+                tokio::time::timeout(patience, client.stage_done(request)).await
+            });
+            let error = match answer {
+                Ok(Ok(reply)) => return Ok(reply.into_inner().completed_stages as usize),
+                Ok(Err(status)) => rpc_error(&self.url, "StageDone", &status),
+                Err(_) => RuntimeError::Unreachable {
+                    coordinator: self.url.clone(),
+                    rpc: "StageDone",
+                    detail: format!("no answer within {}", humanize(patience)),
+                },
+            };
+            if !matches!(error, RuntimeError::Unreachable { .. }) || Instant::now() >= deadline {
+                return Err(error);
+            }
+            tracing::warn!("{error}: trying again");
+            std::thread::sleep(Duration::from_millis(500));
         }
     }
 }
@@ -427,6 +456,9 @@ pub struct Heartbeats {
     reports: watch::Sender<Progress>,
     /// Sends a heartbeat now instead of at the next tick.
     beat_now: Arc<tokio::sync::Notify>,
+    /// Set while the coordinator has not answered for a heartbeat timeout
+    /// (it may be starting again): training waits at its step boundary.
+    lost: Arc<std::sync::atomic::AtomicBool>,
     instruction: watch::Receiver<Instruction>,
     task: tokio::task::JoinHandle<()>,
     /// Tasks of [`Heartbeats::on_leave_group`].
@@ -445,8 +477,11 @@ impl Heartbeats {
         });
         let (instruction_tx, instruction) = watch::channel(Instruction::Continue);
         let beat_now = Arc::new(tokio::sync::Notify::new());
+        let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let beat = Beat {
             beat_now: beat_now.clone(),
+            lost: lost.clone(),
+            grace: membership.grace(assignment),
             client: membership.client.clone(),
             url: membership.url.clone(),
             worker_id: assignment.worker_id.clone(),
@@ -460,6 +495,7 @@ impl Heartbeats {
         Heartbeats {
             reports,
             beat_now,
+            lost,
             instruction,
             task,
             watchers: Default::default(),
@@ -498,6 +534,28 @@ impl Heartbeats {
             report: None,
             validation: None,
         });
+    }
+
+    /// Blocks while the coordinator is unreachable (past a heartbeat
+    /// timeout, within the grace period): a step boundary is where a worker
+    /// waits for a coordinator that is starting again. Returns at once when
+    /// it answers, or when the instruction is no longer to continue.
+    pub fn wait_for_coordinator(&self) {
+        use std::sync::atomic::Ordering;
+        let mut said = false;
+        while self.lost.load(Ordering::Relaxed)
+            && matches!(self.instruction(), Instruction::Continue)
+        {
+            if !said {
+                tracing::warn!("the coordinator does not answer: waiting at this step boundary");
+                said = true;
+            }
+            // The heartbeat thread clears the flag when an answer comes.
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if said {
+            tracing::info!("the coordinator answers again");
+        }
     }
 
     /// What to do at this step boundary. REFORM and STOP stay once heard
@@ -559,6 +617,9 @@ struct Progress {
 
 struct Beat {
     beat_now: Arc<tokio::sync::Notify>,
+    lost: Arc<std::sync::atomic::AtomicBool>,
+    /// Unanswered this long, the coordinator is given up (STOP).
+    grace: Duration,
     client: Client,
     url: String,
     worker_id: String,
@@ -602,6 +663,7 @@ impl Beat {
             let heard = match answer {
                 Ok(Ok(reply)) => {
                     last_answer = Instant::now();
+                    self.lost.store(false, std::sync::atomic::Ordering::Relaxed);
                     let reply = reply.into_inner();
                     match proto::Instruction::try_from(reply.instruction) {
                         Ok(proto::Instruction::Reform) => Some(Instruction::Reform {
@@ -632,7 +694,18 @@ impl Beat {
                         _ => format!("no answer within {}", humanize(self.timeout)),
                     };
                     let silent = last_answer.elapsed();
-                    if silent >= self.timeout {
+                    if silent >= self.timeout && silent < self.grace {
+                        if !self.lost.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                            tracing::warn!(
+                                "the coordinator {} has not answered for {} ({detail}): \
+                                 trying it for up to {} in all",
+                                self.url,
+                                humanize(silent),
+                                humanize(self.grace)
+                            );
+                        }
+                        None
+                    } else if silent >= self.grace {
                         Some(Instruction::Stop {
                             reason: format!(
                                 "lost the coordinator {}: no heartbeat answered for {} ({detail})",

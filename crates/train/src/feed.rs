@@ -100,22 +100,33 @@ pub fn runtime_device(job: &JobConfig) -> Result<Device> {
 /// The sample ledger (`run.ledger`): every rank appends, per step, the keys
 /// of the samples it trained on to `<run.dir>/ledger/STAGE-rank-R.jsonl`,
 /// so a run can be audited: which samples each step saw, across restarts
-/// and changes of world size (a re-done step appears again, later).
+/// and changes of world size (a re-done step appears again, later, with the
+/// generation of the group that re-did it: per step, the entries of the
+/// highest generation are the ones that count).
 pub struct Ledger {
     file: Option<(std::path::PathBuf, std::fs::File)>,
     stage: &'static str,
     rank: usize,
     world: usize,
+    generation: u64,
 }
 
 impl Ledger {
-    pub fn open(job: &JobConfig, stage: &'static str, rank: usize, world: usize) -> Result<Self> {
+    /// `generation`: of the group (0 for a process training alone).
+    pub fn open(
+        job: &JobConfig,
+        stage: &'static str,
+        rank: usize,
+        world: usize,
+        generation: u64,
+    ) -> Result<Self> {
         if !job.run.ledger {
             return Ok(Self {
                 file: None,
                 stage,
                 rank,
                 world,
+                generation,
             });
         }
         let dir = job.run.dir.join("ledger");
@@ -135,6 +146,7 @@ impl Ledger {
             stage,
             rank,
             world,
+            generation,
         })
     }
 
@@ -145,7 +157,8 @@ impl Ledger {
             return Ok(());
         };
         let line = serde_json::json!({
-            "stage": self.stage, "step": step, "rank": self.rank, "world": self.world, "keys": keys,
+            "stage": self.stage, "step": step, "rank": self.rank, "world": self.world,
+            "generation": self.generation, "keys": keys,
         });
         writeln!(file, "{line}").map_err(|source| TrainError::Io {
             path: path.clone(),

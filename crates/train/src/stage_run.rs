@@ -72,7 +72,8 @@ impl StageRun {
             leader,
             resume.is_some(),
         )?;
-        let ledger = Ledger::open(job, plan.name, ddp.rank(), ddp.world_size())?;
+        let generation = ddp.group().map_or(0, |g| g.generation);
+        let ledger = Ledger::open(job, plan.name, ddp.rank(), ddp.world_size(), generation)?;
         Ok(Self {
             plan,
             checkpoints,

@@ -6,6 +6,7 @@
 //! `--nproc 0` runs the coordinator alone, for a job whose workers all run
 //! elsewhere (one `dalle worker` per GPU on every node).
 
+mod job_state;
 mod workers;
 
 use anyhow::{Context, Result, bail};
@@ -151,6 +152,12 @@ pub fn run(args: LaunchArgs, job: &JobConfig) -> Result<()> {
             _ => None,
         },
         plan: crate::stages::plan(&job),
+        state_store: Some(dalle_runtime::StateStore(std::sync::Arc::new(
+            job_state::RunJobState::of(&job)?,
+        ))),
+        // A job started again resumes the one saved there, unless told to
+        // start over.
+        take_over: job.checkpoint.resume && job.checkpoint.resume_from.is_none(),
         ..CoordinatorConfig::new(token.clone(), job.to_toml())
     };
     let coordinator = Coordinator::start(config, move |_generation| match backend {

@@ -17,6 +17,7 @@
 //! # Ok::<(), dalle_runtime::RuntimeError>(())
 //! ```
 
+mod persist;
 mod service;
 mod state;
 mod status;
@@ -31,6 +32,8 @@ use crate::auth::CheckToken;
 use crate::proto::coordinator_server::CoordinatorServer;
 use crate::{Backend, PlanStage, RuntimeError, ServerTls, Token, ValidationReport};
 use state::State;
+
+pub use persist::{JobStateStore, StateStore};
 
 /// Makes the NCCL unique id of a generation (its argument); `Err` ends the
 /// job with that text. Only called for [`Backend::Nccl`].
@@ -71,6 +74,13 @@ pub struct CoordinatorConfig {
     pub job_toml: String,
     /// The collective the workers use.
     pub backend: Backend,
+    /// Where the job state is saved at every change, so that a coordinator
+    /// started again takes the job over (see [`JobStateStore`]); `None`:
+    /// in memory only.
+    pub state_store: Option<StateStore>,
+    /// Take over the job saved in `state_store` when it is this job (the
+    /// same config) and has not ended; `false` always starts a new job.
+    pub take_over: bool,
     /// Where the HTTP status page listens (`GET /`, `GET /metrics`), if at all.
     pub status_listen: Option<SocketAddr>,
     /// When set, the status page and `/metrics` answer only requests with
@@ -105,6 +115,8 @@ impl CoordinatorConfig {
             token,
             job_toml,
             backend: Backend::TcpRing,
+            state_store: None,
+            take_over: true,
             status_listen: None,
             status_token: None,
             tls: None,
@@ -376,6 +388,8 @@ impl From<Failure> for RuntimeError {
 struct Shared {
     state: Mutex<State>,
     end: watch::Sender<Option<JobEnd>>,
+    /// Writes the job state at every change, when there is a store.
+    saver: Option<Mutex<persist::Saver>>,
 }
 
 impl Shared {
@@ -391,6 +405,12 @@ impl Shared {
         let result = f(&mut state, now);
         if let Some(end) = state.take_end(now) {
             self.end.send_replace(Some(end));
+        }
+        if let Some(saver) = &self.saver {
+            saver
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .offer(state.job_state());
         }
         result
     }
@@ -442,6 +462,13 @@ impl Coordinator {
         owned: Option<tokio::runtime::Runtime>,
     ) -> Result<CoordinatorHandle, RuntimeError> {
         config.validate()?;
+        let taken_over = match &config.state_store {
+            Some(store) if config.take_over => {
+                persist::JobState::take_over(store.0.as_ref(), &config.job_toml)
+                    .map_err(RuntimeError::Config)?
+            }
+            _ => None,
+        };
         let config = Arc::new(config);
         let _entered = runtime.enter();
         let (listener, local_addr) = bind(config.listen, "coordinator")?;
@@ -450,8 +477,17 @@ impl Coordinator {
             .map(|addr| bind(addr, "status page"))
             .transpose()?;
 
+        let mut state = State::new(config.clone(), nccl_id, Instant::now());
+        if let Some(saved) = taken_over {
+            state.take_over(saved);
+        }
         let shared = Arc::new(Shared {
-            state: Mutex::new(State::new(config.clone(), nccl_id, Instant::now())),
+            saver: config.state_store.clone().map(|store| {
+                let mut saver = persist::Saver::start(store);
+                saver.offer(state.job_state());
+                Mutex::new(saver)
+            }),
+            state: Mutex::new(state),
             end: watch::channel(None).0,
         });
         let (shutdown, _) = watch::channel(false);
@@ -641,6 +677,9 @@ impl CoordinatorHandle {
     fn stop(&mut self) {
         self.shutdown.send_replace(true);
         self.shared.lock().shutdown();
+        if let Some(saver) = &self.shared.saver {
+            saver.lock().unwrap_or_else(|e| e.into_inner()).flush();
+        }
         if let Some(runtime) = self.runtime.take() {
             if tokio::runtime::Handle::try_current().is_ok() {
                 runtime.shutdown_background();

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tonic::Status;
 
+use super::persist::JobState;
 use super::{
     CoordinatorConfig, Failure, JobEnd, JobOutcome, JobPhase, JobStatus, NcclIdFn, StageState,
     StageStatus, WaitingWorker, WorkerStatus, WorkerSupply,
@@ -153,8 +154,9 @@ pub(super) struct State {
     /// The workers that can still come, when the caller knows (see
     /// [`super::CoordinatorHandle::limit_workers`]).
     supply: Option<WorkerSupply>,
-    /// When the job started (ms since the Unix epoch), told to every group.
-    epoch: u64,
+    /// The job's identity (its config's digest and epoch) as saved for a
+    /// coordinator that takes over.
+    identity: JobState,
 }
 
 impl State {
@@ -182,9 +184,7 @@ impl State {
             stage_stepped: vec![false; config.plan.len()],
             validation: vec![None; config.plan.len()],
             supply: None,
-            epoch: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
+            identity: JobState::new(&config.job_toml),
             config,
         }
     }
@@ -532,6 +532,48 @@ impl State {
         );
         self.fail(now, cause, Some(&id));
         self.advance(now);
+    }
+
+    /// Takes over the job a coordinator before this one ran (its process or
+    /// node died): the same epoch, generation, restart budget and worker
+    /// ids, and the stages it completed are not run again. The workers of
+    /// its last group join this one's first rendezvous.
+    pub(super) fn take_over(&mut self, saved: JobState) {
+        let plan = self.config.plan.len();
+        self.generation = saved.generation;
+        self.restarts = saved.restarts;
+        self.next_worker = saved.workers_issued;
+        self.completed = saved.completed.min(plan);
+        for (i, stepped) in saved.stepped.iter().take(plan).enumerate() {
+            self.stage_stepped[i] = *stepped;
+        }
+        let done: Vec<&str> = self.config.plan[..self.completed]
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect();
+        tracing::warn!(
+            "taking over the job of a coordinator before this one: generation {}, {} of {} \
+             restart(s) spent, stage(s) complete: [{}]; its workers join again",
+            self.generation,
+            self.restarts,
+            self.config.max_restarts,
+            done.join(", ")
+        );
+        self.identity = saved;
+        self.identity.ended = None;
+    }
+
+    /// What a coordinator taking over the job would need, now.
+    pub(super) fn job_state(&self) -> JobState {
+        JobState {
+            generation: self.generation,
+            restarts: self.restarts,
+            workers_issued: self.next_worker,
+            completed: self.completed,
+            stepped: self.stage_stepped.clone(),
+            ended: self.end.as_ref().map(JobEnd::reason),
+            ..self.identity.clone()
+        }
     }
 
     pub(super) fn limit_workers(&mut self, supply: Option<WorkerSupply>, now: Instant) {
@@ -942,7 +984,7 @@ impl State {
                 first_stage: self.completed as u32,
                 first_stage_started,
                 ring_secret: ring_secret.to_vec(),
-                job_epoch: self.epoch,
+                job_epoch: self.identity.epoch,
             };
             let member = Member {
                 who: pending.who,
