@@ -89,7 +89,8 @@ GENERATION_FIELD = re.compile(r"\bgeneration=(\d+)")
 # crates/cli/src/stages.rs, `tracing::info!(rank, world, stage, "stage starts")`
 STAGE_STARTS = "stage starts"
 DVAE_FIELD = re.compile(r"\bstage=dvae\b")
-# crates/train/src/checkpointing.rs, `tracing::info!(stage, step, url, "resuming from a checkpoint")`
+# crates/train/src/checkpointing.rs,
+# `tracing::info!(stage, step, url, "resuming from a checkpoint")`
 RESUMING = "resuming from a checkpoint"
 STEP_FIELD = re.compile(r"\bstep=(\d+)")
 # crates/train/src/metrics.rs ("step {} | loss ..."), logged under the
@@ -404,7 +405,8 @@ class Cluster:
             if host not in self.gone_since:
                 self.gone_since[host] = now
                 say(f"worker on host {host} (pid {worker.pid}) exited: {describe_exit(code)}")
-            elif self.restarting and code != 0 and now - self.gone_since[host] >= RESTART_AFTER_SECS:
+            due = now - self.gone_since[host] >= RESTART_AFTER_SECS
+            if self.restarting and code != 0 and due:
                 self.start_worker(host)
                 self.agent_restarts += 1
                 say(f"started the worker on host {host} again (pid {self.workers[host].pid})")
@@ -598,6 +600,7 @@ def fault_window(cluster, rng, duration) -> Tuple[List[Fault], List[str]]:
 
 
 def read_formations(coordinator_logs) -> List[Formation]:
+    """Every group formed, from all the coordinators' logs, in time order."""
     found = []
     for path in coordinator_logs:
         for line in lines(path):
@@ -846,7 +849,8 @@ def cpu_model() -> str:
 
 
 def print_report(duration, seed, steps, threads, hosts, faults, formations, cluster,
-                 wall, reference_wall, rate, identical, redone_total, lost_checkpoints):
+                 wall, reference_wall, rate, identical, unreadable, redone_total,
+                 lost_checkpoints):
     kinds = collections.Counter(f.kind for f in faults)
     command = f"scripts/bench/chaos.sh {duration:g}" + (f" {seed}" if seed != 1 else "")
     today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
@@ -893,7 +897,8 @@ def print_report(duration, seed, steps, threads, hosts, faults, formations, clus
     print(f"| wall time | {wall:.1f} s vs {reference_wall:.1f} s uninterrupted (`launch --nproc "
           f"2`): {wall / reference_wall:.2f}x |")
     print(f"| checkpoints | {len(cluster.seen)} committed, {len(lost_checkpoints)} lost |")
-    print(f"| ledger | {identical} steps identical to the uninterrupted run |")
+    unread = f" ({unreadable} line(s) unreadable)" if unreadable else ""
+    print(f"| ledger | {identical} steps identical to the uninterrupted run{unread} |")
     print()
     print("Time lost ≈ re-formed after + steps redone / uninterrupted steps/s; steps redone = "
           "the newest step trained before the group re-formed (for the coordinator, workers "
@@ -1019,7 +1024,7 @@ def main():
                            for entries in ledger.values())
 
         print_report(duration, seed, steps, threads, hosts, faults, formations, cluster,
-                     wall, reference_wall, rate, identical, redone_total, lost)
+                     wall, reference_wall, rate, identical, unreadable, redone_total, lost)
     except Failed as e:
         failures.append(str(e))
     finally:
