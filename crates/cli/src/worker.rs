@@ -74,6 +74,10 @@ enum Ending {
 }
 
 pub fn run(args: WorkerArgs) -> Result<()> {
+    // A slot naming no GPU, or one this process cannot see, fails now, not
+    // after the group formed around it.
+    let device =
+        crate::launch::slots::device_of_slot(&args.slot, &crate::launch::slots::Visible::here())?;
     let listener = TcpListener::bind(args.listen)
         .with_context(|| format!("cannot listen for ring peers on {}", args.listen))?;
     let mut info = JoinInfo::this_process(args.slot.clone(), String::new());
@@ -113,7 +117,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     loop {
         let assignment = membership.join(Instant::now() + join_timeout)?;
         let mut job = JobConfig::from_toml(&assignment.job_toml, "the coordinator's job config")?;
-        job.run.device = device_of_slot(&args.slot);
+        job.run.device = device.clone();
         if let Some(dir) = &args.run_dir {
             job.run.dir = dir.clone();
         }
@@ -156,15 +160,6 @@ pub fn run(args: WorkerArgs) -> Result<()> {
                 bail!("worker failed: {text}");
             }
         }
-    }
-}
-
-/// `cuda:N` drives GPU N; anything else the CPU.
-fn device_of_slot(slot: &str) -> String {
-    if slot.starts_with("cuda") {
-        slot.to_string()
-    } else {
-        "cpu".into()
     }
 }
 

@@ -81,6 +81,9 @@ pub struct RunConfig {
     /// system). Unset: the run directory, which all workers then share (one
     /// machine, or a shared file system).
     pub shared_url: Option<String>,
+    /// The device's peak TFLOP/s for MFU in log lines; unset: the table of
+    /// known GPUs (`dalle_train::flops::peak_tflops`), none on CPU.
+    pub peak_tflops: Option<f64>,
 }
 
 /// One stage of the whole job, in the order they run.
@@ -159,6 +162,7 @@ impl Default for RunConfig {
             backend: "auto".into(),
             stages: JobStage::DEFAULT.to_vec(),
             shared_url: None,
+            peak_tflops: None,
         }
     }
 }

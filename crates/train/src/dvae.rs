@@ -7,6 +7,7 @@
 use crate::config::JobConfig;
 use crate::ddp::{DataParallel, seeded, step_seed};
 use crate::feed::{EpochSummary, batch_tensor, loader_config, next_nonempty, runtime_device};
+use crate::flops::{self, Utilisation};
 use crate::metrics::{DvaeLog, DvaeStepMetrics, Progress, Window};
 use crate::optim::AdamW;
 use crate::stage_run::{StagePlan, StageRun, StepTiming};
@@ -54,6 +55,8 @@ pub fn train(
     let variables = model.var_store().variables();
     let mut run = StageRun::resume(job, plan, ddp, None, &variables, &mut optimizer)?;
     let first_step = run.first_step();
+    let flops_per_image = flops::dvae_per_image(&params, job.dvae.model.image_size);
+    let peak = flops::job_peak(job);
     let mut loader = ImageLoader::start(
         &data,
         loader_config(
@@ -156,6 +159,8 @@ pub fn train(
                 },
                 grid * grid,
             );
+            let mut line = line;
+            line.flops = Utilisation::of(flops_per_image * line.images_per_s, peak);
             run.log(&line)?;
             on_progress(Progress::Line(&line));
             logs.push(line);

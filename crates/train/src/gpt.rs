@@ -9,6 +9,7 @@
 use crate::config::JobConfig;
 use crate::ddp::{DataParallel, seeded, step_seed};
 use crate::feed::{EpochSummary, batch_tensor, loader_config, next_nonempty, runtime_device};
+use crate::flops::{self, Utilisation};
 use crate::metrics::{GptLog, GptStepMetrics, GptWindow, Progress};
 use crate::optim::AdamW;
 use crate::stage_run::{StagePlan, StageRun, StepTiming};
@@ -340,6 +341,28 @@ pub fn train(
     let mut validations = Vec::new();
     let mut truncated_total = 0;
     let positions_per_sample = (config.text_len + config.image_len()) as usize;
+    let flops_per_token = flops::gpt_per_token(
+        params
+            .iter()
+            // Lookups, not matmuls: the embeddings cost no FLOPs to count.
+            .filter(|(name, _)| {
+                let table = name.split('.').next().unwrap_or_default();
+                ![
+                    "text_emb",
+                    "text_pos",
+                    "image_emb",
+                    "image_row",
+                    "image_col",
+                ]
+                .contains(&table)
+            })
+            .map(|(_, p)| p.numel() as u64)
+            .sum(),
+        config.arch.depth as u64,
+        config.arch.dim as u64,
+        positions_per_sample as u64,
+    );
+    let peak = flops::job_peak(job);
 
     for step in first_step..cfg.steps {
         let started = Instant::now();
@@ -389,7 +412,8 @@ pub fn train(
         let timing = StepTiming::since(started, data_wait);
         let done = step + 1;
         if run.log_due(done) {
-            let line = window.finish(done, lr);
+            let mut line = window.finish(done, lr);
+            line.flops = Utilisation::of(flops_per_token * line.tokens_per_s, peak);
             run.log(&line)?;
             on_progress(Progress::Line(&line));
             logs.push(line);

@@ -10,6 +10,7 @@ pub mod dvae;
 pub mod error;
 pub mod eval;
 pub mod feed;
+pub mod flops;
 pub mod gpt;
 pub mod metrics;
 pub mod optim;

@@ -1,6 +1,7 @@
 //! Training metrics over a logging window: means of the per-step values,
 //! throughput, and the share of wall time spent waiting for data.
 
+use crate::flops::Utilisation;
 use crate::{Result, TrainError};
 use serde::Serialize;
 use std::io::Write;
@@ -103,6 +104,9 @@ pub struct DvaeLog {
     pub data_wait: f64,
     /// Share of wall time spent communicating with other ranks (0..1).
     pub comm: f64,
+    /// Model FLOP/s of this rank's device, and MFU when its peak is known.
+    #[serde(flatten)]
+    pub flops: Utilisation,
 }
 
 impl std::fmt::Display for DvaeLog {
@@ -128,7 +132,7 @@ impl std::fmt::Display for DvaeLog {
         if self.comm > 0.0 {
             write!(f, " | comm {:.1}%", 100.0 * self.comm)?;
         }
-        Ok(())
+        write!(f, " | {}", self.flops)
     }
 }
 
@@ -207,6 +211,9 @@ pub struct GptLog {
     pub data_wait: f64,
     /// Share of wall time spent communicating with other ranks (0..1).
     pub comm: f64,
+    /// Model FLOP/s of this rank's device, and MFU when its peak is known.
+    #[serde(flatten)]
+    pub flops: Utilisation,
 }
 
 impl std::fmt::Display for GptLog {
@@ -228,6 +235,7 @@ impl std::fmt::Display for GptLog {
         if self.comm > 0.0 {
             write!(f, " | comm {:.1}%", 100.0 * self.comm)?;
         }
+        write!(f, " | {}", self.flops)?;
         if self.truncated_captions > 0 {
             write!(f, " | {} captions truncated", self.truncated_captions)?;
         }
@@ -276,6 +284,7 @@ impl GptWindow {
             truncated_captions: s.truncated_captions,
             data_wait: s.data_wait.as_secs_f64() / wall,
             comm: s.comm.as_secs_f64() / wall,
+            flops: Utilisation::default(),
         };
         *self = Self::default();
         line

@@ -7,6 +7,7 @@
 //! elsewhere (one `dalle worker` per GPU on every node).
 
 mod job_state;
+pub(crate) mod slots;
 mod workers;
 
 use anyhow::{Context, Result, bail};
@@ -173,7 +174,7 @@ pub fn run(args: LaunchArgs, job: &JobConfig) -> Result<()> {
     let command = workers::WorkerCommand {
         exe: std::env::current_exe().context("cannot find the dalle executable")?,
         coordinator: coordinator.url(),
-        slot_kind: slot,
+        slots: slots::local_slots(&job.run.device, args.nproc, &slots::Visible::here())?,
         advertise: match &args.advertise {
             Some(host) => host.clone(),
             None if args.listen.ip().is_loopback() => "127.0.0.1".into(),

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 pub struct WorkerCommand {
     pub exe: PathBuf,
     pub coordinator: String,
-    /// "cpu" or "cuda": local rank i drives `{slot_kind}:{i}`.
-    pub slot_kind: &'static str,
+    /// The `--slot` of each local rank (see [`super::slots`]).
+    pub slots: Vec<String>,
     pub advertise: String,
     pub token: String,
     pub tls_ca: Option<PathBuf>,
@@ -28,7 +28,7 @@ impl WorkerCommand {
             .arg("--coordinator")
             .arg(&self.coordinator)
             .arg("--slot")
-            .arg(format!("{}:{local_rank}", self.slot_kind))
+            .arg(&self.slots[local_rank as usize])
             .arg("--advertise")
             .arg(&self.advertise)
             // The token travels in the environment, never in `ps`.
