@@ -188,6 +188,17 @@ fn bench_gpt(
         })
     });
     let a = &config.arch;
+    let tokens_per_s = (batch * positions) as f64 * steps as f64 / seconds;
+    let flops_per_token = dalle_train::flops::gpt_per_token(
+        dalle_train::flops::gpt_non_embedding(&model.named_parameters()),
+        a.depth as u64,
+        a.dim as u64,
+        positions as u64,
+    );
+    let model_flops = dalle_train::flops::Utilisation::of(
+        flops_per_token * tokens_per_s,
+        dalle_train::flops::job_peak(job),
+    );
     let line = serde_json::json!({
         "impl": "dalle-rs",
         "threads": tch::get_num_threads(),
@@ -207,7 +218,9 @@ fn bench_gpt(
         "steps": steps,
         "seconds": seconds,
         "steps_per_s": steps as f64 / seconds,
-        "tokens_per_s": (batch * positions) as f64 * steps as f64 / seconds,
+        "tokens_per_s": tokens_per_s,
+        "model_tflops": model_flops.tflops,
+        "mfu": model_flops.mfu,
         "seconds_per_step": phases,
         "peak_rss_mib": peak_rss_mib(),
         "final_loss": loss,
@@ -395,6 +408,13 @@ pub fn run(cmd: BenchCommand, job: &JobConfig) -> Result<()> {
                 loss = step()?;
             }
             let seconds = started.elapsed().as_secs_f64();
+            let images_per_s = (batch as u64 * steps) as f64 / seconds;
+            let per_image =
+                dalle_train::flops::dvae_per_image(&model.named_parameters(), cfg.image_size);
+            let model_flops = dalle_train::flops::Utilisation::of(
+                per_image * images_per_s,
+                dalle_train::flops::job_peak(job),
+            );
             let line = serde_json::json!({
                 "impl": "dalle-rs",
                 "threads": tch::get_num_threads(),
@@ -407,7 +427,9 @@ pub fn run(cmd: BenchCommand, job: &JobConfig) -> Result<()> {
                 "batch_size": batch,
                 "steps": steps,
                 "seconds": seconds,
-                "images_per_s": (batch as u64 * steps) as f64 / seconds,
+                "images_per_s": images_per_s,
+                "model_tflops": model_flops.tflops,
+                "mfu": model_flops.mfu,
                 "peak_rss_mib": peak_rss_mib(),
                 "final_loss": loss,
             });

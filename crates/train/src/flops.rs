@@ -19,6 +19,23 @@ pub fn gpt_per_token(non_embedding: u64, layers: u64, width: u64, seq_len: u64) 
     6.0 * non_embedding as f64 + 12.0 * (layers * width * seq_len) as f64
 }
 
+/// The transformer's parameters outside its embedding tables (lookups,
+/// not matmuls: they cost no FLOPs worth counting).
+pub fn gpt_non_embedding(params: &[(String, Tensor)]) -> u64 {
+    const TABLES: [&str; 5] = [
+        "text_emb",
+        "text_pos",
+        "image_emb",
+        "image_row",
+        "image_col",
+    ];
+    params
+        .iter()
+        .filter(|(name, _)| !TABLES.contains(&name.split('.').next().unwrap_or_default()))
+        .map(|(_, p)| p.numel() as u64)
+        .sum()
+}
+
 /// Training FLOPs per image of a dVAE whose parameters are `params` (names
 /// as the model gives them) on `image_size`-pixel images.
 ///

@@ -342,22 +342,7 @@ pub fn train(
     let mut truncated_total = 0;
     let positions_per_sample = (config.text_len + config.image_len()) as usize;
     let flops_per_token = flops::gpt_per_token(
-        params
-            .iter()
-            // Lookups, not matmuls: the embeddings cost no FLOPs to count.
-            .filter(|(name, _)| {
-                let table = name.split('.').next().unwrap_or_default();
-                ![
-                    "text_emb",
-                    "text_pos",
-                    "image_emb",
-                    "image_row",
-                    "image_col",
-                ]
-                .contains(&table)
-            })
-            .map(|(_, p)| p.numel() as u64)
-            .sum(),
+        flops::gpt_non_embedding(&params),
         config.arch.depth as u64,
         config.arch.dim as u64,
         positions_per_sample as u64,
