@@ -337,15 +337,14 @@ impl DataParallel {
         Ok((gathered, offset))
     }
 
-    /// Replaces every parameter's gradient (the mean over this rank's
-    /// `local_samples`) by the gradient of the mean over all ranks' samples,
-    /// so ranks with fewer samples (bad samples skipped) weigh less.
-    /// Returns the global sample count.
-    pub fn average_gradients(
-        &mut self,
-        params: &[(String, Tensor)],
-        local_samples: usize,
-    ) -> Result<usize> {
+    /// Replaces every gradient (the mean over this rank's `local_samples`)
+    /// by the gradient of the mean over all ranks' samples, so ranks with
+    /// fewer samples (bad samples skipped) weigh less. `grads` are the
+    /// optimizer's flat gradient buffers ([`crate::optim::AdamW::flat_grads`]):
+    /// each is reduced in place, a bucket (a slice of it) at a time, with
+    /// nothing gathered or copied back parameter by parameter. Returns the
+    /// global sample count.
+    pub fn average_gradients(&mut self, grads: &[Tensor], local_samples: usize) -> Result<usize> {
         if self.world_size() == 1 {
             return Ok(local_samples);
         }
@@ -358,78 +357,59 @@ impl DataParallel {
             ));
         }
         let scale = local_samples as f64 / f64::from(total);
-        let grads: Vec<Tensor> = params
-            .iter()
-            .map(|(_, p)| p.grad())
-            .filter(Tensor::defined)
-            .collect();
-        let mut start = 0;
-        while start < grads.len() {
-            // A bucket: parameters in order until it holds bucket_elems
-            // (a parameter larger than a bucket goes alone).
-            let mut end = start;
-            let mut elems = 0;
-            while end < grads.len()
-                && (end == start || elems + grads[end].numel() <= self.bucket_elems)
-            {
-                elems += grads[end].numel();
-                end += 1;
+        for flat in grads {
+            let elements = flat.numel() as i64;
+            let bucket = self.bucket_elems as i64;
+            let mut start = 0;
+            while start < elements {
+                let len = bucket.min(elements - start);
+                self.reduce_bucket(&flat.narrow(0, start, len), scale)?;
+                start += len;
             }
-            self.reduce_bucket(&grads[start..end], elems, scale)?;
-            start = end;
         }
         Ok(total as usize)
     }
 
-    fn reduce_bucket(&mut self, grads: &[Tensor], elems: usize, scale: f64) -> Result<()> {
+    fn reduce_bucket(&mut self, bucket: &Tensor, scale: f64) -> Result<()> {
         let started = std::time::Instant::now();
-        let result = self.reduce_bucket_timed(grads, elems, scale);
+        let result = self.reduce_bucket_timed(bucket, scale);
         self.comm_time += started.elapsed();
         result
     }
 
-    fn reduce_bucket_timed(&mut self, grads: &[Tensor], elems: usize, scale: f64) -> Result<()> {
-        let flat = Tensor::cat(
-            &grads
-                .iter()
-                .map(|g| (g * scale).to_kind(Kind::Float).flatten(0, -1))
-                .collect::<Vec<_>>(),
-            0,
-        )
-        .contiguous();
-        let summed = match &mut self.comm {
-            Carrier::Nccl(nccl) if flat.device().is_cuda() => {
-                // SAFETY: `flat` is a contiguous f32 CUDA tensor of `elems`
+    /// Scales `bucket` (a contiguous slice of a flat gradient buffer) and
+    /// sums it over ranks, in place.
+    fn reduce_bucket_timed(&mut self, bucket: &Tensor, scale: f64) -> Result<()> {
+        let elems = bucket.numel();
+        let mut bucket = bucket.shallow_clone();
+        tch::no_grad(|| {
+            let _ = bucket.g_mul_scalar_(scale);
+        });
+        match &mut self.comm {
+            Carrier::Nccl(nccl) if bucket.device().is_cuda() && bucket.kind() == Kind::Float => {
+                // SAFETY: `bucket` is a contiguous f32 CUDA slice of `elems`
                 // values that outlives the call, which returns once NCCL is
                 // done with it (after waiting on libtorch's stream).
-                unsafe { nccl.all_reduce_sum_raw(flat.data_ptr() as u64, elems) }
+                unsafe { nccl.all_reduce_sum_raw(bucket.data_ptr() as u64, elems) }
                     .map_err(collective_error("averaging gradients"))?;
-                flat
             }
             _ => {
-                let flat = flat.to_device(Device::Cpu);
+                let host = bucket.to_device(Device::Cpu).to_kind(Kind::Float);
                 self.host.resize(elems, 0.0);
-                flat.copy_data(&mut self.host, elems);
-                let mut host = std::mem::take(&mut self.host);
+                host.copy_data(&mut self.host, elems);
+                let mut values = std::mem::take(&mut self.host);
                 let reduced = self
                     .host()
-                    .all_reduce_sum(&mut host)
+                    .all_reduce_sum(&mut values)
                     .map_err(collective_error("averaging gradients"));
-                self.host = host;
+                self.host = values;
                 reduced?;
-                Tensor::from_slice(&self.host)
+                let summed = Tensor::from_slice(&self.host)
+                    .to_device(bucket.device())
+                    .to_kind(bucket.kind());
+                tch::no_grad(|| bucket.copy_(&summed));
             }
-        };
-        let mut offset = 0;
-        tch::no_grad(|| {
-            for g in grads {
-                let n = g.numel() as i64;
-                let mut g = g.shallow_clone();
-                let part = summed.narrow(0, offset, n).view(g.size().as_slice());
-                g.copy_(&part.to_device(g.device()).to_kind(g.kind()));
-                offset += n;
-            }
-        });
+        }
         Ok(())
     }
 }

@@ -105,7 +105,7 @@ pub fn train(
         let usage_kl = out.add_usage_term(objective.usage, &global_posterior);
         optimizer.zero_grad();
         out.loss.backward();
-        ddp.average_gradients(&params, batch.len())?;
+        ddp.average_gradients(&optimizer.flat_grads(), batch.len())?;
         if let Some(max_norm) = cfg.grad_clip {
             optimizer.clip_grad_norm(max_norm);
         }

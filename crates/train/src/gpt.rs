@@ -368,7 +368,7 @@ pub fn train(
             cfg.micro_batch(),
             cfg.text_loss_weight,
         )?;
-        ddp.average_gradients(&params, batch.len())?;
+        ddp.average_gradients(&optimizer.flat_grads(), batch.len())?;
         let grad_norm = match cfg.grad_clip {
             Some(max_norm) => optimizer.clip_grad_norm(max_norm),
             None => optimizer.grad_norm(),

@@ -6,7 +6,7 @@
 //! (two or more dimensions), not to biases or gains.
 
 use serde::{Deserialize, Serialize};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -29,41 +29,128 @@ impl Default for AdamWConfig {
     }
 }
 
-struct ParamState {
-    name: String,
-    param: Tensor,
+/// One flat buffer of the parameters of one dtype on one device (every
+/// parameter a view into it), its gradients (likewise) and both moments.
+/// The decayed parameters (weight matrices and kernels) come first, so
+/// that weight decay is one kernel over a prefix.
+struct Flat {
+    params: Tensor,
+    grads: Tensor,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
-    decay: bool,
+    /// Elements at the front that weight decay applies to.
+    decayed: i64,
 }
 
+/// Where one named parameter lives in the flat buffers.
+struct Member {
+    name: String,
+    shape: Vec<i64>,
+    flat: usize,
+    offset: i64,
+    numel: i64,
+}
+
+impl Member {
+    fn view(&self, buffer: &Tensor) -> Tensor {
+        buffer
+            .narrow(0, self.offset, self.numel)
+            .view(self.shape.as_slice())
+    }
+}
+
+/// AdamW over flat buffers: the update is a handful of kernels per buffer,
+/// not ten per parameter, and the gradients it reads are the ones autograd
+/// writes (each parameter's `.grad` is a view into the buffer), which data
+/// parallelism can reduce in place, bucket by bucket, without gathering.
 pub struct AdamW {
     config: AdamWConfig,
-    params: Vec<ParamState>,
+    flats: Vec<Flat>,
+    members: Vec<Member>,
     step: u64,
 }
 
 impl AdamW {
     /// Takes the trainable parameters, sorted by name so the state layout is
-    /// the same in every process.
+    /// the same in every process, and moves their values (and gradients)
+    /// into flat buffers: the tensors keep their identity, so the model
+    /// sees no change, but their storage is now the buffers'.
     pub fn new(mut named: Vec<(String, Tensor)>, config: AdamWConfig) -> Self {
         named.sort_by(|a, b| a.0.cmp(&b.0));
-        let params = named
-            .into_iter()
-            .filter(|(_, p)| p.requires_grad())
-            .map(|(name, param)| ParamState {
-                decay: param.dim() >= 2,
-                exp_avg: param.zeros_like(),
-                exp_avg_sq: param.zeros_like(),
-                name,
-                param,
+        named.retain(|(_, p)| p.requires_grad());
+        // Decayed first within each (dtype, device) buffer; names in order.
+        let mut order: Vec<usize> = (0..named.len()).collect();
+        order.sort_by_key(|&i| named[i].1.dim() < 2);
+        let mut keys: Vec<(Kind, Device)> = Vec::new();
+        let mut members = Vec::new();
+        let mut sizes: Vec<(i64, i64)> = Vec::new(); // (elements, decayed)
+        for &i in &order {
+            let (name, p) = &named[i];
+            let key = (p.kind(), p.device());
+            let flat = keys.iter().position(|k| *k == key).unwrap_or_else(|| {
+                keys.push(key);
+                sizes.push((0, 0));
+                keys.len() - 1
+            });
+            let numel = p.numel() as i64;
+            members.push(Member {
+                name: name.clone(),
+                shape: p.size(),
+                flat,
+                offset: sizes[flat].0,
+                numel,
+            });
+            sizes[flat].0 += numel;
+            if p.dim() >= 2 {
+                sizes[flat].1 += numel;
+            }
+        }
+        let flats: Vec<Flat> = keys
+            .iter()
+            .zip(&sizes)
+            .map(|(&(kind, device), &(elements, decayed))| {
+                let zeros = || Tensor::zeros([elements], (kind, device));
+                Flat {
+                    params: zeros(),
+                    grads: zeros(),
+                    exp_avg: zeros(),
+                    exp_avg_sq: zeros(),
+                    decayed,
+                }
             })
             .collect();
-        Self {
-            config,
-            params,
-            step: 0,
+        let params: Vec<Tensor> = order.iter().map(|&i| named[i].1.shallow_clone()).collect();
+        tch::no_grad(|| {
+            for (m, p) in members.iter().zip(&params) {
+                m.view(&flats[m.flat].params).copy_(p);
+            }
+        });
+        for (m, p) in members.iter().zip(&params) {
+            let mut p = p.shallow_clone();
+            p.set_data(&m.view(&flats[m.flat].params));
         }
+        // Every parameter needs a `.grad` to point into the buffer: a
+        // backward pass of nothing gives each a zero one, whose storage is
+        // then swapped for its view. Autograd adds into a defined gradient
+        // in place, so from now on backward writes the buffer.
+        if !params.is_empty() {
+            tch::with_grad(|| {
+                let nothing: Tensor = params.iter().map(|p| p.sum(Kind::Float) * 0.0).sum();
+                nothing.backward();
+            });
+        }
+        for (m, p) in members.iter().zip(&params) {
+            let mut grad = p.grad();
+            grad.set_data(&m.view(&flats[m.flat].grads));
+        }
+        let mut optimizer = Self {
+            config,
+            flats,
+            members,
+            step: 0,
+        };
+        optimizer.zero_grad();
+        optimizer
     }
 
     /// Updates taken so far.
@@ -72,47 +159,51 @@ impl AdamW {
     }
 
     pub fn zero_grad(&mut self) {
-        for p in &mut self.params {
-            p.param.zero_grad();
+        for flat in &mut self.flats {
+            let _ = flat.grads.zero_();
         }
+    }
+
+    /// The flat gradient buffers (every parameter's `.grad` is a view into
+    /// one), for reducing them in place across ranks.
+    pub fn flat_grads(&self) -> Vec<Tensor> {
+        self.flats.iter().map(|f| f.grads.shallow_clone()).collect()
+    }
+
+    /// Global L2 norm of all gradients, on the device.
+    fn norm(&self) -> Option<Tensor> {
+        let squares: Vec<Tensor> = self
+            .flats
+            .iter()
+            .map(|f| f.grads.square().sum(Kind::Float))
+            .collect();
+        (!squares.is_empty()).then(|| Tensor::stack(&squares, 0).sum(Kind::Float).sqrt())
     }
 
     /// Global L2 norm of all gradients.
     pub fn grad_norm(&self) -> f64 {
-        let squares: Vec<Tensor> = self
-            .params
-            .iter()
-            .map(|p| p.param.grad())
-            .filter(Tensor::defined)
-            .map(|g| g.square().sum(Kind::Float))
-            .collect();
-        if squares.is_empty() {
-            return 0.0;
-        }
-        Tensor::stack(&squares, 0)
-            .sum(Kind::Float)
-            .sqrt()
-            .double_value(&[])
+        self.norm().map_or(0.0, |n| n.double_value(&[]))
     }
 
-    /// Scales gradients so their global norm is at most `max_norm`;
-    /// returns the norm before clipping.
+    /// Scales gradients so their global norm is at most `max_norm`, on the
+    /// device (no branch on the host); returns the norm before clipping.
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
-        let norm = self.grad_norm();
-        if norm > max_norm {
-            let scale = max_norm / (norm + 1e-6);
-            for p in &mut self.params {
-                let mut g = p.param.grad();
-                if g.defined() {
-                    let _ = g.g_mul_scalar_(scale);
-                }
+        let Some(norm) = self.norm() else {
+            return 0.0;
+        };
+        let scale = (max_norm / (&norm + 1e-6)).clamp_max(1.0);
+        tch::no_grad(|| {
+            for flat in &mut self.flats {
+                let _ = flat.grads.g_mul_(&scale.to_kind(flat.grads.kind()));
             }
-        }
-        norm
+        });
+        norm.double_value(&[])
     }
 
-    /// One update at learning rate `lr`. Parameters without a gradient are
-    /// left alone (their moments do not move either).
+    /// One update at learning rate `lr`, over every buffer. A parameter
+    /// that got no gradient this step has a zero one: its moments decay
+    /// and its update follows them, as in PyTorch's AdamW with zeroed
+    /// (rather than absent) gradients.
     pub fn step(&mut self, lr: f64) {
         self.step += 1;
         let AdamWConfig {
@@ -124,36 +215,35 @@ impl AdamW {
         let bias1 = 1.0 - beta1.powi(self.step as i32);
         let bias2 = 1.0 - beta2.powi(self.step as i32);
         tch::no_grad(|| {
-            for p in &mut self.params {
-                let g = p.param.grad();
-                if !g.defined() {
-                    continue;
+            for f in &mut self.flats {
+                let g = &f.grads;
+                let _ = f.exp_avg.lerp_(g, 1.0 - beta1);
+                let _ = f.exp_avg_sq.g_mul_scalar_(beta2);
+                let _ = f.exp_avg_sq.addcmul_(&(g * (1.0 - beta2)), g);
+                if weight_decay > 0.0 && f.decayed > 0 {
+                    let _ = f
+                        .params
+                        .narrow(0, 0, f.decayed)
+                        .g_mul_scalar_(1.0 - lr * weight_decay);
                 }
-                let _ = p.exp_avg.lerp_(&g, 1.0 - beta1);
-                let _ = p.exp_avg_sq.g_mul_scalar_(beta2);
-                let _ = p.exp_avg_sq.addcmul_(&(&g * (1.0 - beta2)), &g);
-                if p.decay && weight_decay > 0.0 {
-                    let _ = p.param.g_mul_scalar_(1.0 - lr * weight_decay);
-                }
-                let denom = (&p.exp_avg_sq / bias2).sqrt() + eps;
-                let _ = p.param.addcdiv_(&(&p.exp_avg * (-lr / bias1)), &denom);
+                let denom = (&f.exp_avg_sq / bias2).sqrt() + eps;
+                let _ = f.params.addcdiv_(&(&f.exp_avg * (-lr / bias1)), &denom);
             }
         });
     }
 
     /// The optimizer state as named tensors (`NAME.exp_avg`,
-    /// `NAME.exp_avg_sq`) plus the step count, for checkpoints.
+    /// `NAME.exp_avg_sq`) plus the step count, for checkpoints: the same
+    /// format as before the buffers were flat.
     pub fn state(&self) -> (u64, Vec<(String, Tensor)>) {
         let tensors = self
-            .params
+            .members
             .iter()
-            .flat_map(|p| {
+            .flat_map(|m| {
+                let flat = &self.flats[m.flat];
                 [
-                    (format!("{}.exp_avg", p.name), p.exp_avg.shallow_clone()),
-                    (
-                        format!("{}.exp_avg_sq", p.name),
-                        p.exp_avg_sq.shallow_clone(),
-                    ),
+                    (format!("{}.exp_avg", m.name), m.view(&flat.exp_avg)),
+                    (format!("{}.exp_avg_sq", m.name), m.view(&flat.exp_avg_sq)),
                 ]
             })
             .collect();
@@ -164,21 +254,19 @@ impl AdamW {
     /// present with the parameter's shape.
     pub fn load_state(&mut self, step: u64, tensors: &[(String, Tensor)]) -> Result<(), String> {
         let find = |name: &str| tensors.iter().find(|(n, _)| n == name).map(|(_, t)| t);
-        for p in &mut self.params {
-            for (suffix, dst) in [
-                ("exp_avg", &mut p.exp_avg),
-                ("exp_avg_sq", &mut p.exp_avg_sq),
-            ] {
-                let key = format!("{}.{suffix}", p.name);
+        for m in &self.members {
+            let flat = &self.flats[m.flat];
+            for (suffix, buffer) in [("exp_avg", &flat.exp_avg), ("exp_avg_sq", &flat.exp_avg_sq)] {
+                let key = format!("{}.{suffix}", m.name);
                 let src = find(&key).ok_or_else(|| format!("optimizer state lacks `{key}`"))?;
-                if src.size() != dst.size() {
+                if src.size() != m.shape {
                     return Err(format!(
                         "optimizer state `{key}` has shape {:?}, expected {:?}",
                         src.size(),
-                        dst.size()
+                        m.shape
                     ));
                 }
-                tch::no_grad(|| dst.copy_(src));
+                tch::no_grad(|| m.view(buffer).copy_(src));
             }
         }
         self.step = step;
@@ -302,5 +390,104 @@ mod tests {
         let mut opt = AdamW::new(vec![("w".into(), param(&[1.0]))], AdamWConfig::default());
         let err = opt.load_state(1, &[]).unwrap_err();
         assert!(err.contains("w.exp_avg"), "{err}");
+    }
+
+    /// The update parameter by parameter, as AdamW is usually written: the
+    /// flat one must give bitwise the same values.
+    fn per_parameter_step(
+        params: &[Tensor],
+        moments: &mut [(Tensor, Tensor)],
+        step: u64,
+        lr: f64,
+        cfg: AdamWConfig,
+    ) {
+        let bias1 = 1.0 - cfg.beta1.powi(step as i32);
+        let bias2 = 1.0 - cfg.beta2.powi(step as i32);
+        tch::no_grad(|| {
+            for (p, (m, v)) in params.iter().zip(moments.iter_mut()) {
+                let g = p.grad();
+                let _ = m.lerp_(&g, 1.0 - cfg.beta1);
+                let _ = v.g_mul_scalar_(cfg.beta2);
+                let _ = v.addcmul_(&(&g * (1.0 - cfg.beta2)), &g);
+                let mut p = p.shallow_clone();
+                if p.dim() >= 2 {
+                    let _ = p.g_mul_scalar_(1.0 - lr * cfg.weight_decay);
+                }
+                let denom = (&*v / bias2).sqrt() + cfg.eps;
+                let _ = p.addcdiv_(&(&*m * (-lr / bias1)), &denom);
+            }
+        });
+    }
+
+    #[test]
+    fn parameters_and_gradients_live_in_one_flat_buffer_and_update_as_per_parameter() {
+        let cfg = AdamWConfig {
+            weight_decay: 0.1,
+            ..AdamWConfig::default()
+        };
+        let make = || {
+            tch::manual_seed(3);
+            let shapes: [&[i64]; 4] = [&[4, 3], &[3], &[2, 2, 3], &[5]];
+            shapes
+                .iter()
+                .map(|s| Tensor::randn(*s, (Kind::Float, Device::Cpu)).set_requires_grad(true))
+                .collect::<Vec<_>>()
+        };
+        let loss = |ps: &[Tensor], step: u64| -> Tensor {
+            ps.iter()
+                .map(|p| (p.pow_tensor_scalar(3) * (step + 1) as f64 + p).sum(Kind::Float))
+                .sum()
+        };
+        let flat_params = make();
+        let named = |ps: &[Tensor]| -> Vec<(String, Tensor)> {
+            ps.iter()
+                .enumerate()
+                .map(|(i, p)| (format!("p{i}"), p.shallow_clone()))
+                .collect()
+        };
+        let mut opt = AdamW::new(named(&flat_params), cfg);
+        let reference = make();
+        let mut moments: Vec<(Tensor, Tensor)> = reference
+            .iter()
+            .map(|p| (p.zeros_like(), p.zeros_like()))
+            .collect();
+        for step in 0..4u64 {
+            opt.zero_grad();
+            loss(&flat_params, step).backward();
+            // Backward wrote the flat buffer: it holds every gradient.
+            let grads = opt.flat_grads();
+            let gathered: Vec<Tensor> = flat_params
+                .iter()
+                .map(|p| p.grad().flatten(0, -1))
+                .collect();
+            let by_layout: Vec<Tensor> = [0usize, 2, 1, 3]
+                .iter()
+                .map(|&i| gathered[i].shallow_clone())
+                .collect();
+            assert!(
+                grads[0].equal(&Tensor::cat(&by_layout, 0)),
+                "decayed first, by name"
+            );
+            opt.step(0.01);
+
+            for p in &reference {
+                p.shallow_clone().zero_grad();
+            }
+            loss(&reference, step).backward();
+            per_parameter_step(&reference, &mut moments, step + 1, 0.01, cfg);
+        }
+        for (a, b) in flat_params.iter().zip(&reference) {
+            assert!(
+                a.detach().equal(&b.detach()),
+                "flat and per-parameter updates differ"
+            );
+        }
+        // The parameters are views into the buffer.
+        let base = opt.flats[0].params.data_ptr() as usize;
+        let end = base + 4 * opt.flats[0].params.numel();
+        for p in &flat_params {
+            let at = p.data_ptr() as usize;
+            assert!((base..end).contains(&at));
+        }
     }
 }

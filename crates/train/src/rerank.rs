@@ -419,7 +419,7 @@ pub fn train(
         let texts = model.embed_captions(&ids)?;
         let global = global_batch_loss(&model, &images, &texts, ddp)?;
         global.surrogate.backward();
-        ddp.average_gradients(&params, batch.len())?;
+        ddp.average_gradients(&optimizer.flat_grads(), batch.len())?;
         let grad_norm = match cfg.grad_clip {
             Some(max_norm) => optimizer.clip_grad_norm(max_norm),
             None => optimizer.grad_norm(),
