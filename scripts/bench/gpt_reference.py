@@ -169,6 +169,9 @@ def parse_args():
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--seed", type=int, default=0)
+    # The fastest AdamW torch has for the device: the fused kernel (CPU and
+    # CUDA since torch 2.4), unless told otherwise.
+    p.add_argument("--adamw", choices=["fused", "foreach", "loop"], default="fused")
     p.add_argument("--device", default="cpu",
                    help="cpu or cuda (the step ends with .item(), so timings are synchronised)")
     args = p.parse_args()
@@ -201,7 +204,8 @@ def main():
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay},
          {"params": no_decay, "weight_decay": 0.0}],
-        lr=LR, betas=(args.beta1, args.beta2), eps=args.eps)
+        lr=LR, betas=(args.beta1, args.beta2), eps=args.eps,
+        fused=args.adamw == "fused", foreach=args.adamw == "foreach")
     max_norm = args.grad_clip if args.grad_clip is not None else math.inf
 
     t, n = args.text_len, args.image_grid ** 2
@@ -241,6 +245,7 @@ def main():
     positions = t + n
     print(json.dumps({
         "impl": "pytorch",
+        "adamw": args.adamw,
         "device": str(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
