@@ -45,6 +45,10 @@ pub fn local_slots(device: &str, nproc: u32, visible: &Visible) -> Result<Vec<St
     if !cuda {
         return Ok((0..n).map(|i| format!("cpu:{i}")).collect());
     }
+    if n == 0 {
+        // A coordinator alone (`--nproc 0`) may run where there is no GPU.
+        return Ok(Vec::new());
+    }
     if let Some(index) = device.strip_prefix("cuda:") {
         let Ok(index) = index.parse::<usize>() else {
             bail!("run.device = {device:?}: the GPU index is not a number");
@@ -133,6 +137,8 @@ mod tests {
     #[test]
     fn a_gpu_index_in_the_config_is_kept_for_one_worker_and_refused_for_more() {
         assert_eq!(local_slots("cuda:3", 1, &gpus(8)).unwrap(), ["cuda:3"]);
+        // A coordinator alone needs no GPU, whatever the workers drive.
+        assert!(local_slots("cuda:3", 0, &gpus(0)).unwrap().is_empty());
         let err = local_slots("cuda:3", 2, &gpus(8)).unwrap_err().to_string();
         assert!(
             err.contains("names one GPU") && err.contains("--nproc 2"),
