@@ -55,16 +55,17 @@ fn kill_a_worker_after_a_checkpoint(
     let before = committed(run, stage).unwrap();
     let workers = children(launch.pid());
     let victim = *workers.last().unwrap();
-    kill(victim);
+    signal(victim, "KILL");
     (before, victim, workers)
 }
 
-fn kill(pid: u32) {
+/// Sends signal `name` (KILL, STOP, CONT) to `pid`.
+fn signal(pid: u32, name: &str) {
     let status = Command::new("kill")
-        .args(["-9", &pid.to_string()])
+        .args([format!("-{name}"), pid.to_string()])
         .status()
         .unwrap();
-    assert!(status.success(), "cannot kill {pid}");
+    assert!(status.success(), "kill -{name} {pid}");
 }
 
 /// The steps the workers resumed `stage` from, in log order.
@@ -257,7 +258,7 @@ fn a_lost_worker_with_no_restarts_left_fails_the_job_at_once_naming_min_workers(
         );
         std::thread::sleep(Duration::from_millis(5));
     };
-    kill(restarted);
+    signal(restarted, "KILL");
     let log = launch.stderr.clone();
     let ended = launch.wait();
     let text = log.text();
@@ -351,11 +352,7 @@ fn a_worker_stuck_in_a_collective_is_dropped_for_making_no_progress() {
     // Rank 1 stops: rank 0 waits in the all-reduce, heartbeating, its
     // step standing still.
     let stuck = *children(launch.pid()).last().unwrap();
-    let status = Command::new("kill")
-        .args(["-STOP", &stuck.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    signal(stuck, "STOP");
     let (stdout, log) = (launch.stdout.clone(), launch.stderr.clone());
     let ended = launch.wait();
     let _ = Command::new("kill")
@@ -400,14 +397,6 @@ fn writers(run: &Path, stage: &str) -> Vec<(u64, u64)> {
         .collect();
     found.sort();
     found
-}
-
-fn signal(pid: u32, name: &str) {
-    let status = Command::new("kill")
-        .args([format!("-{name}"), pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill -{name} {pid}");
 }
 
 #[test]

@@ -91,13 +91,11 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         None => info.host.clone(),
     };
     info.data_addr = format!("{host}:{}", listener.local_addr()?.port());
-    let token = match (&args.token_file, &args.token) {
-        (Some(file), _) => Token::from_file(file)?,
-        (None, Some(token)) => Token::new(token.clone())?,
-        (None, None) => bail!(
+    let Some(token) = Token::given(args.token_file.as_deref(), args.token.as_deref())? else {
+        bail!(
             "no job token: set DALLE_JOB_TOKEN or give --token-file (the coordinator's job \
              token; `dalle launch` hands it to the workers it starts)"
-        ),
+        );
     };
     let tls = if args.tls_ca.is_some() || args.tls_domain.is_some() {
         let trust = match &args.tls_ca {

@@ -67,6 +67,20 @@ impl Token {
         })
     }
 
+    /// The token a command was given: from `file` when there is one (it wins
+    /// over a value on the command line or in the environment), else
+    /// `given`; `None` when neither is.
+    pub fn given(
+        file: Option<&std::path::Path>,
+        given: Option<&str>,
+    ) -> Result<Option<Self>, RuntimeError> {
+        match (file, given) {
+            (Some(file), _) => Token::from_file(file).map(Some),
+            (None, Some(token)) => Token::new(token).map(Some),
+            (None, None) => Ok(None),
+        }
+    }
+
     pub(crate) fn matches(&self, offered: &[u8]) -> bool {
         // Lengths may leak through timing; the bytes do not.
         self.0.as_bytes().ct_eq(offered).into()

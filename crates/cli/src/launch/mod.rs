@@ -118,11 +118,8 @@ pub fn run(args: LaunchArgs, job: &JobConfig) -> Result<()> {
     }
     prepare_synthetic_data(&job)?;
 
-    let token = match (&args.token_file, &args.token) {
-        (Some(file), _) => Token::from_file(file)?,
-        (None, Some(t)) => Token::new(t.clone())?,
-        (None, None) => Token::random(),
-    };
+    let token = Token::given(args.token_file.as_deref(), args.token.as_deref())?
+        .unwrap_or_else(Token::random);
     if !args.listen.ip().is_loopback() && args.tls_cert.is_none() {
         tracing::warn!(
             listen = %args.listen,
