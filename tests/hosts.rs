@@ -87,28 +87,29 @@ fn wait_until(what: &str, limit: Duration, log: &Running, ready: impl Fn() -> bo
     }
 }
 
-/// A dVAE stage of 300 steps at batch 6 with the sample ledger, one
-/// libtorch thread per worker (they share the machine's cores).
-const DVAE_STEPS: [&str; 8] = [
-    "--set",
-    "dvae.train.steps=300",
-    "--set",
-    "dvae.train.batch_size=6",
-    "--set",
-    "run.ledger=true",
-    "--set",
-    "run.threads=1",
-];
+/// `--set`s for a dVAE stage of `steps` steps at batch 6 with the sample
+/// ledger, one libtorch thread per worker (they share the machine's cores).
+fn dvae_steps(steps: u64) -> Vec<String> {
+    [
+        format!("dvae.train.steps={steps}"),
+        "dvae.train.batch_size=6".into(),
+        "run.ledger=true".into(),
+        "run.threads=1".into(),
+    ]
+    .into_iter()
+    .flat_map(|set| ["--set".to_string(), set])
+    .collect()
+}
 
 /// A dVAE-only job, checkpointed every 20 steps.
 fn dvae_job(dir: &Path) -> std::path::PathBuf {
     tiny_job(dir, "stages = [\"dvae\"]", "[checkpoint]\nevery = 20\n")
 }
 
-/// Every step of the 300 trained, on exactly one global batch of 6.
-fn assert_every_step_trained_once(run: &Path) {
+/// Every step of the `total` trained, on exactly one global batch of 6.
+fn assert_every_step_trained_once(run: &Path, total: usize) {
     let steps = ledger(run);
-    assert_eq!(steps.len(), 300);
+    assert_eq!(steps.len(), total);
     for (step, keys) in steps {
         let mut distinct = keys.clone();
         distinct.dedup();
@@ -126,7 +127,9 @@ fn a_worker_cut_off_mid_collective_is_dropped_and_the_rest_finish() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
     let config = dvae_job(dir.path());
-    let coordinator = coordinator(&hosts, &config, &DVAE_STEPS, 2, 3, 3);
+    let sets = dvae_steps(300);
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let coordinator = coordinator(&hosts, &config, &sets, 2, 3, 3);
     coordinator
         .stderr
         .wait_for("job started", Duration::from_secs(60));
@@ -161,7 +164,7 @@ fn a_worker_cut_off_mid_collective_is_dropped_and_the_rest_finish() {
         stdout.text()
     );
     // Exactly the samples of an uninterrupted run, step by step.
-    assert_every_step_trained_once(&run);
+    assert_every_step_trained_once(&run, 300);
 }
 
 #[test]
@@ -170,7 +173,12 @@ fn the_coordinator_cut_off_for_less_than_the_grace_period_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
     let config = dvae_job(dir.path());
-    let coordinator = coordinator(&hosts, &config, &DVAE_STEPS, 2, 2, 3);
+    // Long enough that training cannot end before the workers notice the
+    // cut (within about a heartbeat timeout, 3 s), on any machine: at 100
+    // steps a second, 15 s.
+    let sets = dvae_steps(1500);
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let coordinator = coordinator(&hosts, &config, &sets, 2, 2, 3);
     coordinator
         .stderr
         .wait_for("job started", Duration::from_secs(60));
@@ -211,8 +219,8 @@ fn the_coordinator_cut_off_for_less_than_the_grace_period_loses_nothing() {
             said.text()
         );
     }
-    assert_every_step_trained_once(&run);
-    assert_eq!(committed(&run, "dvae"), Some(300));
+    assert_every_step_trained_once(&run, 1500);
+    assert_eq!(committed(&run, "dvae"), Some(1500));
 }
 
 #[test]

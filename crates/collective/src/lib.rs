@@ -2,13 +2,20 @@
 //! average gradients, agree on initial weights and wait for each other,
 //! without caring which backend carries the bytes.
 //!
+//! The operations ([`Collective`]): all-reduce (sum), and its two halves for
+//! ZeRO-style sharded training, reduce-scatter (sum) and all-gather, over the
+//! balanced contiguous shards of [`shard_range`] (rank r owns shard r);
+//! broadcast; barrier.
+//!
 //! - [`TcpRing`]: a ring all-reduce over plain TCP for CPU workers, on one
 //!   machine or across many (std threads and sockets, no async runtime).
 //!   Its links are opened only between holders of the generation's
 //!   [`RingSecret`]; the bytes after that handshake travel in the clear
 //!   (see `connect.rs` for the threat model).
 //! - [`NcclCollective`]: NCCL through cudarc for GPU workers. Its hot path
-//!   works on device buffers ([`NcclCollective::all_reduce_sum_device`]);
+//!   works on device buffers ([`NcclCollective::all_reduce_sum_device`],
+//!   [`NcclCollective::reduce_scatter_sum_device`],
+//!   [`NcclCollective::all_gather_device`] and their `_raw` twins);
 //!   it also implements [`Collective`] on host slices (staged through the
 //!   device) for the rare host-side calls: broadcasting initial weights,
 //!   verifying them, barriers.
@@ -44,6 +51,24 @@ pub use nccl::{
 };
 pub use ring::{RingConfig, TcpRing};
 
+/// The elements of a buffer of `len` that rank `rank` of `world` owns in
+/// [`Collective::reduce_scatter_sum`] and [`Collective::all_gather`]: `len`
+/// cut into `world` contiguous shards in rank order, the first `len % world`
+/// one element longer than the rest (so shards differ by at most one
+/// element; some are empty when `len < world`). The shards tile `0..len`.
+///
+/// # Panics
+/// When `rank >= world` (so also when `world` is 0).
+pub fn shard_range(len: usize, world: usize, rank: usize) -> std::ops::Range<usize> {
+    assert!(
+        rank < world,
+        "shard_range: rank {rank} is outside a group of {world}"
+    );
+    let (base, extra) = (len / world, len % world);
+    let start = rank * base + rank.min(extra);
+    start..start + base + usize::from(rank < extra)
+}
+
 /// The operations data-parallel training needs from a group of W ranks.
 ///
 /// Every rank must call the same collectives in the same order with the same
@@ -61,10 +86,64 @@ pub trait Collective: Send {
     /// bitwise the same values.
     fn all_reduce_sum(&mut self, data: &mut [f32]) -> Result<()>;
 
+    /// The first half of [`Self::all_reduce_sum`], for sharded (ZeRO-style)
+    /// training: afterwards `data[shard_range(data.len(), world_size(),
+    /// rank())]` holds the element-wise sum over ranks of that shard, and the
+    /// rest of `data` is unspecified (it may hold partial sums). Every rank
+    /// passes a buffer of the same length.
+    ///
+    /// On the TCP ring the shard's sums are bitwise those
+    /// [`Self::all_reduce_sum`] would give, so a reduce-scatter followed by an
+    /// [`Self::all_gather`] equals an all-reduce bit for bit. NCCL makes no
+    /// such promise across its different collectives (each is deterministic
+    /// on its own).
+    fn reduce_scatter_sum(&mut self, data: &mut [f32]) -> Result<()>;
+
+    /// Every rank contributes its shard, `data[shard_range(data.len(),
+    /// world_size(), rank())]`; afterwards every rank holds every rank's shard
+    /// in place, bitwise (the rest of its input is overwritten). Every rank
+    /// passes a buffer of the same length.
+    fn all_gather(&mut self, data: &mut [f32]) -> Result<()>;
+
     /// Copies `data` from rank `root` to every rank (initial weights, or a
     /// checksum to verify them). Every rank passes a buffer of the same length.
     fn broadcast(&mut self, data: &mut [u8], root: usize) -> Result<()>;
 
     /// Returns once every rank has called it.
     fn barrier(&mut self) -> Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shard_range;
+
+    #[test]
+    fn shards_are_contiguous_disjoint_balanced_and_cover_the_buffer() {
+        for len in [0, 1, 2, 4, 5, 7, 1000, 1_000_003] {
+            for world in 1..=7 {
+                let mut next = 0;
+                for rank in 0..world {
+                    let s = shard_range(len, world, rank);
+                    // Contiguous from the previous one, so disjoint and in
+                    // rank order.
+                    assert_eq!(s.start, next, "len={len} world={world} rank={rank}");
+                    // Balanced: the first len % world one longer.
+                    let want = len / world + usize::from(rank < len % world);
+                    assert_eq!(s.len(), want, "len={len} world={world} rank={rank}");
+                    next = s.end;
+                }
+                assert_eq!(next, len, "len={len} world={world}");
+            }
+        }
+        assert_eq!(shard_range(7, 3, 0), 0..3);
+        assert_eq!(shard_range(7, 3, 1), 3..5);
+        assert_eq!(shard_range(7, 3, 2), 5..7);
+        assert_eq!(shard_range(2, 4, 3), 2..2);
+    }
+
+    #[test]
+    #[should_panic(expected = "outside a group")]
+    fn a_rank_outside_the_group_has_no_shard() {
+        let _ = shard_range(10, 3, 3);
+    }
 }

@@ -29,24 +29,35 @@
 //! directory holding a `libnccl.so` symlink to libtorch's copy first on
 //! `LD_LIBRARY_PATH` ([`expose_libnccl`]); glibc then maps the one file once.
 //!
+//! Sharded collectives: NCCL's ReduceScatter and AllGather want equal
+//! shards, while [`shard_range`]'s are uneven in general (the first
+//! `len % W` one longer). So a reduce-scatter here is one group of W in-place
+//! `ncclReduce`s, shard i to root i, and an all-gather one group of W
+//! in-place `ncclBroadcast`s, shard i from root i; NCCL fuses each group into
+//! one launch. Unlike the TCP ring, NCCL does not promise that a
+//! reduce-scatter then an all-gather gives bitwise what `ncclAllReduce`
+//! gives (it picks its algorithms per collective); each is deterministic on
+//! its own.
+//!
 //! Streams: collectives run on a stream of their own that first waits for
 //! the device's legacy default stream, where libtorch (and tch) queue their
 //! work, and each call returns only after the collective finished, so the
 //! caller can use the result at once on any stream.
 
 use std::ffi::{CStr, c_char, c_int};
+use std::ops::Range;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtrMut, DriverError};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaViewMut, DevicePtrMut, DriverError};
 use cudarc::nccl::result::{self as nccl, NcclError, NcclStatus};
 use cudarc::nccl::sys;
 
-use crate::Collective;
 use crate::error::{Error, Result};
+use crate::{Collective, shard_range};
 
 /// Length of an NCCL unique id (`NCCL_UNIQUE_ID_BYTES`).
 pub const UNIQUE_ID_BYTES: usize = 128;
@@ -304,6 +315,73 @@ impl NcclCollective {
         })
     }
 
+    /// In-place reduce-scatter (sum) of a device buffer of f32: afterwards
+    /// this rank's shard (`shard_range(len, world, rank)`) holds the sum over
+    /// ranks, and the rest of `buf` is unspecified. Returns once it is there.
+    pub fn reduce_scatter_sum_device<B: DevicePtrMut<f32>>(&mut self, buf: &mut B) -> Result<()> {
+        let len = buf.len();
+        let stream = self.stream.clone();
+        let (ptr, _record) = buf.device_ptr_mut(&stream);
+        // SAFETY: as in `all_reduce_sum_device`.
+        unsafe { self.reduce_scatter_sum_raw(ptr, len) }
+    }
+
+    /// [`Self::reduce_scatter_sum_device`] on a raw device pointer.
+    ///
+    /// # Safety
+    /// As for [`Self::all_reduce_sum_raw`].
+    pub unsafe fn reduce_scatter_sum_raw(&mut self, ptr: CUdeviceptr, len: usize) -> Result<()> {
+        let world = self.world;
+        self.run("reduce-scatter", |comm, stream| {
+            grouped(world, len, |root, shard| unsafe {
+                let at = shard_ptr(ptr, &shard);
+                nccl::reduce(
+                    at as *const _,
+                    at as *mut _,
+                    shard.len(),
+                    sys::ncclDataType_t::ncclFloat32,
+                    sys::ncclRedOp_t::ncclSum,
+                    root as c_int,
+                    comm,
+                    stream,
+                )
+            })
+        })
+    }
+
+    /// In-place all-gather of a device buffer of f32: every rank contributes
+    /// its shard (`shard_range(len, world, rank)`) and ends holding every
+    /// rank's, bitwise. Returns once they are there.
+    pub fn all_gather_device<B: DevicePtrMut<f32>>(&mut self, buf: &mut B) -> Result<()> {
+        let len = buf.len();
+        let stream = self.stream.clone();
+        let (ptr, _record) = buf.device_ptr_mut(&stream);
+        // SAFETY: as in `all_reduce_sum_device`.
+        unsafe { self.all_gather_raw(ptr, len) }
+    }
+
+    /// [`Self::all_gather_device`] on a raw device pointer.
+    ///
+    /// # Safety
+    /// As for [`Self::all_reduce_sum_raw`].
+    pub unsafe fn all_gather_raw(&mut self, ptr: CUdeviceptr, len: usize) -> Result<()> {
+        let world = self.world;
+        self.run("all-gather", |comm, stream| {
+            grouped(world, len, |root, shard| unsafe {
+                let at = shard_ptr(ptr, &shard);
+                nccl::broadcast(
+                    at as *const _,
+                    at as *mut _,
+                    shard.len(),
+                    sys::ncclDataType_t::ncclFloat32,
+                    root as c_int,
+                    comm,
+                    stream,
+                )
+            })
+        })
+    }
+
     /// In-place broadcast of a device byte buffer from `root`.
     pub fn broadcast_device<B: DevicePtrMut<u8>>(
         &mut self,
@@ -332,8 +410,8 @@ impl NcclCollective {
         })
     }
 
-    /// Enqueues one NCCL call on our stream (after the default stream's
-    /// work) and watches it to the end.
+    /// Enqueues one NCCL call (or one group of them, see [`grouped`]) on our
+    /// stream (after the default stream's work) and watches it to the end.
     fn run(
         &mut self,
         op: &'static str,
@@ -516,18 +594,15 @@ impl Collective for NcclCollective {
     }
 
     fn all_reduce_sum(&mut self, data: &mut [f32]) -> Result<()> {
-        if data.is_empty() {
-            return Ok(());
-        }
-        let mut staging = self.staging(data.len(), |s| &mut s.staging_f32)?;
-        let result = {
-            let mut view = staging.slice_mut(..data.len());
-            self.copy_in(data, &mut view)
-                .and_then(|()| self.all_reduce_sum_device(&mut view))
-                .and_then(|()| self.copy_out(&view, data))
-        };
-        self.staging_f32 = Some(staging);
-        result
+        self.staged_f32(data, |this, view| this.all_reduce_sum_device(view))
+    }
+
+    fn reduce_scatter_sum(&mut self, data: &mut [f32]) -> Result<()> {
+        self.staged_f32(data, |this, view| this.reduce_scatter_sum_device(view))
+    }
+
+    fn all_gather(&mut self, data: &mut [f32]) -> Result<()> {
+        self.staged_f32(data, |this, view| this.all_gather_device(view))
     }
 
     fn broadcast(&mut self, data: &mut [u8], root: usize) -> Result<()> {
@@ -553,6 +628,26 @@ impl Collective for NcclCollective {
 }
 
 impl NcclCollective {
+    /// Runs `op` on a device copy of `data` and copies the result back.
+    fn staged_f32(
+        &mut self,
+        data: &mut [f32],
+        op: impl FnOnce(&mut Self, &mut CudaViewMut<'_, f32>) -> Result<()>,
+    ) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let mut staging = self.staging(data.len(), |s| &mut s.staging_f32)?;
+        let result = {
+            let mut view = staging.slice_mut(..data.len());
+            self.copy_in(data, &mut view)
+                .and_then(|()| op(self, &mut view))
+                .and_then(|()| self.copy_out(&view, data))
+        };
+        self.staging_f32 = Some(staging);
+        result
+    }
+
     /// Takes the staging buffer out of `slot`, grown to at least `len`.
     fn staging<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
         &mut self,
@@ -597,6 +692,38 @@ impl NcclCollective {
                 detail: e.to_string(),
             })
     }
+}
+
+/// One NCCL call per non-empty shard of a buffer of `len` (`call(root,
+/// shard)`, root i for shard i), between `ncclGroupStart` and `ncclGroupEnd`
+/// so NCCL runs them as one operation. Every rank skips the same empty
+/// shards, since the layout depends only on `len` and `world`. After a
+/// failed call the group is still ended (NCCL requires it) and that first
+/// error returned.
+fn grouped(
+    world: usize,
+    len: usize,
+    mut call: impl FnMut(usize, Range<usize>) -> Result<NcclStatus, NcclError>,
+) -> Result<NcclStatus, NcclError> {
+    nccl::group_start()?;
+    let mut first = Ok(NcclStatus::Success);
+    for root in 0..world {
+        let shard = shard_range(len, world, root);
+        if shard.is_empty() {
+            continue;
+        }
+        if let Err(e) = call(root, shard) {
+            first = Err(e);
+            break;
+        }
+    }
+    let ended = nccl::group_end();
+    first.and(ended)
+}
+
+/// The device address of `shard` of a buffer of f32 at `ptr`.
+fn shard_ptr(ptr: CUdeviceptr, shard: &Range<usize>) -> CUdeviceptr {
+    ptr + (shard.start * std::mem::size_of::<f32>()) as CUdeviceptr
 }
 
 /// `NCCL_CONFIG_INITIALIZER` of NCCL 2.28's `nccl.h`, with `blocking = 0`.

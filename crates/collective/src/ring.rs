@@ -1,11 +1,17 @@
 //! The TCP ring: the CPU backend of [`Collective`].
 //!
 //! All-reduce is the bandwidth-optimal ring (Patarasuk & Yuan 2009, as in
-//! Horovod and NCCL): the data is cut into W segments; W−1 reduce-scatter
-//! steps pass a segment to the successor, which adds its own, until rank r
-//! holds the full sum of segment r+1; W−1 all-gather steps then pass the
-//! finished segments around. Each rank sends and receives 2·(W−1)/W of the
-//! data, whatever W is.
+//! Horovod and NCCL): the data is cut into W segments (the shards of
+//! [`shard_range`]); W−1 reduce-scatter steps pass a segment to the
+//! successor, which adds its own, until rank r holds the full sum of segment
+//! r; W−1 all-gather steps then pass the finished segments around. Each rank
+//! sends and receives 2·(W−1)/W of the data, whatever W is.
+//!
+//! The two phases are also the collectives of sharded training on their own:
+//! [`Collective::reduce_scatter_sum`] is the first, [`Collective::all_gather`]
+//! the second, and the all-reduce is literally one then the other, with the
+//! same code; so a reduce-scatter followed by an all-gather gives bitwise
+//! the all-reduce's result.
 //!
 //! Each step is cut into chunks (`chunk_bytes`) and a sender thread writes
 //! while this thread reads, so send and receive overlap and the ring cannot
@@ -13,8 +19,9 @@
 //! step: the sum a rank sends on step t+1 is the one it received and added on
 //! step t, read back from the caller's buffer.
 //!
-//! Sums are deterministic: each segment is added up in a fixed order (from
-//! its owner around the ring), and the all-gather copies the finished bytes,
+//! Sums are deterministic: each segment is added up in a fixed order (segment
+//! i from rank i+1 around the ring to rank i), and the all-gather copies the
+//! finished bytes,
 //! so every rank ends with bitwise the same result, run after run. The order
 //! differs between segments, so the result may differ from a serial sum in
 //! the last bits.
@@ -33,7 +40,7 @@ use crate::connect::{self, Place};
 use crate::error::{Error, Peer, Result};
 use crate::sender::Sender;
 use crate::wire::{HEADER_LEN, Op, OpHeader};
-use crate::{Collective, Interrupt, RingSecret};
+use crate::{Collective, Interrupt, RingSecret, shard_range};
 
 /// How a ring forms and moves bytes. Every rank of a group must use the same
 /// `session` and `secret`; the rest may differ per rank.
@@ -319,6 +326,18 @@ impl Collective for TcpRing {
         })
     }
 
+    fn reduce_scatter_sum(&mut self, data: &mut [f32]) -> Result<()> {
+        self.collective(Op::ReduceScatterSumF32, 0, data.len(), |links, step| {
+            step.reduce_scatter(links, data)
+        })
+    }
+
+    fn all_gather(&mut self, data: &mut [f32]) -> Result<()> {
+        self.collective(Op::AllGatherF32, 0, data.len(), |links, step| {
+            step.all_gather(links, data)
+        })
+    }
+
     fn broadcast(&mut self, data: &mut [u8], root: usize) -> Result<()> {
         self.check_root("broadcast", root)?;
         self.collective(Op::Broadcast, root, data.len(), |links, step| {
@@ -362,6 +381,8 @@ impl Step {
             Op::AllReduceSumF32 => "all-reduce",
             Op::Broadcast => "broadcast",
             Op::Barrier => "barrier",
+            Op::ReduceScatterSumF32 => "reduce-scatter",
+            Op::AllGatherF32 => "all-gather",
         }
     }
 
@@ -393,23 +414,49 @@ impl Step {
 
     /// Reduce-scatter then all-gather; see the module doc.
     fn all_reduce(&self, links: &mut Links, data: &mut [f32]) -> Result<()> {
+        self.reduce_scatter(links, data)?;
+        self.all_gather(links, data)
+    }
+
+    /// W−1 steps: on step t rank r sends its running sum of segment r−1−t
+    /// (its own values on step 0, else what it received and added on step
+    /// t−1) and adds what it receives to segment r−2−t; the last step
+    /// completes segment r.
+    fn reduce_scatter(&self, links: &mut Links, data: &mut [f32]) -> Result<()> {
         let (w, r, n) = (self.world, self.rank, data.len());
-        let reduce_scatter = (0..w - 1).map(|t| {
+        let steps = (0..w - 1).map(|t| {
             (
-                segment(n, w, (r + w - t) % w),
-                segment(n, w, (r + 2 * w - t - 1) % w),
-                Mode::Add,
+                shard_range(n, w, (r + 2 * w - t - 1) % w),
+                shard_range(n, w, (r + 2 * w - t - 2) % w),
             )
         });
-        let all_gather = (0..w - 1).map(|s| {
+        self.pass(links, data, steps, Mode::Add)
+    }
+
+    /// W−1 steps: on step s rank r sends segment r−s (its own on step 0,
+    /// else the one it received on step s−1) and copies in segment r−1−s.
+    fn all_gather(&self, links: &mut Links, data: &mut [f32]) -> Result<()> {
+        let (w, r, n) = (self.world, self.rank, data.len());
+        let steps = (0..w - 1).map(|s| {
             (
-                segment(n, w, (r + 1 + w - s) % w),
-                segment(n, w, (r + w - s) % w),
-                Mode::Copy,
+                shard_range(n, w, (r + w - s) % w),
+                shard_range(n, w, (r + 2 * w - s - 1) % w),
             )
         });
+        self.pass(links, data, steps, Mode::Copy)
+    }
+
+    /// Runs ring steps, each sending one range of `data` to the successor
+    /// while receiving another from the predecessor, applied with `mode`.
+    fn pass(
+        &self,
+        links: &mut Links,
+        data: &mut [f32],
+        steps: impl Iterator<Item = (Range<usize>, Range<usize>)>,
+        mode: Mode,
+    ) -> Result<()> {
         let chunk = self.chunk_bytes / 4;
-        for (send, recv, mode) in reduce_scatter.chain(all_gather) {
+        for (send, recv) in steps {
             let (ps, pr) = (send.len().div_ceil(chunk), recv.len().div_ceil(chunk));
             // Queue a chunk, then take one in: every rank follows the same
             // order, which is what keeps the ring free of deadlock.
@@ -456,14 +503,6 @@ impl Step {
     }
 }
 
-/// Segment `i` of `n` elements cut into `w` nearly equal parts (the first
-/// `n % w` one element longer); empty segments are fine.
-fn segment(n: usize, w: usize, i: usize) -> Range<usize> {
-    let (base, extra) = (n / w, n % w);
-    let start = i * base + i.min(extra);
-    start..start + base + usize::from(i < extra)
-}
-
 /// Piece `k` of `range` cut into `chunk`-element pieces.
 fn piece(range: &Range<usize>, k: usize, chunk: usize) -> Range<usize> {
     let start = range.start + k * chunk;
@@ -490,22 +529,6 @@ fn decode_f32(bytes: &[u8], into: &mut [f32], mode: Mode) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn segments_tile_the_data() {
-        for n in [0, 1, 2, 4, 5, 1_000_003] {
-            for w in 1..=7 {
-                let mut next = 0;
-                for i in 0..w {
-                    let s = segment(n, w, i);
-                    assert_eq!(s.start, next, "n={n} w={w} i={i}");
-                    assert!(s.len() == n / w || s.len() == n / w + 1);
-                    next = s.end;
-                }
-                assert_eq!(next, n);
-            }
-        }
-    }
 
     #[test]
     fn pieces_tile_a_segment() {

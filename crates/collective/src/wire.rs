@@ -18,7 +18,8 @@
 //!   verdict u8                         Accepted or Unauthenticated
 //! OpHeader  (before each collective, 24 bytes)
 //!   op u8 | 0u8 ×3 | root u32 | seq u64 | len u64
-//! then the payload: f32 little-endian for all-reduce, raw bytes for broadcast.
+//! then the payload: f32 little-endian for all-reduce, reduce-scatter and
+//! all-gather, raw bytes for broadcast.
 //! ```
 //!
 //! The first 28 bytes of a hello and the whole answer keep version 1's
@@ -27,9 +28,12 @@
 
 /// Says "this is a dalle ring link" before anything else is believed.
 pub const MAGIC: [u8; 8] = *b"DALLERNG";
-/// Bumped whenever any frame below changes. 2: the handshake authenticates
-/// both sides with the generation's secret.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// Bumped whenever any frame below changes, or what a payload means. 2: the
+/// handshake authenticates both sides with the generation's secret. 3: the
+/// all-reduce's segment schedule changed (rank r now finishes the sum of
+/// segment r, see `ring.rs`), so a version-2 rank would add the wrong
+/// segments without any header telling; reduce-scatter and all-gather ops.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The part of a hello every version shares (version 1's whole hello).
 pub const HELLO_HEAD_LEN: usize = 28;
@@ -199,6 +203,8 @@ pub enum Op {
     AllReduceSumF32 = 1,
     Broadcast = 2,
     Barrier = 3,
+    ReduceScatterSumF32 = 4,
+    AllGatherF32 = 5,
 }
 
 impl Op {
@@ -207,6 +213,8 @@ impl Op {
             1 => Op::AllReduceSumF32,
             2 => Op::Broadcast,
             3 => Op::Barrier,
+            4 => Op::ReduceScatterSumF32,
+            5 => Op::AllGatherF32,
             _ => return None,
         })
     }
@@ -221,7 +229,8 @@ pub struct OpHeader {
     pub root: u32,
     /// Collectives this link has carried before this one.
     pub seq: u64,
-    /// Elements (f32 for all-reduce, bytes for broadcast).
+    /// Elements (f32 for all-reduce, reduce-scatter and all-gather, bytes
+    /// for broadcast).
     pub len: u64,
 }
 
@@ -288,6 +297,16 @@ mod tests {
             len: 1_000_003,
         };
         assert_eq!(OpHeader::decode(&header.encode()), Some(header));
+        for op in [
+            Op::AllReduceSumF32,
+            Op::Broadcast,
+            Op::Barrier,
+            Op::ReduceScatterSumF32,
+            Op::AllGatherF32,
+        ] {
+            let header = OpHeader { op, ..header };
+            assert_eq!(OpHeader::decode(&header.encode()), Some(header));
+        }
     }
 
     #[test]

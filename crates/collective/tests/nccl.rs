@@ -71,3 +71,48 @@ fn world_of_one_on_a_gpu() {
         Err(Error::InvalidArgument { .. })
     ));
 }
+
+/// World size 1 on GPU 0: the sharded collectives (one grouped NCCL call
+/// per shard) run on host and device data, and with one rank, whose shard
+/// is everything, both are the identity, bitwise.
+#[test]
+#[ignore = "needs a GPU, libcuda and libnccl (set DALLE_TEST_GPU=1)"]
+fn sharded_collectives_in_a_world_of_one_on_a_gpu() {
+    use cudarc::driver::DevicePtrMut;
+    use dalle_collective::shard_range;
+
+    nccl_probe().expect("NCCL usable");
+    let id = nccl_unique_id().unwrap();
+    let mut nccl = NcclCollective::new(0, 1, &id, 0).unwrap();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for len in [0usize, 1, 7, 1000, 1_000_003] {
+        assert_eq!(shard_range(len, 1, 0), 0..len);
+        let want: Vec<f32> = (0..len).map(|i| (i as f32 * 0.37).sin() * 1e3).collect();
+
+        let mut host = want.clone();
+        nccl.reduce_scatter_sum(&mut host).unwrap();
+        assert_eq!(bits(&host), bits(&want), "n={len}: host reduce-scatter");
+        nccl.all_gather(&mut host).unwrap();
+        assert_eq!(bits(&host), bits(&want), "n={len}: host all-gather");
+
+        if len == 0 {
+            continue;
+        }
+        let stream = nccl.stream().clone();
+        let mut dev = stream.clone_htod(&want).unwrap();
+        nccl.reduce_scatter_sum_device(&mut dev).unwrap();
+        nccl.all_gather_device(&mut dev).unwrap();
+        assert_eq!(bits(&stream.clone_dtoh(&dev).unwrap()), bits(&want));
+        {
+            let (ptr, _record) = dev.device_ptr_mut(&stream);
+            // SAFETY: `ptr` addresses `len` f32 of `dev`, borrowed until
+            // `_record` drops.
+            unsafe {
+                nccl.reduce_scatter_sum_raw(ptr, len).unwrap();
+                nccl.all_gather_raw(ptr, len).unwrap();
+            }
+        }
+        assert_eq!(bits(&stream.clone_dtoh(&dev).unwrap()), bits(&want));
+    }
+    nccl.barrier().unwrap();
+}

@@ -12,7 +12,9 @@ use dalle_collective::wire::{
     ANSWER_LEN, Answer, CHALLENGE_LEN, HELLO_LEN, Hello, NONCE_LEN, OUTCOME_LEN, PROOF_LEN,
     PROTOCOL_VERSION, Verdict,
 };
-use dalle_collective::{Collective, Error, Interrupt, RingConfig, RingSecret, TcpRing};
+use dalle_collective::{
+    Collective, Error, Interrupt, RingConfig, RingSecret, TcpRing, shard_range,
+};
 
 /// The secret every rank of these tests shares (the coordinator would draw
 /// one per generation).
@@ -160,6 +162,126 @@ fn many_buckets_over_the_same_links_interleaved_with_broadcast_and_barrier() {
     }
 }
 
+/// Lengths for the sharded tests: empty, fewer elements than ranks, uneven
+/// shards, and shards over the tests' chunk (4096 f32) so steps are chunked.
+fn sharded_lens(world: usize) -> Vec<usize> {
+    vec![0, 1, world - 1, world + 1, 7, 1000, 20_003, 100_001]
+}
+
+/// What rank `rank` passes to an all-gather: its shard of `input(rank, …)`,
+/// and junk (which must be overwritten) everywhere else.
+fn gather_input(rank: usize, world: usize, len: usize, salt: u64) -> Vec<f32> {
+    let own = shard_range(len, world, rank);
+    let mine = input(rank, len, salt);
+    (0..len)
+        .map(|i| {
+            if own.contains(&i) {
+                mine[i]
+            } else {
+                f32::from_bits(0x7FC0_0000 | (rank as u32 + 1) << 8 | i as u32 & 0xFF)
+            }
+        })
+        .collect()
+}
+
+/// What an all-gather must give: every rank's shard of its own input.
+fn gathered(world: usize, len: usize, salt: u64) -> Vec<f32> {
+    (0..world)
+        .flat_map(|r| input(r, len, salt)[shard_range(len, world, r)].to_vec())
+        .collect()
+}
+
+#[test]
+fn reduce_scatter_then_all_gather_is_bitwise_the_all_reduce() {
+    for world in [2, 3, 4] {
+        let lens = sharded_lens(world);
+        let lens2 = lens.clone();
+        let results = on_ring(world, config(21 + world as u64), move |mut ring| {
+            let rank = ring.rank();
+            lens2
+                .iter()
+                .map(|&len| {
+                    let salt = len as u64 ^ 0xABCD;
+                    let own = shard_range(len, world, rank);
+                    let mut reduced = input(rank, len, salt);
+                    ring.all_reduce_sum(&mut reduced).unwrap();
+
+                    // (a) the reduce-scatter's shard is the all-reduce's.
+                    let mut sharded = input(rank, len, salt);
+                    ring.reduce_scatter_sum(&mut sharded).unwrap();
+                    assert_eq!(
+                        bits(&sharded[own.clone()]),
+                        bits(&reduced[own.clone()]),
+                        "W={world} n={len} rank {rank}: reduce-scatter shard"
+                    );
+
+                    // (c) gathering the shards gives the whole all-reduce.
+                    ring.all_gather(&mut sharded).unwrap();
+                    assert_eq!(
+                        bits(&sharded),
+                        bits(&reduced),
+                        "W={world} n={len} rank {rank}: reduce-scatter + all-gather"
+                    );
+
+                    // (b) an all-gather of inputs puts every rank's shard in place.
+                    let mut shards = gather_input(rank, world, len, salt);
+                    ring.all_gather(&mut shards).unwrap();
+                    assert_eq!(
+                        bits(&shards),
+                        bits(&gathered(world, len, salt)),
+                        "W={world} n={len} rank {rank}: all-gather"
+                    );
+                    reduced
+                })
+                .collect::<Vec<_>>()
+        });
+        // And the all-reduce itself is a correct sum, the same on every rank.
+        for (i, &len) in lens.iter().enumerate() {
+            let per_rank: Vec<_> = results.iter().map(|r| r[i].clone()).collect();
+            assert_sums(world, len, len as u64 ^ 0xABCD, &per_rank);
+        }
+    }
+}
+
+/// Ranks that disagree on a sharded collective's length or op fail it,
+/// naming the predecessor, rather than exchanging unrelated shards.
+#[test]
+fn mismatched_sharded_collectives_fail_out_of_step() {
+    type Call = fn(&mut TcpRing, &mut [f32]) -> dalle_collective::Result<()>;
+    let reduce_scatter: Call = |ring, data| ring.reduce_scatter_sum(data);
+    let all_gather: Call = |ring, data| ring.all_gather(data);
+    let all_reduce: Call = |ring, data| ring.all_reduce_sum(data);
+    // (what rank 0 calls and its length, what the others call and theirs)
+    let cases = [
+        (reduce_scatter, 10, reduce_scatter, 11),
+        (all_gather, 1000, all_gather, 999),
+        (reduce_scatter, 10, all_reduce, 10),
+        (all_gather, 10, reduce_scatter, 10),
+    ];
+    for world in [2, 3] {
+        for (case, &(first, first_len, rest, rest_len)) in cases.iter().enumerate() {
+            let errors = on_ring(world, config(40 + case as u64), move |mut ring| {
+                let (call, len) = if ring.rank() == 0 {
+                    (first, first_len)
+                } else {
+                    (rest, rest_len)
+                };
+                call(&mut ring, &mut vec![1.0; len]).unwrap_err()
+            });
+            assert!(
+                errors.iter().any(|e| matches!(e, Error::Mismatch { .. })),
+                "W={world} case {case}: {errors:?}"
+            );
+            for e in &errors {
+                assert!(
+                    matches!(e, Error::Mismatch { .. } | Error::Closed { .. }),
+                    "W={world} case {case}: {e}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn sums_are_bitwise_reproducible_across_runs() {
     let run = || {
@@ -234,6 +356,8 @@ fn a_single_rank_is_a_no_op() {
     ring.barrier().unwrap();
     let mut bytes = [1u8, 2, 3];
     ring.broadcast(&mut bytes, 0).unwrap();
+    ring.reduce_scatter_sum(&mut data).unwrap();
+    ring.all_gather(&mut data).unwrap();
     assert_eq!((data, bytes), (vec![1.5, -2.0], [1, 2, 3]));
 }
 

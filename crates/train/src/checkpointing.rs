@@ -28,6 +28,10 @@ const OPTIMIZER: &str = "optimizer.safetensors";
 const JOB: &str = "job.toml";
 const TOKENIZER: &str = "tokenizer.json";
 
+/// The optimizer's step count and its whole state as named tensors
+/// ([`AdamW::state`], or gathered across ranks when sharded).
+pub type OptimizerState = (u64, Vec<(String, Tensor)>);
+
 /// `[checkpoint]`: when to checkpoint, what to keep, where to resume from.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -316,13 +320,13 @@ impl StageCheckpoints {
         cursor: Cursor,
         world_size: usize,
         parameters: &[(String, Tensor)],
-        optimizer: &AdamW,
+        optimizer_state: &OptimizerState,
     ) -> Result<()> {
         if !self.writer {
             return Ok(());
         }
         let pause = Instant::now();
-        let result = self.save_now(step, cursor, world_size, parameters, optimizer);
+        let result = self.save_now(step, cursor, world_size, parameters, optimizer_state);
         self.paused += pause.elapsed();
         self.saved += 1;
         result
@@ -334,10 +338,10 @@ impl StageCheckpoints {
         cursor: Cursor,
         world_size: usize,
         parameters: &[(String, Tensor)],
-        optimizer: &AdamW,
+        (opt_step, moments): &OptimizerState,
     ) -> Result<()> {
         let meta = HashMap::from([("step".to_string(), step.to_string())]);
-        let (opt_step, moments) = optimizer.state();
+        let opt_step = *opt_step;
         let mut objects = vec![
             (
                 MODEL.to_string(),
@@ -345,7 +349,7 @@ impl StageCheckpoints {
             ),
             (
                 OPTIMIZER.to_string(),
-                weights::to_bytes(&moments, meta, Path::new(OPTIMIZER))?,
+                weights::to_bytes(moments, meta, Path::new(OPTIMIZER))?,
             ),
             (JOB.to_string(), self.job_toml.clone().into_bytes()),
         ];

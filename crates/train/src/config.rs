@@ -84,6 +84,29 @@ pub struct RunConfig {
     /// The device's peak TFLOP/s for MFU in log lines; unset: the table of
     /// known GPUs (`dalle_train::flops::peak_tflops`), none on CPU.
     pub peak_tflops: Option<f64>,
+    /// What each rank keeps of the training state: `none` (every rank
+    /// holds everything) or `optimizer` (ZeRO-1: each rank keeps the Adam
+    /// moments of its 1/W of the parameters, updates that share and
+    /// all-gathers the rest).
+    pub sharding: StateSharding,
+}
+
+/// How the training state is split across the ranks of a group.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StateSharding {
+    /// Every rank holds full gradients and optimizer state.
+    #[default]
+    None,
+    /// Optimizer state sharded (ZeRO-1).
+    Optimizer,
+}
+
+impl StateSharding {
+    /// Whether the optimizer state is split across ranks.
+    pub fn shards_optimizer(self) -> bool {
+        matches!(self, StateSharding::Optimizer)
+    }
 }
 
 /// One stage of the whole job, in the order they run.
@@ -163,6 +186,7 @@ impl Default for RunConfig {
             stages: JobStage::DEFAULT.to_vec(),
             shared_url: None,
             peak_tflops: None,
+            sharding: StateSharding::None,
         }
     }
 }
@@ -220,6 +244,12 @@ pub struct DvaeStage {
 pub struct DvaeTrainConfig {
     pub steps: u64,
     pub batch_size: usize,
+    /// Images per forward/backward pass; gradients of
+    /// `batch_size / micro_batch` passes are accumulated (0: no accumulation).
+    pub micro_batch: usize,
+    /// Recompute each encoder and decoder group's activations in backward
+    /// instead of keeping them: less memory for about a third more compute.
+    pub activation_checkpointing: bool,
     pub lr: Cosine,
     /// Gumbel-softmax temperature.
     pub tau: Cosine,
@@ -248,6 +278,8 @@ impl Default for DvaeTrainConfig {
         Self {
             steps: 3_000_000,
             batch_size: 512,
+            micro_batch: 0,
+            activation_checkpointing: false,
             lr: Cosine::new(1e-4, 1.25e-6, 1_200_000),
             tau: Cosine::new(1.0, 1.0 / 16.0, 150_000),
             beta: Cosine::new(0.0, 6.6, 5_000),
@@ -285,6 +317,9 @@ pub struct GptTrainConfig {
     /// Samples per forward/backward pass; gradients of
     /// `batch_size / micro_batch` passes are accumulated (0: no accumulation).
     pub micro_batch: usize,
+    /// Recompute each transformer block's activations in backward instead
+    /// of keeping them: less memory for about a third more compute.
+    pub activation_checkpointing: bool,
     pub lr: Cosine,
     pub adamw: AdamWConfig,
     /// Clip gradients to this global norm, if set.
@@ -311,6 +346,7 @@ impl Default for GptTrainConfig {
             steps: 430_000,
             batch_size: 1024,
             micro_batch: 0,
+            activation_checkpointing: false,
             lr: Cosine {
                 start: 4.5e-4,
                 end: 4.5e-6,
@@ -329,6 +365,17 @@ impl Default for GptTrainConfig {
             log_every: 100,
             save_every: 10_000,
             eval_every: 1_000,
+        }
+    }
+}
+
+impl DvaeTrainConfig {
+    /// Images per forward pass.
+    pub fn micro_batch(&self) -> usize {
+        if self.micro_batch == 0 {
+            self.batch_size
+        } else {
+            self.micro_batch
         }
     }
 }
@@ -489,6 +536,10 @@ impl JobConfig {
         let t = &self.dvae.train;
         let checks = [
             (t.batch_size == 0, "dvae.train.batch_size must be positive"),
+            (
+                !t.batch_size.is_multiple_of(t.micro_batch()),
+                "dvae.train.micro_batch must divide dvae.train.batch_size",
+            ),
             (t.log_every == 0, "dvae.train.log_every must be positive"),
             (t.lr.start <= 0.0, "dvae.train.lr.start must be positive"),
             (

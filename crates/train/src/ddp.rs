@@ -9,8 +9,11 @@
 //! bytes (TCP ring on CPU, NCCL on GPU, nothing for one process) is decided
 //! when it is built.
 
+use crate::config::StateSharding;
+use crate::optim::{AdamW, AdamWConfig};
 use crate::{Result, TrainError};
-use dalle_collective::{Collective, NcclCollective};
+use dalle_collective::{Collective, NcclCollective, shard_range};
+use std::ops::Range;
 use tch::{Device, Kind, Tensor};
 
 /// One process, no peers: every collective is the identity.
@@ -24,6 +27,14 @@ impl Collective for Solo {
         1
     }
     fn all_reduce_sum(&mut self, _: &mut [f32]) -> dalle_collective::Result<()> {
+        Ok(())
+    }
+    /// One shard, the whole buffer, already summed.
+    fn reduce_scatter_sum(&mut self, _: &mut [f32]) -> dalle_collective::Result<()> {
+        Ok(())
+    }
+    /// One shard, the whole buffer, already in place.
+    fn all_gather(&mut self, _: &mut [f32]) -> dalle_collective::Result<()> {
         Ok(())
     }
     fn broadcast(&mut self, _: &mut [u8], _: usize) -> dalle_collective::Result<()> {
@@ -337,14 +348,98 @@ impl DataParallel {
         Ok((gathered, offset))
     }
 
-    /// Replaces every gradient (the mean over this rank's `local_samples`)
-    /// by the gradient of the mean over all ranks' samples, so ranks with
-    /// fewer samples (bad samples skipped) weigh less. `grads` are the
-    /// optimizer's flat gradient buffers ([`crate::optim::AdamW::flat_grads`]):
-    /// each is reduced in place, a bucket (a slice of it) at a time, with
-    /// nothing gathered or copied back parameter by parameter. Returns the
-    /// global sample count.
-    pub fn average_gradients(&mut self, grads: &[Tensor], local_samples: usize) -> Result<usize> {
+    /// An AdamW over `named` for this group: with `sharding` on, this rank
+    /// keeps moments for and updates only its share of every gradient
+    /// bucket ([`DataParallel::update`] gathers the rest).
+    pub fn optimizer(
+        &self,
+        named: Vec<(String, Tensor)>,
+        config: AdamWConfig,
+        sharding: StateSharding,
+    ) -> AdamW {
+        if sharding.shards_optimizer() && self.world_size() > 1 {
+            AdamW::sharded(named, config, &|elements| self.owned(elements))
+        } else {
+            AdamW::new(named, config)
+        }
+    }
+
+    /// The buckets of a flat buffer of `elements`: the unit of reduction.
+    fn buckets(&self, elements: i64) -> impl Iterator<Item = Range<i64>> + use<> {
+        let bucket = self.bucket_elems as i64;
+        (0..elements)
+            .step_by(bucket.max(1) as usize)
+            .map(move |start| start..(start + bucket).min(elements))
+    }
+
+    /// Every rank's shard of every bucket, bucket by bucket, rank by rank:
+    /// where a reduction leaves each rank's share, and the pieces a
+    /// global gradient norm is summed from (in this order, whatever the
+    /// sharding, so sharded and unsharded training agree bitwise).
+    fn shards(&self, elements: i64) -> Vec<Range<i64>> {
+        let world = self.world_size();
+        self.buckets(elements)
+            .flat_map(|bucket| {
+                let len = (bucket.end - bucket.start) as usize;
+                (0..world).map(move |rank| {
+                    let shard = shard_range(len, world, rank);
+                    bucket.start + shard.start as i64..bucket.start + shard.end as i64
+                })
+            })
+            .collect()
+    }
+
+    /// This rank's shards of a flat buffer of `elements`.
+    fn owned(&self, elements: i64) -> Vec<Range<i64>> {
+        let (rank, world) = (self.rank(), self.world_size());
+        self.shards(elements)
+            .into_iter()
+            .skip(rank)
+            .step_by(world)
+            .collect()
+    }
+
+    /// One optimizer step of the group: the gradients (each rank's the mean
+    /// over its `local_samples`) become those of the mean over every
+    /// rank's samples, so ranks with fewer samples (bad samples skipped)
+    /// weigh less; they are clipped to the global norm `max_norm` if set,
+    /// and `optimizer` steps at `lr`. The gradients are the optimizer's
+    /// flat buffers, reduced in place a bucket (a slice of one) at a time,
+    /// with nothing gathered or copied back parameter by parameter.
+    ///
+    /// A sharded optimizer has each bucket reduce-scattered instead of
+    /// all-reduced, updates its share, and the parameters are all-gathered:
+    /// after this, gradients outside the rank's share are meaningless.
+    pub fn update(
+        &mut self,
+        optimizer: &mut AdamW,
+        local_samples: usize,
+        lr: f64,
+        max_norm: Option<f64>,
+    ) -> Result<Update> {
+        let samples = self.average_gradients(optimizer, local_samples)?;
+        let norm = self.grad_norm(optimizer)?;
+        if let Some(max_norm) = max_norm {
+            optimizer.clip_to(&norm, max_norm);
+        }
+        optimizer.step(lr);
+        if optimizer.is_sharded() {
+            for flat in optimizer.flat_params() {
+                for bucket in self.buckets(flat.numel() as i64) {
+                    let len = bucket.end - bucket.start;
+                    self.reduce_bucket(&flat.narrow(0, bucket.start, len), Reduction::Gather)?;
+                }
+            }
+        }
+        Ok(Update {
+            samples,
+            grad_norm: norm.double_value(&[]),
+        })
+    }
+
+    /// Averages the flat gradients over ranks (see [`DataParallel::update`]);
+    /// returns the global sample count.
+    fn average_gradients(&mut self, optimizer: &AdamW, local_samples: usize) -> Result<usize> {
         if self.world_size() == 1 {
             return Ok(local_samples);
         }
@@ -357,51 +452,112 @@ impl DataParallel {
             ));
         }
         let scale = local_samples as f64 / f64::from(total);
-        for flat in grads {
-            let elements = flat.numel() as i64;
-            let bucket = self.bucket_elems as i64;
-            let mut start = 0;
-            while start < elements {
-                let len = bucket.min(elements - start);
-                self.reduce_bucket(&flat.narrow(0, start, len), scale)?;
-                start += len;
+        let reduction = if optimizer.is_sharded() {
+            Reduction::Scatter(scale)
+        } else {
+            Reduction::Sum(scale)
+        };
+        for flat in optimizer.flat_grads() {
+            for bucket in self.buckets(flat.numel() as i64) {
+                let len = bucket.end - bucket.start;
+                self.reduce_bucket(&flat.narrow(0, bucket.start, len), reduction)?;
             }
         }
         Ok(total as usize)
     }
 
-    fn reduce_bucket(&mut self, bucket: &Tensor, scale: f64) -> Result<()> {
+    /// The global L2 norm of the reduced gradients, on the device: summed
+    /// from every shard's sum of squares in one fixed order; with a
+    /// sharded optimizer each rank sums its own shards and the rest come
+    /// from the others.
+    fn grad_norm(&mut self, optimizer: &AdamW) -> Result<Tensor> {
+        let flats = optimizer.flat_grads();
+        let shards: Vec<Vec<Range<i64>>> = flats
+            .iter()
+            .map(|f| self.shards(f.numel() as i64))
+            .collect();
+        let squares = if optimizer.is_sharded() {
+            let owned: Vec<Vec<Range<i64>>> =
+                flats.iter().map(|f| self.owned(f.numel() as i64)).collect();
+            let mine = Vec::<f32>::try_from(optimizer.square_sums(&owned).to_device(Device::Cpu))?;
+            // Each rank's sums at their places in the fixed order, zeros
+            // elsewhere: the sum over ranks is exact.
+            let (rank, world) = (self.rank(), self.world_size());
+            let mut all = vec![0f32; shards.iter().map(Vec::len).sum()];
+            for (at, value) in (rank..all.len()).step_by(world).zip(mine) {
+                all[at] = value;
+            }
+            self.sum(&mut all)?;
+            let device = flats.first().map_or(Device::Cpu, Tensor::device);
+            Tensor::from_slice(&all).to_device(device)
+        } else {
+            optimizer.square_sums(&shards)
+        };
+        Ok(squares.sum(Kind::Float).sqrt())
+    }
+
+    /// The whole optimizer state (see [`AdamW::state`]): a sharded one's
+    /// moments are gathered from every rank first, so every rank must call
+    /// this.
+    pub fn optimizer_state(&mut self, optimizer: &AdamW) -> Result<(u64, Vec<(String, Tensor)>)> {
+        if !optimizer.is_sharded() {
+            return Ok(optimizer.state());
+        }
+        let spread = optimizer.spread_moments();
+        for moment in spread.iter().flatten() {
+            for bucket in self.buckets(moment.numel() as i64) {
+                let len = bucket.end - bucket.start;
+                self.reduce_bucket(&moment.narrow(0, bucket.start, len), Reduction::Gather)?;
+            }
+        }
+        Ok(optimizer.named_state(&spread))
+    }
+
+    fn reduce_bucket(&mut self, bucket: &Tensor, reduction: Reduction) -> Result<()> {
         let started = std::time::Instant::now();
-        let result = self.reduce_bucket_timed(bucket, scale);
+        let result = self.reduce_bucket_timed(bucket, reduction);
         self.comm_time += started.elapsed();
         result
     }
 
-    /// Scales `bucket` (a contiguous slice of a flat gradient buffer) and
-    /// sums it over ranks, in place.
-    fn reduce_bucket_timed(&mut self, bucket: &Tensor, scale: f64) -> Result<()> {
+    /// Runs `reduction` on `bucket` (a contiguous slice of a flat buffer),
+    /// in place.
+    fn reduce_bucket_timed(&mut self, bucket: &Tensor, reduction: Reduction) -> Result<()> {
         let elems = bucket.numel();
         let mut bucket = bucket.shallow_clone();
-        tch::no_grad(|| {
-            let _ = bucket.g_mul_scalar_(scale);
-        });
+        if let Reduction::Sum(scale) | Reduction::Scatter(scale) = reduction {
+            tch::no_grad(|| {
+                let _ = bucket.g_mul_scalar_(scale);
+            });
+        }
+        let what = reduction.describe();
         match &mut self.comm {
             Carrier::Nccl(nccl) if bucket.device().is_cuda() && bucket.kind() == Kind::Float => {
+                let ptr = bucket.data_ptr() as u64;
                 // SAFETY: `bucket` is a contiguous f32 CUDA slice of `elems`
                 // values that outlives the call, which returns once NCCL is
                 // done with it (after waiting on libtorch's stream).
-                unsafe { nccl.all_reduce_sum_raw(bucket.data_ptr() as u64, elems) }
-                    .map_err(collective_error("averaging gradients"))?;
+                unsafe {
+                    match reduction {
+                        Reduction::Sum(_) => nccl.all_reduce_sum_raw(ptr, elems),
+                        Reduction::Scatter(_) => nccl.reduce_scatter_sum_raw(ptr, elems),
+                        Reduction::Gather => nccl.all_gather_raw(ptr, elems),
+                    }
+                }
+                .map_err(collective_error(what))?;
             }
             _ => {
                 let host = bucket.to_device(Device::Cpu).to_kind(Kind::Float);
                 self.host.resize(elems, 0.0);
                 host.copy_data(&mut self.host, elems);
                 let mut values = std::mem::take(&mut self.host);
-                let reduced = self
-                    .host()
-                    .all_reduce_sum(&mut values)
-                    .map_err(collective_error("averaging gradients"));
+                let comm = self.host();
+                let reduced = match reduction {
+                    Reduction::Sum(_) => comm.all_reduce_sum(&mut values),
+                    Reduction::Scatter(_) => comm.reduce_scatter_sum(&mut values),
+                    Reduction::Gather => comm.all_gather(&mut values),
+                }
+                .map_err(collective_error(what));
                 self.host = values;
                 reduced?;
                 let summed = Tensor::from_slice(&self.host)
@@ -411,6 +567,35 @@ impl DataParallel {
             }
         }
         Ok(())
+    }
+}
+
+/// What one optimizer step of the group gave.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Update {
+    /// Samples over every rank this step.
+    pub samples: usize,
+    /// The global gradient norm before clipping.
+    pub grad_norm: f64,
+}
+
+/// What happens to one bucket of a flat buffer.
+#[derive(Clone, Copy, Debug)]
+enum Reduction {
+    /// Scaled, then summed over ranks on every rank.
+    Sum(f64),
+    /// Scaled, then summed over ranks into each rank's shard.
+    Scatter(f64),
+    /// Every rank's shard copied to every rank.
+    Gather,
+}
+
+impl Reduction {
+    fn describe(self) -> &'static str {
+        match self {
+            Reduction::Sum(_) | Reduction::Scatter(_) => "averaging gradients",
+            Reduction::Gather => "gathering the sharded optimizer's updates",
+        }
     }
 }
 

@@ -9,7 +9,6 @@ use crate::ddp::{DataParallel, seeded, step_seed};
 use crate::feed::{EpochSummary, batch_tensor, loader_config, next_nonempty, runtime_device};
 use crate::flops::{self, Utilisation};
 use crate::metrics::{DvaeLog, DvaeStepMetrics, Progress, Window};
-use crate::optim::AdamW;
 use crate::stage_run::{StagePlan, StageRun, StepTiming};
 use crate::validation::{self, DvaeValidation, HeldOut};
 use crate::{Result, TrainError};
@@ -42,7 +41,7 @@ pub fn train(
     let device = runtime_device(job)?;
     let data = job.data_location()?;
     let model = seeded(job.run.seed, || Dvae::new(job.dvae.model.clone(), device))?;
-    let mut optimizer = AdamW::new(model.named_parameters(), cfg.adamw);
+    let mut optimizer = ddp.optimizer(model.named_parameters(), cfg.adamw, job.run.sharding);
     let params = model.named_parameters();
     ddp.share_initial_parameters(&params)?;
     let plan = StagePlan {
@@ -105,11 +104,7 @@ pub fn train(
         let usage_kl = out.add_usage_term(objective.usage, &global_posterior);
         optimizer.zero_grad();
         out.loss.backward();
-        ddp.average_gradients(&optimizer.flat_grads(), batch.len())?;
-        if let Some(max_norm) = cfg.grad_clip {
-            optimizer.clip_grad_norm(max_norm);
-        }
-        optimizer.step(lr);
+        ddp.update(&mut optimizer, batch.len(), lr, cfg.grad_clip)?;
         ddp.verify_every(step + 1, job.run.verify_every, &params)?;
 
         let scalars = Tensor::stack(

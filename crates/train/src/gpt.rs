@@ -11,7 +11,6 @@ use crate::ddp::{DataParallel, seeded, step_seed};
 use crate::feed::{EpochSummary, batch_tensor, loader_config, next_nonempty, runtime_device};
 use crate::flops::{self, Utilisation};
 use crate::metrics::{GptLog, GptStepMetrics, GptWindow, Progress};
-use crate::optim::AdamW;
 use crate::stage_run::{StagePlan, StageRun, StepTiming};
 use crate::validation::{self, GptHeldOut, GptValidation, HeldOut};
 use crate::{Result, TrainError};
@@ -265,7 +264,7 @@ pub fn train(
     let model = seeded(job.run.seed, || Gpt::new(config.clone(), device))?;
     let params = model.named_parameters();
     ddp.share_initial_parameters(&params)?;
-    let mut optimizer = AdamW::new(model.named_parameters(), cfg.adamw);
+    let mut optimizer = ddp.optimizer(model.named_parameters(), cfg.adamw, job.run.sharding);
     let plan = StagePlan {
         name: "gpt",
         steps: cfg.steps,
@@ -368,12 +367,9 @@ pub fn train(
             cfg.micro_batch(),
             cfg.text_loss_weight,
         )?;
-        ddp.average_gradients(&optimizer.flat_grads(), batch.len())?;
-        let grad_norm = match cfg.grad_clip {
-            Some(max_norm) => optimizer.clip_grad_norm(max_norm),
-            None => optimizer.grad_norm(),
-        };
-        optimizer.step(lr);
+        let grad_norm = ddp
+            .update(&mut optimizer, batch.len(), lr, cfg.grad_clip)?
+            .grad_norm;
         ddp.verify_every(step + 1, job.run.verify_every, &params)?;
 
         let local = Vec::<f64>::try_from(parts.to_kind(Kind::Double))?;

@@ -6,6 +6,7 @@
 //! (two or more dimensions), not to biases or gains.
 
 use serde::{Deserialize, Serialize};
+use std::ops::Range;
 use tch::{Device, Kind, Tensor};
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -33,17 +34,36 @@ impl Default for AdamWConfig {
 const CPU_PIECE: i64 = 1 << 18;
 
 /// One flat buffer of the parameters of one dtype on one device (every
-/// parameter a view into it), its gradients (likewise) and both moments.
-/// The decayed parameters (weight matrices and kernels) come first, so
-/// that weight decay is one kernel over a prefix.
+/// parameter a view into it), its gradients (likewise) and the moments of
+/// the elements this rank updates: all of them, or with a sharded
+/// optimizer its share. The decayed parameters (weight matrices and
+/// kernels) come first, so that weight decay is one kernel over a prefix.
 struct Flat {
     params: Tensor,
     grads: Tensor,
+    /// The moments of the owned elements, range after range.
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     /// Elements at the front that weight decay applies to.
     decayed: i64,
+    /// The element ranges of the buffer this rank updates, ascending.
+    owned: Vec<Range<i64>>,
 }
+
+impl Flat {
+    /// The owned ranges, each with where its moments start.
+    fn owned_with_moments(&self) -> impl Iterator<Item = (Range<i64>, i64)> + '_ {
+        self.owned.iter().scan(0, |at, range| {
+            let moments = *at;
+            *at += range.end - range.start;
+            Some((range.clone(), moments))
+        })
+    }
+}
+
+/// Which elements of a flat buffer of the given length this rank updates:
+/// for a sharded optimizer, its share of every gradient bucket.
+pub type Ownership<'a> = &'a dyn Fn(i64) -> Vec<Range<i64>>;
 
 /// Where one named parameter lives in the flat buffers.
 struct Member {
@@ -71,6 +91,8 @@ pub struct AdamW {
     flats: Vec<Flat>,
     members: Vec<Member>,
     step: u64,
+    /// Whether this rank updates only a share of the parameters.
+    sharded: bool,
 }
 
 impl AdamW {
@@ -78,7 +100,22 @@ impl AdamW {
     /// the same in every process, and moves their values (and gradients)
     /// into flat buffers: the tensors keep their identity, so the model
     /// sees no change, but their storage is now the buffers'.
-    pub fn new(mut named: Vec<(String, Tensor)>, config: AdamWConfig) -> Self {
+    pub fn new(named: Vec<(String, Tensor)>, config: AdamWConfig) -> Self {
+        Self::build(named, config, None)
+    }
+
+    /// An optimizer that keeps moments for, and updates, only the elements
+    /// `owned` gives this rank (ZeRO-1); the rest of the parameters come
+    /// from the ranks that own them ([`crate::ddp::DataParallel::update`]).
+    pub fn sharded(named: Vec<(String, Tensor)>, config: AdamWConfig, owned: Ownership) -> Self {
+        Self::build(named, config, Some(owned))
+    }
+
+    fn build(
+        mut named: Vec<(String, Tensor)>,
+        config: AdamWConfig,
+        owned: Option<Ownership>,
+    ) -> Self {
         named.sort_by(|a, b| a.0.cmp(&b.0));
         named.retain(|(_, p)| p.requires_grad());
         // Decayed first within each (dtype, device) buffer; names in order.
@@ -112,13 +149,19 @@ impl AdamW {
             .iter()
             .zip(&sizes)
             .map(|(&(kind, device), &(elements, decayed))| {
-                let zeros = || Tensor::zeros([elements], (kind, device));
+                let owned = match owned {
+                    Some(owned) => owned(elements),
+                    None => vec![0..elements],
+                };
+                let moments: i64 = owned.iter().map(|r| r.end - r.start).sum();
+                let zeros = |n: i64| Tensor::zeros([n], (kind, device));
                 Flat {
-                    params: zeros(),
-                    grads: zeros(),
-                    exp_avg: zeros(),
-                    exp_avg_sq: zeros(),
+                    params: zeros(elements),
+                    grads: zeros(elements),
+                    exp_avg: zeros(moments),
+                    exp_avg_sq: zeros(moments),
                     decayed,
+                    owned,
                 }
             })
             .collect();
@@ -151,6 +194,7 @@ impl AdamW {
             flats,
             members,
             step: 0,
+            sharded: owned.is_some(),
         };
         optimizer.zero_grad();
         optimizer
@@ -173,14 +217,57 @@ impl AdamW {
         self.flats.iter().map(|f| f.grads.shallow_clone()).collect()
     }
 
-    /// Global L2 norm of all gradients, on the device.
-    fn norm(&self) -> Option<Tensor> {
-        let squares: Vec<Tensor> = self
+    /// The flat parameter buffers, for gathering a sharded optimizer's
+    /// updates across ranks.
+    pub fn flat_params(&self) -> Vec<Tensor> {
+        self.flats
+            .iter()
+            .map(|f| f.params.shallow_clone())
+            .collect()
+    }
+
+    /// Whether this rank updates only its share of the parameters.
+    pub fn is_sharded(&self) -> bool {
+        self.sharded
+    }
+
+    /// Elements this rank keeps moments for (each of two moments): every
+    /// parameter's, or with a sharded optimizer about 1/W of them.
+    pub fn moment_elements(&self) -> i64 {
+        self.flats.iter().map(|f| f.exp_avg.numel() as i64).sum()
+    }
+
+    /// Sums of squared gradients over `ranges` (per flat buffer, in order),
+    /// one f32 each, on the device: the pieces a global norm is summed
+    /// from in the same order however the state is sharded.
+    pub fn square_sums(&self, ranges: &[Vec<Range<i64>>]) -> Tensor {
+        let sums: Vec<Tensor> = self
             .flats
             .iter()
-            .map(|f| f.grads.square().sum(Kind::Float))
+            .zip(ranges)
+            .flat_map(|(f, ranges)| {
+                ranges.iter().map(|r| {
+                    f.grads
+                        .narrow(0, r.start, r.end - r.start)
+                        .square()
+                        .sum(Kind::Float)
+                })
+            })
             .collect();
-        (!squares.is_empty()).then(|| Tensor::stack(&squares, 0).sum(Kind::Float).sqrt())
+        match sums.first() {
+            Some(first) => Tensor::stack(&sums, 0).to_device(first.device()),
+            None => Tensor::zeros([0], (Kind::Float, Device::Cpu)),
+        }
+    }
+
+    /// Global L2 norm of all gradients, on the device.
+    fn norm(&self) -> Option<Tensor> {
+        let whole: Vec<Vec<Range<i64>>> = self
+            .flats
+            .iter()
+            .map(|f| vec![0..f.grads.numel() as i64])
+            .collect();
+        (!self.flats.is_empty()).then(|| self.square_sums(&whole).sum(Kind::Float).sqrt())
     }
 
     /// Global L2 norm of all gradients.
@@ -194,19 +281,33 @@ impl AdamW {
         let Some(norm) = self.norm() else {
             return 0.0;
         };
-        let scale = (max_norm / (&norm + 1e-6)).clamp_max(1.0);
-        tch::no_grad(|| {
-            for flat in &mut self.flats {
-                let _ = flat.grads.g_mul_(&scale.to_kind(flat.grads.kind()));
-            }
-        });
+        self.clip_to(&norm, max_norm);
         norm.double_value(&[])
     }
 
-    /// One update at learning rate `lr`, over every buffer. A parameter
-    /// that got no gradient this step has a zero one: its moments decay
-    /// and its update follows them, as in PyTorch's AdamW with zeroed
-    /// (rather than absent) gradients.
+    /// Scales the gradents this rank updates by `max_norm / norm` where
+    /// that is below one, given the global `norm` (a device scalar).
+    pub fn clip_to(&mut self, norm: &Tensor, max_norm: f64) {
+        let scale = (max_norm / (norm + 1e-6)).clamp_max(1.0);
+        tch::no_grad(|| {
+            for flat in &mut self.flats {
+                let scale = scale
+                    .to_device(flat.grads.device())
+                    .to_kind(flat.grads.kind());
+                for r in &flat.owned {
+                    let _ = flat
+                        .grads
+                        .narrow(0, r.start, r.end - r.start)
+                        .g_mul_(&scale);
+                }
+            }
+        });
+    }
+
+    /// One update at learning rate `lr`, over every element this rank
+    /// owns. A parameter that got no gradient this step has a zero one: its
+    /// moments decay and its update follows them, as in PyTorch's AdamW
+    /// with zeroed (rather than absent) gradients.
     pub fn step(&mut self, lr: f64) {
         self.step += 1;
         let AdamWConfig {
@@ -218,40 +319,49 @@ impl AdamW {
         let bias1 = 1.0 - beta1.powi(self.step as i32);
         let bias2 = 1.0 - beta2.powi(self.step as i32);
         tch::no_grad(|| {
-            for f in &mut self.flats {
-                let elements = f.params.numel() as i64;
+            for f in &self.flats {
                 // On the CPU the buffer goes through in cache-sized pieces,
                 // every operation on one piece before the next, so that the
                 // arrays and the temporaries stay in cache and it takes one
-                // trip through memory, not ten; on a GPU, one piece.
-                let piece = match f.params.device() {
-                    Device::Cpu => CPU_PIECE.min(elements.max(1)),
-                    _ => elements.max(1),
-                };
-                let mut start = 0;
-                while start < elements {
-                    let len = piece.min(elements - start);
-                    let at = |t: &Tensor| t.narrow(0, start, len);
-                    let (mut p, g) = (at(&f.params), at(&f.grads));
-                    let (mut m, mut v) = (at(&f.exp_avg), at(&f.exp_avg_sq));
-                    let _ = m.lerp_(&g, 1.0 - beta1);
-                    let _ = v.g_mul_scalar_(beta2);
-                    let _ = v.addcmul_(&(&g * (1.0 - beta2)), &g);
-                    let decayed = (f.decayed - start).clamp(0, len);
-                    if weight_decay > 0.0 && decayed > 0 {
-                        let _ = p
-                            .narrow(0, 0, decayed)
-                            .g_mul_scalar_(1.0 - lr * weight_decay);
+                // trip through memory, not ten; on a GPU, one piece per
+                // owned range.
+                let cpu = f.params.device() == Device::Cpu;
+                for (range, moments) in f.owned_with_moments() {
+                    let elements = range.end - range.start;
+                    let piece = if cpu {
+                        CPU_PIECE.min(elements.max(1))
+                    } else {
+                        elements.max(1)
+                    };
+                    let mut done = 0;
+                    while done < elements {
+                        let len = piece.min(elements - done);
+                        let start = range.start + done;
+                        let (mut p, g) = (
+                            f.params.narrow(0, start, len),
+                            f.grads.narrow(0, start, len),
+                        );
+                        let mut m = f.exp_avg.narrow(0, moments + done, len);
+                        let mut v = f.exp_avg_sq.narrow(0, moments + done, len);
+                        let _ = m.lerp_(&g, 1.0 - beta1);
+                        let _ = v.g_mul_scalar_(beta2);
+                        let _ = v.addcmul_(&(&g * (1.0 - beta2)), &g);
+                        let decayed = (f.decayed - start).clamp(0, len);
+                        if weight_decay > 0.0 && decayed > 0 {
+                            let _ = p
+                                .narrow(0, 0, decayed)
+                                .g_mul_scalar_(1.0 - lr * weight_decay);
+                        }
+                        // denom = sqrt(v) / sqrt(bias2) + eps, as torch
+                        // writes it, with the step size -lr / bias1 folded
+                        // in: one temporary instead of four.
+                        let mut denom = v.sqrt();
+                        let _ = denom.g_div_scalar_(bias2.sqrt());
+                        let _ = denom.g_add_scalar_(eps);
+                        let _ = denom.g_mul_scalar_(-bias1 / lr);
+                        let _ = p.addcdiv_(&m, &denom);
+                        done += len;
                     }
-                    // denom = sqrt(v) / sqrt(bias2) + eps, as torch writes
-                    // it, with the step size -lr / bias1 folded in: one
-                    // temporary instead of four.
-                    let mut denom = v.sqrt();
-                    let _ = denom.g_div_scalar_(bias2.sqrt());
-                    let _ = denom.g_add_scalar_(eps);
-                    let _ = denom.g_mul_scalar_(-bias1 / lr);
-                    let _ = p.addcdiv_(&m, &denom);
-                    start += len;
                 }
             }
         });
@@ -259,24 +369,66 @@ impl AdamW {
 
     /// The optimizer state as named tensors (`NAME.exp_avg`,
     /// `NAME.exp_avg_sq`) plus the step count, for checkpoints: the same
-    /// format as before the buffers were flat.
+    /// format as before the buffers were flat. A sharded optimizer holds
+    /// only its share: gather the others' first
+    /// ([`crate::ddp::DataParallel::optimizer_state`]).
     pub fn state(&self) -> (u64, Vec<(String, Tensor)>) {
+        assert!(
+            !self.sharded,
+            "a sharded optimizer's state is gathered across ranks first"
+        );
+        let whole: Vec<[Tensor; 2]> = self
+            .flats
+            .iter()
+            .map(|f| [f.exp_avg.shallow_clone(), f.exp_avg_sq.shallow_clone()])
+            .collect();
+        self.named_state(&whole)
+    }
+
+    /// Per flat buffer, both moments at full length with this rank's share
+    /// in place and zeros elsewhere: what ranks gather the whole state
+    /// from.
+    pub fn spread_moments(&self) -> Vec<[Tensor; 2]> {
+        tch::no_grad(|| {
+            self.flats
+                .iter()
+                .map(|f| {
+                    let spread = |moments: &Tensor| {
+                        let full = f.params.zeros_like();
+                        for (range, at) in f.owned_with_moments() {
+                            let len = range.end - range.start;
+                            full.narrow(0, range.start, len)
+                                .copy_(&moments.narrow(0, at, len));
+                        }
+                        full
+                    };
+                    [spread(&f.exp_avg), spread(&f.exp_avg_sq)]
+                })
+                .collect()
+        })
+    }
+
+    /// The named state (see [`AdamW::state`]) of full-length moment
+    /// buffers, one pair per flat buffer.
+    pub fn named_state(&self, moments: &[[Tensor; 2]]) -> (u64, Vec<(String, Tensor)>) {
         let tensors = self
             .members
             .iter()
             .flat_map(|m| {
-                let flat = &self.flats[m.flat];
+                let [exp_avg, exp_avg_sq] = &moments[m.flat];
                 [
-                    (format!("{}.exp_avg", m.name), m.view(&flat.exp_avg)),
-                    (format!("{}.exp_avg_sq", m.name), m.view(&flat.exp_avg_sq)),
+                    (format!("{}.exp_avg", m.name), m.view(exp_avg)),
+                    (format!("{}.exp_avg_sq", m.name), m.view(exp_avg_sq)),
                 ]
             })
             .collect();
         (self.step, tensors)
     }
 
-    /// Restores a state exported by [`AdamW::state`]; every moment must be
-    /// present with the parameter's shape.
+    /// Restores a state exported by [`AdamW::state`] (whatever the
+    /// sharding it was saved with: the format is whole); every moment must
+    /// be present with the parameter's shape. A sharded optimizer takes its
+    /// share of it.
     pub fn load_state(&mut self, step: u64, tensors: &[(String, Tensor)]) -> Result<(), String> {
         let find = |name: &str| tensors.iter().find(|(n, _)| n == name).map(|(_, t)| t);
         for m in &self.members {
@@ -291,7 +443,18 @@ impl AdamW {
                         m.shape
                     ));
                 }
-                tch::no_grad(|| m.view(buffer).copy_(src));
+                let src = src.reshape([-1]);
+                let member = m.offset..m.offset + m.numel;
+                for (range, at) in flat.owned_with_moments() {
+                    let (start, end) = (range.start.max(member.start), range.end.min(member.end));
+                    if start < end {
+                        tch::no_grad(|| {
+                            buffer
+                                .narrow(0, at + start - range.start, end - start)
+                                .copy_(&src.narrow(0, start - member.start, end - start))
+                        });
+                    }
+                }
             }
         }
         self.step = step;

@@ -16,7 +16,6 @@ use crate::ddp::{DataParallel, seeded, step_seed};
 use crate::feed::{EpochSummary, batch_tensor, loader_config, next_nonempty, runtime_device};
 use crate::gpt::{CaptionEncoder, load_tokenizer};
 use crate::metrics::Progress;
-use crate::optim::AdamW;
 use crate::stage_run::{StagePlan, StageRun, StepTiming};
 use crate::validation::HeldOut;
 use crate::{Result, TrainError};
@@ -48,7 +47,7 @@ pub fn rerank_config(job: &JobConfig, text_vocab: usize) -> RerankConfig {
 pub struct GlobalLoss {
     /// What to call `backward` on: this rank's share of the global loss,
     /// scaled so that averaging gradients weighted by sample counts (as
-    /// [`DataParallel::average_gradients`] does) gives the global loss's
+    /// [`DataParallel::update`] does) gives the global loss's
     /// gradient.
     pub surrogate: Tensor,
     /// The global batch's loss (the same on every rank), detached.
@@ -64,7 +63,7 @@ pub struct GlobalLoss {
 ///
 /// Every rank computes the same global loss, in which only its own rows are
 /// live. The gradient of that loss through its own rows is this rank's part
-/// of the true gradient; [`DataParallel::average_gradients`] weighs rank
+/// of the true gradient; [`DataParallel::update`] weighs rank
 /// `r` by `n_r / N`, so the surrogate is scaled by `N / n_r` to undo it. The
 /// logit scale enters every rank's loss directly, not through its rows, so
 /// its gradient would be counted on every rank: each rank lets through only
@@ -340,7 +339,7 @@ pub fn train(
     let model = seeded(job.run.seed, || Reranker::new(config.clone(), device))?;
     let params = model.named_parameters();
     ddp.share_initial_parameters(&params)?;
-    let mut optimizer = AdamW::new(model.named_parameters(), cfg.adamw);
+    let mut optimizer = ddp.optimizer(model.named_parameters(), cfg.adamw, job.run.sharding);
     let plan = StagePlan {
         name: "rerank",
         steps: cfg.steps,
@@ -419,12 +418,9 @@ pub fn train(
         let texts = model.embed_captions(&ids)?;
         let global = global_batch_loss(&model, &images, &texts, ddp)?;
         global.surrogate.backward();
-        ddp.average_gradients(&optimizer.flat_grads(), batch.len())?;
-        let grad_norm = match cfg.grad_clip {
-            Some(max_norm) => optimizer.clip_grad_norm(max_norm),
-            None => optimizer.grad_norm(),
-        };
-        optimizer.step(lr);
+        let grad_norm = ddp
+            .update(&mut optimizer, batch.len(), lr, cfg.grad_clip)?
+            .grad_norm;
         ddp.verify_every(step + 1, job.run.verify_every, &params)?;
 
         let loss = global.loss.double_value(&[]);

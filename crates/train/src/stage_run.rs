@@ -140,8 +140,10 @@ impl StageRun {
         }
         self.ledger.record(done, &batch.keys)?;
         if self.checkpoints.due(done, self.plan.steps) {
+            // Every rank takes part: a sharded state is gathered first.
+            let state = ddp.optimizer_state(optimizer)?;
             self.checkpoints
-                .save(done, batch.cursor, self.world, parameters, optimizer)?;
+                .save(done, batch.cursor, self.world, parameters, &state)?;
         }
         let seconds = timing.step.as_secs_f64().max(1e-9);
         ddp.end_step(&StepEnd {
