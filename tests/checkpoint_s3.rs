@@ -89,6 +89,7 @@ fn snapshot(step: u64, big: usize) -> Snapshot {
         stage: "gpt".into(),
         step,
         objects,
+        external: Vec::new(),
         metadata: serde_json::json!({"step": step, "world_size": 1, "version": "test"}),
     }
 }

@@ -16,7 +16,9 @@ use crate::{Result, TrainError};
 use dalle_data::order::Cursor;
 use dalle_model::weights;
 use dalle_store::Location;
-use dalle_store::checkpoint::{CheckpointConfig, Checkpointer, Fence, Loaded, Snapshot};
+use dalle_store::checkpoint::{
+    CheckpointConfig, Checkpointer, Fence, Loaded, ObjectEntry, Snapshot,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
@@ -25,12 +27,13 @@ use tch::Tensor;
 
 const MODEL: &str = "model.safetensors";
 const OPTIMIZER: &str = "optimizer.safetensors";
+/// A sharded optimizer's state: one object per rank,
+/// `optimizer-shard-RANK-of-WORLD.safetensors`.
+const OPTIMIZER_SHARD: &str = "optimizer-shard-";
+/// Bytes a rank's entry for its share takes when passed to the writer.
+const SHARE_MESSAGE: usize = 512;
 const JOB: &str = "job.toml";
 const TOKENIZER: &str = "tokenizer.json";
-
-/// The optimizer's step count and its whole state as named tensors
-/// ([`AdamW::state`], or gathered across ranks when sharded).
-pub type OptimizerState = (u64, Vec<(String, Tensor)>);
 
 /// `[checkpoint]`: when to checkpoint, what to keep, where to resume from.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -119,7 +122,9 @@ impl StageCheckpoints {
         let config = CheckpointConfig {
             keep_last: policy.keep_last.max(1),
             keep_every: policy.keep_every,
-            fence: group.filter(|_| writer),
+            // Every rank: the writer's commits and deletions, and each
+            // rank's upload of its share of a sharded checkpoint.
+            fence: group,
             ..CheckpointConfig::default()
         };
         Ok(Self {
@@ -291,11 +296,29 @@ impl StageCheckpoints {
         };
         let model = weights::from_bytes(object(MODEL)?, Path::new(&loaded.url))?;
         model.assign(parameters, "", "")?;
-        let state = weights::from_bytes(object(OPTIMIZER)?, Path::new(&loaded.url))?;
-        let moments: Vec<(String, Tensor)> = state.tensors.into_iter().collect();
-        optimizer
-            .load_state(progress.step, &moments)
-            .map_err(|e| TrainError::Config(format!("{}: {e}", loaded.url)))?;
+        let restored = if loaded.objects.contains_key(OPTIMIZER) {
+            let state = weights::from_bytes(object(OPTIMIZER)?, Path::new(&loaded.url))?;
+            let moments: Vec<(String, Tensor)> = state.tensors.into_iter().collect();
+            optimizer.load_state(progress.step, &moments)
+        } else {
+            // Saved sharded, at whatever world size: this rank takes its
+            // share from the pieces of every rank's.
+            let mut pieces = Vec::new();
+            for (name, bytes) in &loaded.objects {
+                if name.starts_with(OPTIMIZER_SHARD) {
+                    let url = format!("{}/{name}", loaded.url);
+                    pieces.extend(weights::from_bytes(bytes, Path::new(&url))?.tensors);
+                }
+            }
+            if pieces.is_empty() {
+                return Err(TrainError::Config(format!(
+                    "checkpoint {} lacks {OPTIMIZER} and has no {OPTIMIZER_SHARD}* shares",
+                    loaded.url
+                )));
+            }
+            optimizer.load_shards(progress.step, &pieces)
+        };
+        restored.map_err(|e| TrainError::Config(format!("{}: {e}", loaded.url)))?;
         tracing::info!(
             stage = %self.stage, step = progress.step, url = %loaded.url,
             "resuming from a checkpoint"
@@ -313,46 +336,135 @@ impl StageCheckpoints {
         done == last || (self.policy.every > 0 && done.is_multiple_of(self.policy.every))
     }
 
-    /// Saves the state after step `step` (writer rank only; others return).
+    /// Saves the state after step `step`. Every rank calls it: the writer
+    /// commits the checkpoint; with a sharded optimizer every rank first
+    /// uploads its own share of the optimizer state, in parallel, and hands
+    /// the writer its entry for the manifest.
     pub fn save(
         &mut self,
         step: u64,
         cursor: Cursor,
-        world_size: usize,
         parameters: &[(String, Tensor)],
-        optimizer_state: &OptimizerState,
+        optimizer: &AdamW,
+        ddp: &mut DataParallel,
     ) -> Result<()> {
-        if !self.writer {
-            return Ok(());
-        }
         let pause = Instant::now();
-        let result = self.save_now(step, cursor, world_size, parameters, optimizer_state);
+        let meta = HashMap::from([("step".to_string(), step.to_string())]);
+        let (optimizer_objects, external) = if optimizer.is_sharded() {
+            let (rank, world) = (ddp.rank(), ddp.world_size());
+            let name = format!("{OPTIMIZER_SHARD}{rank:05}-of-{world:05}.safetensors");
+            let bytes = weights::to_bytes(&optimizer.shard_state(), meta, Path::new(&name))?;
+            if self.writer {
+                let external = self.shares_of_others(step, ddp, None)?;
+                (vec![(name, bytes)], external)
+            } else {
+                let put = self.store.put_object(&self.stage, step, &name, bytes);
+                self.shares_of_others(step, ddp, Some(put))?;
+                self.paused += pause.elapsed();
+                return Ok(());
+            }
+        } else if self.writer {
+            let (_, moments) = optimizer.state();
+            let bytes = weights::to_bytes(&moments, meta, Path::new(OPTIMIZER))?;
+            (vec![(OPTIMIZER.to_string(), bytes)], Some(Vec::new()))
+        } else {
+            return Ok(());
+        };
+        let result = match external {
+            Some(external) => self.save_now(
+                step,
+                cursor,
+                ddp.world_size(),
+                optimizer.steps_taken(),
+                parameters,
+                optimizer_objects,
+                external,
+            ),
+            // A rank could not upload its share: this checkpoint is lost
+            // (the ones before it stay) and training goes on, as when an
+            // asynchronous upload fails.
+            None => Ok(()),
+        };
         self.paused += pause.elapsed();
         self.saved += 1;
         result
     }
 
+    /// Every other rank's entry for its share of the checkpoint at `step`
+    /// (this rank's upload is `mine`, or `None` on the writer), passed to
+    /// the writer one rank at a time; `None` on the writer when a share is
+    /// missing, after logging which.
+    fn shares_of_others(
+        &mut self,
+        step: u64,
+        ddp: &mut DataParallel,
+        mine: Option<dalle_store::checkpoint::Result<ObjectEntry>>,
+    ) -> Result<Option<Vec<ObjectEntry>>> {
+        let mine = mine.map(|put| {
+            put.map_err(|e| {
+                tracing::error!(stage = %self.stage, step, "uploading this rank's share of the checkpoint failed: {e}");
+                e.to_string()
+            })
+        });
+        let mut entries = Vec::new();
+        let mut complete = true;
+        for root in 1..ddp.world_size() {
+            let mut message = [0u8; SHARE_MESSAGE];
+            if root == ddp.rank() {
+                let json = serde_json::to_vec(mine.as_ref().expect("a rank's own upload"))
+                    .expect("an entry serialises");
+                if json.len() > SHARE_MESSAGE - 4 {
+                    return Err(TrainError::Checkpoint(format!(
+                        "this rank's checkpoint entry takes {} bytes, over the {SHARE_MESSAGE} that are exchanged",
+                        json.len()
+                    )));
+                }
+                message[..4].copy_from_slice(&(json.len() as u32).to_le_bytes());
+                message[4..4 + json.len()].copy_from_slice(&json);
+            }
+            ddp.broadcast_from(root, &mut message, "collecting the checkpoint's shares")?;
+            if !self.writer {
+                continue;
+            }
+            let len = u32::from_le_bytes(message[..4].try_into().expect("4 bytes")) as usize;
+            let told: std::result::Result<ObjectEntry, String> = serde_json::from_slice(
+                &message[4..4 + len.min(SHARE_MESSAGE - 4)],
+            )
+            .map_err(|e| TrainError::Checkpoint(format!("rank {root}'s checkpoint entry: {e}")))?;
+            match told {
+                Ok(entry) => entries.push(entry),
+                Err(e) => {
+                    tracing::error!(
+                        stage = %self.stage, step,
+                        "rank {root} could not upload its share of the checkpoint, which is \
+                         skipped (training goes on): {e}"
+                    );
+                    complete = false;
+                }
+            }
+        }
+        Ok(complete.then_some(entries))
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn save_now(
         &mut self,
         step: u64,
         cursor: Cursor,
         world_size: usize,
+        opt_step: u64,
         parameters: &[(String, Tensor)],
-        (opt_step, moments): &OptimizerState,
+        optimizer_objects: Vec<(String, Vec<u8>)>,
+        external: Vec<ObjectEntry>,
     ) -> Result<()> {
-        let meta = HashMap::from([("step".to_string(), step.to_string())]);
-        let opt_step = *opt_step;
         let mut objects = vec![
             (
                 MODEL.to_string(),
                 weights::to_bytes(parameters, HashMap::new(), Path::new(MODEL))?,
             ),
-            (
-                OPTIMIZER.to_string(),
-                weights::to_bytes(moments, meta, Path::new(OPTIMIZER))?,
-            ),
             (JOB.to_string(), self.job_toml.clone().into_bytes()),
         ];
+        objects.extend(optimizer_objects);
         objects.extend(self.extra.iter().cloned());
         let progress = Progress {
             stage: self.stage.clone(),
@@ -366,6 +478,7 @@ impl StageCheckpoints {
             stage: self.stage.clone(),
             step,
             objects,
+            external,
             metadata: serde_json::to_value(&progress).expect("progress serialises"),
         };
         if self.policy.asynchronous {

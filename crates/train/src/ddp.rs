@@ -128,8 +128,13 @@ impl DataParallel {
 
     /// Gives every rank rank 0's `bytes`.
     pub fn broadcast_from_leader(&mut self, bytes: &mut [u8], what: &str) -> Result<()> {
+        self.broadcast_from(0, bytes, what)
+    }
+
+    /// Gives every rank rank `root`'s `bytes`.
+    pub fn broadcast_from(&mut self, root: usize, bytes: &mut [u8], what: &str) -> Result<()> {
         self.host()
-            .broadcast(bytes, 0)
+            .broadcast(bytes, root)
             .map_err(collective_error(what))
     }
 
@@ -496,23 +501,6 @@ impl DataParallel {
         Ok(squares.sum(Kind::Float).sqrt())
     }
 
-    /// The whole optimizer state (see [`AdamW::state`]): a sharded one's
-    /// moments are gathered from every rank first, so every rank must call
-    /// this.
-    pub fn optimizer_state(&mut self, optimizer: &AdamW) -> Result<(u64, Vec<(String, Tensor)>)> {
-        if !optimizer.is_sharded() {
-            return Ok(optimizer.state());
-        }
-        let spread = optimizer.spread_moments();
-        for moment in spread.iter().flatten() {
-            for bucket in self.buckets(moment.numel() as i64) {
-                let len = bucket.end - bucket.start;
-                self.reduce_bucket(&moment.narrow(0, bucket.start, len), Reduction::Gather)?;
-            }
-        }
-        Ok(optimizer.named_state(&spread))
-    }
-
     fn reduce_bucket(&mut self, bucket: &Tensor, reduction: Reduction) -> Result<()> {
         let started = std::time::Instant::now();
         let result = self.reduce_bucket_timed(bucket, reduction);
@@ -594,7 +582,7 @@ impl Reduction {
     fn describe(self) -> &'static str {
         match self {
             Reduction::Sum(_) | Reduction::Scatter(_) => "averaging gradients",
-            Reduction::Gather => "gathering the sharded optimizer's updates",
+            Reduction::Gather => "gathering the sharded optimizer's parameters",
         }
     }
 }

@@ -370,12 +370,11 @@ impl AdamW {
     /// The optimizer state as named tensors (`NAME.exp_avg`,
     /// `NAME.exp_avg_sq`) plus the step count, for checkpoints: the same
     /// format as before the buffers were flat. A sharded optimizer holds
-    /// only its share: gather the others' first
-    /// ([`crate::ddp::DataParallel::optimizer_state`]).
+    /// only its share ([`AdamW::shard_state`]).
     pub fn state(&self) -> (u64, Vec<(String, Tensor)>) {
         assert!(
             !self.sharded,
-            "a sharded optimizer's state is gathered across ranks first"
+            "a sharded optimizer holds only its share of the state"
         );
         let whole: Vec<[Tensor; 2]> = self
             .flats
@@ -385,32 +384,9 @@ impl AdamW {
         self.named_state(&whole)
     }
 
-    /// Per flat buffer, both moments at full length with this rank's share
-    /// in place and zeros elsewhere: what ranks gather the whole state
-    /// from.
-    pub fn spread_moments(&self) -> Vec<[Tensor; 2]> {
-        tch::no_grad(|| {
-            self.flats
-                .iter()
-                .map(|f| {
-                    let spread = |moments: &Tensor| {
-                        let full = f.params.zeros_like();
-                        for (range, at) in f.owned_with_moments() {
-                            let len = range.end - range.start;
-                            full.narrow(0, range.start, len)
-                                .copy_(&moments.narrow(0, at, len));
-                        }
-                        full
-                    };
-                    [spread(&f.exp_avg), spread(&f.exp_avg_sq)]
-                })
-                .collect()
-        })
-    }
-
     /// The named state (see [`AdamW::state`]) of full-length moment
     /// buffers, one pair per flat buffer.
-    pub fn named_state(&self, moments: &[[Tensor; 2]]) -> (u64, Vec<(String, Tensor)>) {
+    fn named_state(&self, moments: &[[Tensor; 2]]) -> (u64, Vec<(String, Tensor)>) {
         let tensors = self
             .members
             .iter()
@@ -423,6 +399,86 @@ impl AdamW {
             })
             .collect();
         (self.step, tensors)
+    }
+
+    /// This rank's moments as 1-D tensors named `exp_avg.F.START` and
+    /// `exp_avg_sq.F.START` (flat buffer F, from element START): its share
+    /// of a sharded checkpoint, which [`AdamW::load_shards`] reads back at
+    /// any world size.
+    pub fn shard_state(&self) -> Vec<(String, Tensor)> {
+        self.flats
+            .iter()
+            .enumerate()
+            .flat_map(|(i, f)| {
+                f.owned_with_moments().flat_map(move |(range, at)| {
+                    let len = range.end - range.start;
+                    [("exp_avg", &f.exp_avg), ("exp_avg_sq", &f.exp_avg_sq)].map(
+                        |(kind, moments)| {
+                            (
+                                format!("{kind}.{i}.{}", range.start),
+                                moments.narrow(0, at, len),
+                            )
+                        },
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// Restores the moments this rank owns from the shares of a sharded
+    /// checkpoint (every rank's [`AdamW::shard_state`], saved at any world
+    /// size): each owned element must be found exactly once.
+    pub fn load_shards(&mut self, step: u64, pieces: &[(String, Tensor)]) -> Result<(), String> {
+        let mut covered = vec![[0i64; 2]; self.flats.len()];
+        for (name, piece) in pieces {
+            let bad = || format!("sharded optimizer state: unreadable piece `{name}`");
+            let mut parts = name.split('.');
+            let kind = match parts.next() {
+                Some("exp_avg") => 0,
+                Some("exp_avg_sq") => 1,
+                _ => return Err(bad()),
+            };
+            let flat: usize = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+            let start: i64 = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+            let len = piece.numel() as i64;
+            let Some(f) = self.flats.get(flat) else {
+                return Err(format!(
+                    "sharded optimizer state: `{name}` is of buffer {flat}, but the model has {}",
+                    self.flats.len()
+                ));
+            };
+            if piece.dim() != 1 || start + len > f.params.numel() as i64 {
+                return Err(format!(
+                    "sharded optimizer state: `{name}` ({len} elements from {start}) does not fit \
+                     buffer {flat} of {} elements",
+                    f.params.numel()
+                ));
+            }
+            let moments = if kind == 0 { &f.exp_avg } else { &f.exp_avg_sq };
+            for (range, at) in f.owned_with_moments() {
+                let (from, to) = (range.start.max(start), range.end.min(start + len));
+                if from < to {
+                    tch::no_grad(|| {
+                        moments
+                            .narrow(0, at + from - range.start, to - from)
+                            .copy_(&piece.narrow(0, from - start, to - from))
+                    });
+                    covered[flat][kind] += to - from;
+                }
+            }
+        }
+        for (i, (f, covered)) in self.flats.iter().zip(&covered).enumerate() {
+            let owned = f.exp_avg.numel() as i64;
+            if covered.iter().any(|&c| c != owned) {
+                return Err(format!(
+                    "sharded optimizer state covers {covered:?} of the {owned} elements this \
+                     rank updates in buffer {i} (exp_avg, exp_avg_sq): shares are missing or \
+                     overlap"
+                ));
+            }
+        }
+        self.step = step;
+        Ok(())
     }
 
     /// Restores a state exported by [`AdamW::state`] (whatever the

@@ -41,7 +41,6 @@ pub(crate) struct StageRun {
     ledger: Ledger,
     leader: bool,
     rank: usize,
-    world: usize,
     first_step: u64,
     cursor: Cursor,
 }
@@ -81,7 +80,6 @@ impl StageRun {
             ledger,
             leader,
             rank: ddp.rank(),
-            world: ddp.world_size(),
             first_step,
             cursor,
         })
@@ -140,10 +138,8 @@ impl StageRun {
         }
         self.ledger.record(done, &batch.keys)?;
         if self.checkpoints.due(done, self.plan.steps) {
-            // Every rank takes part: a sharded state is gathered first.
-            let state = ddp.optimizer_state(optimizer)?;
             self.checkpoints
-                .save(done, batch.cursor, self.world, parameters, &state)?;
+                .save(done, batch.cursor, parameters, optimizer, ddp)?;
         }
         let seconds = timing.step.as_secs_f64().max(1e-9);
         ddp.end_step(&StepEnd {

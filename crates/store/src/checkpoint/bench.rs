@@ -61,6 +61,7 @@ pub fn bench(run: Location, bytes: usize, config: CheckpointConfig) -> Result<Be
         stage: STAGE.into(),
         step: 1,
         objects,
+        external: Vec::new(),
         metadata: serde_json::json!({"bench": true}),
     };
     let started = Instant::now();

@@ -1,7 +1,7 @@
 //! The blocking facade training loops use: an internal tokio runtime runs
 //! one background save at a time, and loads.
 
-use super::layout::{self, MANIFEST};
+use super::layout::{self, MANIFEST, ObjectEntry};
 use super::{
     CheckpointConfig, CheckpointError, CommitInfo, Loaded, Result, Snapshot, reader, retention,
     writer,
@@ -170,6 +170,21 @@ impl Checkpointer {
                 url: flight.url,
                 source: Box::new(source),
             })
+    }
+
+    /// Uploads `data` as object `name` of the checkpoint of `stage` at
+    /// `step` that the writer rank is about to commit, and returns the
+    /// entry to hand it (into [`Snapshot::external`]). For a rank's own
+    /// share of a checkpoint, written in parallel with the others'.
+    pub fn put_object(
+        &self,
+        stage: &str,
+        step: u64,
+        name: &str,
+        data: Vec<u8>,
+    ) -> Result<ObjectEntry> {
+        let (shared, stage, name) = (self.shared.clone(), stage.to_string(), name.to_string());
+        self.block(async move { writer::put_object(&shared, &stage, step, name, data).await })
     }
 
     /// Claims the run for this writer's group (its `fence`): from now on a

@@ -122,6 +122,11 @@ pub struct Snapshot {
     pub step: u64,
     /// Names are `/`-separated segments of `[A-Za-z0-9._-]`, unique.
     pub objects: Vec<(String, Vec<u8>)>,
+    /// Objects of this checkpoint that other ranks uploaded already
+    /// ([`Checkpointer::put_object`]: each rank's shard of a sharded
+    /// optimizer). The commit checks they are there, at their size, and
+    /// lists them in the manifest beside `objects`.
+    pub external: Vec<ObjectEntry>,
     pub metadata: serde_json::Value,
 }
 

@@ -41,6 +41,7 @@ fn snapshot(stage: &str, step: u64) -> Snapshot {
             ("optimizer.bin".into(), bytes(2000, step as u8)),
             ("rng/rank-00000.bin".into(), bytes(16, 3)),
         ],
+        external: Vec::new(),
         metadata: serde_json::json!({"stage": stage, "step": step, "world_size": 2}),
     }
 }
@@ -902,4 +903,58 @@ fn a_writer_of_an_older_group_commits_and_deletes_nothing_on_local_disk() {
     let dir = tempfile::tempdir().unwrap();
     let run = Location::parse(dir.path().to_str().unwrap(), &StoreConfig::default()).unwrap();
     fencing(run);
+}
+
+#[test]
+fn objects_other_ranks_upload_commit_with_the_writers_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().display());
+    let run = Location::parse(&url, &StoreConfig::default()).unwrap();
+    let mut writer = Checkpointer::new(run.clone(), config()).unwrap();
+    let other = Checkpointer::new(run.clone(), config()).unwrap();
+    let shard = bytes(3000, 5);
+    let entry = other
+        .put_object(
+            "gpt",
+            4,
+            "optimizer-shard-00001-of-00002.safetensors",
+            shard.clone(),
+        )
+        .unwrap();
+    assert_eq!(entry.size, 3000);
+    let mut first = snapshot("gpt", 4);
+    first.external.push(entry.clone());
+    writer.save_blocking(first.clone()).unwrap();
+    let loaded = writer.load_latest("gpt").unwrap().unwrap();
+    assert_eq!(loaded.objects[&entry.name], shard, "listed and verified");
+    for (name, data) in &first.objects {
+        assert_eq!(&loaded.objects[name], data);
+    }
+
+    // An object another rank reported but that is not there (or not whole)
+    // fails the commit, naming it; nothing is committed.
+    let mut missing = snapshot("gpt", 8);
+    missing.external.push(ObjectEntry {
+        name: "optimizer-shard-00001-of-00002.safetensors".into(),
+        ..entry.clone()
+    });
+    let err = writer.save_blocking(missing).unwrap_err().to_string();
+    assert!(err.contains("optimizer-shard-00001-of-00002"), "{err}");
+    assert_eq!(writer.load_latest("gpt").unwrap().unwrap().step, 4);
+
+    let truncated = other
+        .put_object(
+            "gpt",
+            12,
+            "optimizer-shard-00001-of-00002.safetensors",
+            bytes(10, 1),
+        )
+        .unwrap();
+    let mut short = snapshot("gpt", 12);
+    short.external.push(ObjectEntry {
+        size: 11,
+        ..truncated
+    });
+    let err = writer.save_blocking(short).unwrap_err().to_string();
+    assert!(err.contains("not the 11 it reported"), "{err}");
 }

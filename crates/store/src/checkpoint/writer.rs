@@ -22,7 +22,12 @@ fn store_error(url: String) -> impl FnOnce(object_store::Error) -> CheckpointErr
 pub fn validate(snapshot: &Snapshot) -> Result<()> {
     layout::validate_stage(&snapshot.stage).map_err(CheckpointError::Invalid)?;
     let mut seen = BTreeSet::new();
-    for (name, _) in &snapshot.objects {
+    let names = snapshot
+        .objects
+        .iter()
+        .map(|(name, _)| name)
+        .chain(snapshot.external.iter().map(|e| &e.name));
+    for name in names {
         layout::validate_object_name(name).map_err(CheckpointError::Invalid)?;
         if !seen.insert(name.as_str()) {
             return Err(CheckpointError::Invalid(format!(
@@ -148,6 +153,29 @@ async fn multipart(
     completed
 }
 
+/// Uploads one object of the (not yet committed) checkpoint of `stage` at
+/// `step`, for the writer to list in its manifest: a rank's share of a
+/// checkpoint, written in parallel with the others'. Fenced like a commit.
+pub async fn put_object(
+    shared: &Shared,
+    stage: &str,
+    step: u64,
+    name: String,
+    data: Vec<u8>,
+) -> Result<ObjectEntry> {
+    layout::validate_stage(stage).map_err(CheckpointError::Invalid)?;
+    layout::validate_object_name(&name).map_err(CheckpointError::Invalid)?;
+    let run = &shared.run;
+    if let Some(mine) = shared.config.fence {
+        super::fence::check(run, mine).await?;
+    }
+    let path = layout::child(&layout::step_path(run, stage, step), &name);
+    let size = data.len() as u64;
+    let (part_bytes, concurrency) = (shared.config.part_bytes, shared.config.concurrency);
+    let crc32c = upload_object(run, &path, Bytes::from(data), part_bytes, concurrency).await?;
+    Ok(ObjectEntry { name, size, crc32c })
+}
+
 /// Deletes objects, ignoring those already gone.
 pub async fn delete_all(loc: &Location, paths: Vec<ObjectPath>) -> Result<()> {
     let first = paths.first().map(|p| loc.describe(p)).unwrap_or_default();
@@ -176,6 +204,7 @@ pub async fn commit(shared: &Shared, snapshot: Snapshot) -> Result<CommitInfo> {
         stage,
         step,
         objects,
+        external,
         metadata,
     } = snapshot;
     let dir = layout::step_path(run, &stage, step);
@@ -197,11 +226,19 @@ pub async fn commit(shared: &Shared, snapshot: Snapshot) -> Result<CommitInfo> {
             tracing::warn!(
                 "{dir_url}: replacing a committed checkpoint that failed verification when loaded"
             );
-            let leftovers = layout::scan(run, &stage)
+            // Other ranks' objects of this save are new: keep them.
+            let theirs: BTreeSet<ObjectPath> = external
+                .iter()
+                .map(|e| layout::child(&dir, &e.name))
+                .collect();
+            let leftovers: Vec<ObjectPath> = layout::scan(run, &stage)
                 .await?
                 .remove(&step)
                 .map(|d| d.objects)
-                .unwrap_or_default();
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|p| !theirs.contains(p))
+                .collect();
             // Manifest first: from then on the directory is merely incomplete.
             delete_all(run, vec![manifest_path.clone()]).await?;
             delete_all(run, leftovers).await?;
@@ -214,7 +251,9 @@ pub async fn commit(shared: &Shared, snapshot: Snapshot) -> Result<CommitInfo> {
     // one will not overwrite.
     let names: BTreeSet<ObjectPath> = objects
         .iter()
-        .map(|(name, _)| layout::child(&dir, name))
+        .map(|(name, _)| name)
+        .chain(external.iter().map(|e| &e.name))
+        .map(|name| layout::child(&dir, name))
         .collect();
     let stale: Vec<ObjectPath> = layout::scan(run, &stage)
         .await?
@@ -255,6 +294,25 @@ pub async fn commit(shared: &Shared, snapshot: Snapshot) -> Result<CommitInfo> {
     for object in large {
         entries.push(upload(object).await?);
     }
+    // The other ranks' objects must be there, whole, before the manifest
+    // names them (their checksums are verified when the checkpoint loads).
+    for entry in &external {
+        let path = layout::child(&dir, &entry.name);
+        let url = run.describe(&path);
+        let meta = run
+            .store
+            .head(&path)
+            .await
+            .map_err(store_error(url.clone()))?;
+        if meta.size != entry.size {
+            return Err(CheckpointError::Invalid(format!(
+                "{url}: another rank's object has {} bytes, not the {} it reported",
+                meta.size, entry.size
+            )));
+        }
+    }
+    let bytes = bytes + external.iter().map(|e| e.size).sum::<u64>();
+    entries.extend(external);
     entries.sort_by(|a, b| a.name.cmp(&b.name));
 
     let manifest = Manifest {
