@@ -1,6 +1,8 @@
 //! `dalle bench …`: throughput benchmarks that print one JSON line, so a
 //! script can set them beside a reference measured in the same run.
 
+mod memory;
+
 use anyhow::Result;
 use clap::Subcommand;
 use dalle_model::dvae::{Dvae, Objective};
@@ -69,10 +71,39 @@ pub enum BenchCommand {
         #[arg(long)]
         skip_no_cache: bool,
     },
+    /// Peak resident memory per rank of transformer training (the job's
+    /// `[gpt.model]`, random tokens) for each world size of `--worlds`,
+    /// unsharded and with `run.sharding = "optimizer"`: one process per
+    /// rank on a TCP ring over loopback, the ratio to unsharded in the same
+    /// run.
+    Memory {
+        /// World sizes to run, e.g. `2,4`.
+        #[arg(long, value_delimiter = ',', default_values_t = [2, 4])]
+        worlds: Vec<usize>,
+        #[arg(long, default_value_t = 2)]
+        steps: u64,
+        /// Samples per rank per step.
+        #[arg(long, default_value_t = 1)]
+        batch: i64,
+    },
+    /// One rank of `bench memory` (started by it).
+    #[command(hide = true)]
+    MemoryRank {
+        #[arg(long)]
+        rank: usize,
+        #[arg(long)]
+        world: usize,
+        #[arg(long, value_parser = memory::parse_sharding)]
+        sharding: dalle_train::config::StateSharding,
+        #[arg(long)]
+        steps: u64,
+        #[arg(long)]
+        batch: i64,
+    },
 }
 
 /// The data-given half of a transformer's config (the job gives the rest).
-#[derive(clap::Args)]
+#[derive(clap::Args, Default)]
 pub struct GptShape {
     /// Text vocabulary (BPE ids; default `text.vocab_size`).
     #[arg(long)]
@@ -448,5 +479,17 @@ pub fn run(cmd: BenchCommand, job: &JobConfig) -> Result<()> {
             cache_runs,
             skip_no_cache,
         } => bench_sample(job, &shape, batch, cache_runs, skip_no_cache),
+        BenchCommand::Memory {
+            worlds,
+            steps,
+            batch,
+        } => memory::bench_memory(job, &worlds, steps, batch),
+        BenchCommand::MemoryRank {
+            rank,
+            world,
+            sharding,
+            steps,
+            batch,
+        } => memory::memory_rank(job, rank, world, sharding, steps, batch),
     }
 }
