@@ -9,6 +9,7 @@ mod export;
 mod gpt;
 mod inputs;
 mod launch;
+mod plan;
 mod progress;
 mod rerank;
 mod shared;
@@ -78,6 +79,11 @@ enum Command {
     /// Run the job (the stages of `run.stages`, all by default) with a
     /// coordinator and N local worker processes.
     Launch(launch::LaunchArgs),
+    /// What one rank needs in memory to train each stage (parameters,
+    /// gradients, optimizer state, activations) against what its device
+    /// has, and what sharding, checkpointing or a smaller micro-batch
+    /// would save; fails when a stage does not fit.
+    Plan(plan::PlanArgs),
     /// One training process of a distributed job: join the coordinator,
     /// train data-parallel, follow its instructions.
     Worker(worker::WorkerArgs),
@@ -120,6 +126,7 @@ fn main() -> Result<()> {
         Command::Eval(args) => eval::run(args, &job()?),
         Command::Export { out } => export::run(&job()?, out),
         Command::Launch(args) => launch::run(args, &job()?),
+        Command::Plan(args) => plan::run(args, &job()?),
         Command::Worker(args) => worker::run(args),
         Command::Bench(cmd) => bench::run(cmd, &job()?),
         Command::Config => {

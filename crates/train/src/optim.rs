@@ -151,7 +151,10 @@ impl AdamW {
             .map(|(&(kind, device), &(elements, decayed))| {
                 let owned = match owned {
                     Some(owned) => owned(elements),
-                    None => vec![0..elements],
+                    None => vec![Range {
+                        start: 0,
+                        end: elements,
+                    }],
                 };
                 let moments: i64 = owned.iter().map(|r| r.end - r.start).sum();
                 let zeros = |n: i64| Tensor::zeros([n], (kind, device));
@@ -265,7 +268,12 @@ impl AdamW {
         let whole: Vec<Vec<Range<i64>>> = self
             .flats
             .iter()
-            .map(|f| vec![0..f.grads.numel() as i64])
+            .map(|f| {
+                vec![Range {
+                    start: 0,
+                    end: f.grads.numel() as i64,
+                }]
+            })
             .collect();
         (!self.flats.is_empty()).then(|| self.square_sums(&whole).sum(Kind::Float).sqrt())
     }

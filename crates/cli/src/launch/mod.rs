@@ -89,6 +89,10 @@ pub struct LaunchArgs {
     /// host of the coordinator's URL, 127.0.0.1).
     #[arg(long, requires = "tls_cert")]
     pub tls_domain: Option<String>,
+    /// Start even if `dalle plan` says a stage does not fit this machine's
+    /// devices.
+    #[arg(long)]
+    pub no_plan_check: bool,
 }
 
 pub fn run(args: LaunchArgs, job: &JobConfig) -> Result<()> {
@@ -100,6 +104,10 @@ pub fn run(args: LaunchArgs, job: &JobConfig) -> Result<()> {
     }
     let min_workers = args.min_workers.unwrap_or(args.nproc);
     let max_workers = args.max_workers.unwrap_or(args.nproc.max(min_workers));
+    if args.nproc > 0 && !args.no_plan_check {
+        // The smallest group the job may run as: the most each rank holds.
+        crate::plan::check_launch(job, min_workers.max(1) as usize, args.nproc as usize)?;
+    }
     let mut job = job.clone();
     let device = dalle_model::device::parse_device(&job.run.device)?;
     let slot = match device {
