@@ -54,6 +54,13 @@ if ! "$venv/bin/python" -c 'import dall_e' 2>/dev/null; then
   "$venv/bin/python" -m pip install --quiet --progress-bar off --no-deps "DALL-E==0.1"
 fi
 
+# The Kubernetes schemas, offline, for the manifest tests (tests/k8s.rs),
+# and RFC 6902 patches for rendering the overlays (cluster/k8s/render.py).
+if ! "$venv/bin/python" -c 'import kubernetes_validate, jsonpatch' 2>/dev/null; then
+  log "installing kubernetes-validate and jsonpatch (manifest checks)"
+  "$venv/bin/python" -m pip install --quiet --progress-bar off kubernetes-validate jsonpatch
+fi
+
 tdir=$(torch_dir)
 [ -f "$tdir/lib/libtorch_cpu.so" ] || { log "libtorch_cpu.so missing under $tdir/lib"; exit 1; }
 ln -sfn "$tdir" "$repo/.libtorch"
