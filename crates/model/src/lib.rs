@@ -9,6 +9,7 @@ pub mod dvae;
 pub mod error;
 pub mod gpt;
 pub mod images;
+pub mod recompute;
 pub mod rerank;
 pub mod text;
 pub mod weights;

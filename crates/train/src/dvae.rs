@@ -28,6 +28,103 @@ pub struct TrainReport {
     pub loader: dalle_data::loader::LoaderStats,
 }
 
+/// One step's figures over the whole local batch, every one detached.
+pub struct DvaeStepParts {
+    /// recon + β·KL/dims + the usage term's surrogate (see
+    /// [`loss::usage_surrogate`]), the batch's mean.
+    pub loss: Tensor,
+    pub recon: Tensor,
+    pub kl: Tensor,
+    pub mse: Tensor,
+    /// KL(q̄ ‖ uniform) of the global batch's mean posterior q̄.
+    pub usage: Tensor,
+    /// Argmax codes of every image of the batch, `(N, h, w)`.
+    pub tokens: Tensor,
+}
+
+/// The forward and backward passes of one step over a local batch of
+/// `images`, in `micro`-image slices whose gradients accumulate, each
+/// scaled by its share of the batch, so they are the whole batch's; with
+/// `checkpointing` the encoder's and decoder's groups are recomputed in
+/// backward ([`Dvae::train_pass`]).
+///
+/// The usage term is a non-linear function of the global batch's mean
+/// posterior q̄ (every rank's batch, through `ddp`), so it does not split
+/// into per-slice losses; its gradient does: at q̄ it is a fixed slope on
+/// q̄, and q̄ is a share-weighted mean of the slices' mean posteriors, so
+/// each slice's [`loss::usage_surrogate`] with that slope, scaled by its
+/// share like the rest of its loss, gives exactly its part of the
+/// gradient. Without slices the posterior comes from the pass itself, as
+/// it always has; with slices, and a usage weight above zero, a first
+/// pass of the encoder alone without autograd (it draws no noise) gives q̄
+/// before any backward. Ranks all reduce q̄ once per step either way.
+pub fn accumulate_gradients(
+    model: &Dvae,
+    images: &Tensor,
+    objective: &Objective,
+    micro: usize,
+    checkpointing: bool,
+    ddp: &mut DataParallel,
+) -> Result<DvaeStepParts> {
+    let n = images.size()[0];
+    let samples = n as usize;
+    let micro = (micro as i64).clamp(1, n.max(1));
+    if micro >= n {
+        let mut pass = model.train_pass(images, objective, checkpointing)?;
+        let global = ddp.global_mean_tensor(&pass.out.mean_posterior, samples)?;
+        let usage = pass.out.add_usage_term(objective.usage, &global);
+        let out = pass.backward(1.0);
+        return Ok(DvaeStepParts {
+            loss: out.loss,
+            recon: out.recon,
+            kl: out.kl,
+            mse: out.mse,
+            usage,
+            tokens: out.tokens,
+        });
+    }
+    let slices: Vec<(i64, i64)> = (0..n)
+        .step_by(micro as usize)
+        .map(|first| (first, (n - first).min(micro)))
+        .collect();
+    let share = |m: i64| m as f64 / n as f64;
+    let global = if objective.usage > 0.0 {
+        let mut local = Tensor::zeros([model.config().vocab_size], (Kind::Float, model.device()));
+        for &(first, m) in &slices {
+            let logits = tch::no_grad(|| model.encoder_logits(&images.narrow(0, first, m)))?;
+            local += loss::mean_posterior(&logits) * share(m);
+        }
+        Some(ddp.global_mean_tensor(&local, samples)?)
+    } else {
+        None
+    };
+    let mut local = Tensor::zeros([model.config().vocab_size], (Kind::Float, model.device()));
+    let mut sums = Tensor::zeros([4], (Kind::Float, model.device()));
+    let mut tokens = Vec::with_capacity(slices.len());
+    for &(first, m) in &slices {
+        let mut pass = model.train_pass(&images.narrow(0, first, m), objective, checkpointing)?;
+        if let Some(global) = &global {
+            let _ = pass.out.add_usage_term(objective.usage, global);
+        }
+        let out = pass.backward(share(m));
+        local += out.mean_posterior * share(m);
+        sums += Tensor::stack(&[out.loss, out.recon, out.kl, out.mse], 0) * share(m);
+        tokens.push(out.tokens);
+    }
+    let global = match global {
+        Some(global) => global,
+        None => ddp.global_mean_tensor(&local, samples)?,
+    };
+    Ok(DvaeStepParts {
+        loss: sums.get(0),
+        recon: sums.get(1),
+        kl: sums.get(2),
+        mse: sums.get(3),
+        usage: loss::usage_kl(&global),
+        tokens: Tensor::cat(&tokens, 0),
+    })
+}
+
 /// Trains a dVAE as configured by `job` on this rank's slice of every
 /// global batch (all of it with [`DataParallel::solo`]), calling
 /// `on_progress` with every log line and every held-out evaluation. Only
@@ -71,7 +168,9 @@ pub fn train(
     )?;
     tracing::info!(
         data = %data.url, row_groups = loader.units(), ?device, first_step,
-        "training dVAE for {} steps at batch {}", cfg.steps, cfg.batch_size
+        checkpointing = cfg.activation_checkpointing,
+        "training dVAE for {} steps at batch {} (micro-batch {})",
+        cfg.steps, cfg.batch_size, cfg.micro_batch()
     );
     let image_size = job.dvae.model.image_size as u32;
     let steps = (first_step, cfg.steps);
@@ -99,26 +198,21 @@ pub fn train(
         };
         let lr = cfg.lr.at(step);
         tch::manual_seed(step_seed(job.run.seed, ddp.rank(), step));
-        let mut out = model.train_forward(&batch_tensor(&batch, device), &objective)?;
-        let global_posterior = ddp.global_mean_tensor(&out.mean_posterior, batch.len())?;
-        let usage_kl = out.add_usage_term(objective.usage, &global_posterior);
         optimizer.zero_grad();
-        out.loss.backward();
+        let out = accumulate_gradients(
+            &model,
+            &batch_tensor(&batch, device),
+            &objective,
+            cfg.micro_batch(),
+            cfg.activation_checkpointing,
+            ddp,
+        )?;
         ddp.update(&mut optimizer, batch.len(), lr, cfg.grad_clip)?;
         ddp.verify_every(step + 1, job.run.verify_every, &params)?;
 
-        let scalars = Tensor::stack(
-            &[
-                out.loss.detach(),
-                out.recon.detach(),
-                out.kl.detach(),
-                out.mse,
-                usage_kl,
-            ],
-            0,
-        )
-        .to_device(Device::Cpu)
-        .to_kind(Kind::Double);
+        let scalars = Tensor::stack(&[out.loss, out.recon, out.kl, out.mse, out.usage], 0)
+            .to_device(Device::Cpu)
+            .to_kind(Kind::Double);
         let (means, images) = ddp.global_means(&Vec::<f64>::try_from(scalars)?, batch.len())?;
         let [loss_v, recon, kl, mse, usage] = <[f64; 5]>::try_from(means).expect("five scalars");
         if !loss_v.is_finite() {

@@ -217,19 +217,34 @@ pub fn accumulate_gradients(
     micro: usize,
     text_weight: f64,
 ) -> Result<Tensor> {
+    accumulate_gradients_checkpointed(model, text, image, micro, text_weight, false)
+}
+
+/// [`accumulate_gradients`], each micro-batch's transformer blocks
+/// recomputed in backward when `checkpointing` (`gpt.train.
+/// activation_checkpointing`; see [`Gpt::loss_backward`]): the same
+/// gradients, for a fraction of the activation memory.
+pub fn accumulate_gradients_checkpointed(
+    model: &Gpt,
+    text: &Tensor,
+    image: &Tensor,
+    micro: usize,
+    text_weight: f64,
+    checkpointing: bool,
+) -> Result<Tensor> {
     let n = text.size()[0];
     let mut parts = Tensor::zeros([3], (Kind::Float, model.device()));
     for first in (0..n).step_by(micro.max(1)) {
         let m = (n - first).min(micro as i64);
-        let loss = model.loss(
+        let share = m as f64 / n as f64;
+        let loss = model.loss_backward(
             &text.narrow(0, first, m),
             &image.narrow(0, first, m),
             text_weight,
-            true,
+            share,
+            checkpointing,
         )?;
-        let share = m as f64 / n as f64;
-        (&loss.loss * share).backward();
-        parts += Tensor::stack(&[loss.loss, loss.text, loss.image], 0).detach() * share;
+        parts += Tensor::stack(&[loss.loss, loss.text, loss.image], 0) * share;
     }
     Ok(parts)
 }
@@ -331,6 +346,7 @@ pub fn train(
         data = %data.url, row_groups = loader.units(), ?device, parameters, first_step,
         text_vocab = config.text_vocab, image_vocab = config.image_vocab,
         seq_len = config.seq_len(),
+        checkpointing = cfg.activation_checkpointing,
         "training the transformer for {} steps at batch {} (micro-batch {})",
         cfg.steps, cfg.batch_size, cfg.micro_batch()
     );
@@ -360,12 +376,13 @@ pub fn train(
         let lr = cfg.lr.at(step);
         tch::manual_seed(step_seed(job.run.seed, ddp.rank(), step));
         optimizer.zero_grad();
-        let parts = accumulate_gradients(
+        let parts = accumulate_gradients_checkpointed(
             &model,
             &text,
             &image,
             cfg.micro_batch(),
             cfg.text_loss_weight,
+            cfg.activation_checkpointing,
         )?;
         let grad_norm = ddp
             .update(&mut optimizer, batch.len(), lr, cfg.grad_clip)?

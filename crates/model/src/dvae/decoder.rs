@@ -48,14 +48,29 @@ impl Decoder {
     /// # Shapes
     /// `(N, vocab, h, w)` codes → `(N, 2·C, 8h, 8w)` logit-Laplace statistics
     pub fn forward(&self, z: &Tensor) -> Tensor {
-        let mut h = self.input.forward(z);
-        for (g, blocks) in self.groups.iter().enumerate() {
-            h = blocks.iter().fold(h, |h, b| b.forward(&h));
-            if g + 1 < self.groups.len() {
-                let (height, width) = (h.size()[2], h.size()[3]);
-                h = h.upsample_nearest2d([2 * height, 2 * width], None, None);
-            }
+        (0..self.groups.len()).fold(z.shallow_clone(), |h, g| self.segment(g, &h))
+    }
+
+    /// Group `g` as one checkpointing segment: the input conv (the
+    /// codebook) before the first group, nearest ×2 upsampling after every
+    /// group but the last, the ReLU and output conv after the last.
+    /// [`Decoder::forward`] is these segments in turn.
+    pub fn segment(&self, g: usize, x: &Tensor) -> Tensor {
+        let h = if g == 0 {
+            self.input.forward(x)
+        } else {
+            x.shallow_clone()
+        };
+        let h = self.groups[g].iter().fold(h, |h, b| b.forward(&h));
+        if g + 1 < self.groups.len() {
+            let (height, width) = (h.size()[2], h.size()[3]);
+            h.upsample_nearest2d([2 * height, 2 * width], None, None)
+        } else {
+            self.output.forward(&h.relu())
         }
-        self.output.forward(&h.relu())
+    }
+
+    pub fn group_count(&self) -> usize {
+        self.groups.len()
     }
 }

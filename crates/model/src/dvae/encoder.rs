@@ -47,13 +47,28 @@ impl Encoder {
     /// # Shapes
     /// `(N, C, H, W)` mapped pixels → `(N, vocab, H/8, W/8)` logits
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let mut h = self.input.forward(x);
-        for (g, blocks) in self.groups.iter().enumerate() {
-            h = blocks.iter().fold(h, |h, b| b.forward(&h));
-            if g + 1 < self.groups.len() {
-                h = h.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false);
-            }
+        (0..self.groups.len()).fold(x.shallow_clone(), |h, g| self.segment(g, &h))
+    }
+
+    /// Group `g` as one checkpointing segment: the input conv before the
+    /// first group, the 2×2 max-pool after every group but the last, the
+    /// ReLU and output conv after the last. [`Encoder::forward`] is these
+    /// segments in turn.
+    pub fn segment(&self, g: usize, x: &Tensor) -> Tensor {
+        let h = if g == 0 {
+            self.input.forward(x)
+        } else {
+            x.shallow_clone()
+        };
+        let h = self.groups[g].iter().fold(h, |h, b| b.forward(&h));
+        if g + 1 < self.groups.len() {
+            h.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false)
+        } else {
+            self.output.forward(&h.relu())
         }
-        self.output.forward(&h.relu())
+    }
+
+    pub fn group_count(&self) -> usize {
+        self.groups.len()
     }
 }

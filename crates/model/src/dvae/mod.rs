@@ -18,6 +18,7 @@ pub use config::DvaeConfig;
 pub use loss::ReconLoss;
 pub use relax::Relaxation;
 
+use crate::recompute::{Chain, Segment};
 use crate::weights::{self, WeightFile};
 use crate::{ModelError, Result};
 use decoder::Decoder;
@@ -78,6 +79,39 @@ impl StepOutput {
             self.loss = &self.loss + term;
         }
         kl
+    }
+}
+
+/// A training forward pass ([`Dvae::train_pass`]) whose backward is still
+/// to run: add to `out.loss` first (the usage term), then call
+/// [`TrainPass::backward`].
+pub struct TrainPass<'a> {
+    pub out: StepOutput,
+    /// The checkpointed chains, encoder then decoder (none without
+    /// checkpointing).
+    chains: Vec<Chain<'a>>,
+}
+
+impl TrainPass<'_> {
+    /// The backward of `scale` × `out.loss` (a micro-batch's share of the
+    /// batch), accumulated into the parameters' gradients; with
+    /// checkpointing, the decoder's groups are then recomputed and
+    /// backpropagated, and the encoder's last. Returns `out` with its loss
+    /// terms and mean posterior detached.
+    pub fn backward(self, scale: f64) -> StepOutput {
+        let Self { out, chains } = self;
+        (&out.loss * scale).backward();
+        for chain in chains.into_iter().rev() {
+            chain.backward();
+        }
+        StepOutput {
+            loss: out.loss.detach(),
+            recon: out.recon.detach(),
+            kl: out.kl.detach(),
+            mse: out.mse,
+            tokens: out.tokens,
+            mean_posterior: out.mean_posterior.detach(),
+        }
     }
 }
 
@@ -210,10 +244,57 @@ impl Dvae {
 
     /// One training forward pass on `[0, 1]` images.
     pub fn train_forward(&self, images: &Tensor, objective: &Objective) -> Result<StepOutput> {
-        let logits = self.encoder_logits(images)?;
+        Ok(self.train_pass(images, objective, false)?.out)
+    }
+
+    /// One training forward pass on `[0, 1]` images whose backward is
+    /// [`TrainPass::backward`], so that terms needing every rank's batch
+    /// (the usage term) can join the loss in between.
+    ///
+    /// With `checkpointing`, each encoder group and each decoder group
+    /// keeps only its input and is recomputed in backward
+    /// ([`crate::recompute`]): the first group of each takes the input conv
+    /// with it (its full-resolution output is the largest activation of
+    /// all), the last the output conv. The Gumbel noise is drawn between
+    /// the two chains, once, so recomputation replays no random draw. The
+    /// loss terms on the logits (KL, the usage term) and the decoder's
+    /// backward both reach the logits, the encoder chain's output, whose
+    /// gradient sums them before the encoder's backward runs last.
+    pub fn train_pass(
+        &self,
+        images: &Tensor,
+        objective: &Objective,
+        checkpointing: bool,
+    ) -> Result<TrainPass<'_>> {
+        self.check_images(images)?;
         let x = images.to_device(self.device()).to_kind(Kind::Float);
+        let mut chains = Vec::new();
+        let mapped = loss::map_pixels(&x);
+        let logits = if checkpointing {
+            let segments = (0..self.encoder.group_count())
+                .map(|g| Box::new(move |h: &Tensor| self.encoder.segment(g, h)) as Segment)
+                .collect();
+            let chain = Chain::forward(&mapped, segments);
+            let logits = chain.output().shallow_clone();
+            chains.push(chain);
+            logits
+        } else {
+            self.encoder.forward(&mapped)
+        };
+        drop(mapped);
         let z = relax::gumbel_softmax(&logits, objective.tau, objective.relaxation);
-        let stats = self.decoder.forward(&z);
+        let stats = if checkpointing {
+            let segments = (0..self.decoder.group_count())
+                .map(|g| Box::new(move |h: &Tensor| self.decoder.segment(g, h)) as Segment)
+                .collect();
+            let chain = Chain::forward(&z, segments);
+            let stats = chain.output().shallow_clone();
+            chains.push(chain);
+            stats
+        } else {
+            self.decoder.forward(&z)
+        };
+        drop(z);
         let mean = loss::stats_to_pixels(&stats);
         let mse = (&mean - &x).square().mean(Kind::Float);
         let recon = match objective.recon {
@@ -223,14 +304,15 @@ impl Dvae {
         let kl = loss::kl_to_uniform(&logits);
         let dims = (x.numel() / x.size()[0] as usize) as f64;
         let loss = &recon + &kl * (objective.beta / dims);
-        Ok(StepOutput {
+        let out = StepOutput {
             loss,
             recon,
             kl,
             mse: mse.detach(),
             tokens: logits.detach().argmax(1, false),
             mean_posterior: loss::mean_posterior(&logits),
-        })
+        };
+        Ok(TrainPass { out, chains })
     }
 
     /// Named parameters, sorted by name.

@@ -25,9 +25,11 @@ mod tests;
 pub use cache::KvCache;
 pub use config::{AttentionLayout, GptArch, GptConfig};
 
+use crate::recompute::{Chain, Segment};
 use crate::weights::{self, WeightFile};
 use crate::{ModelError, Result};
 use block::{Block, INIT_STD, Visibility};
+use cache::LayerCache;
 use masks::Pattern;
 use std::collections::HashMap;
 use std::path::Path;
@@ -78,6 +80,44 @@ fn embedding(path: nn::Path, count: i64, dim: i64) -> nn::Embedding {
         ..Default::default()
     };
     nn::embedding(path, count, dim, config)
+}
+
+/// Seeds of the blocks' random draws (dropout) in one training pass.
+///
+/// A checkpointed block runs twice, forward and recomputed in backward, and
+/// must draw the same dropout masks both times; tch cannot read or restore
+/// the generator's state, only seed it. So every training pass whose blocks
+/// draw, checkpointed or not, takes one number from the generator, seeds it
+/// from that number before each block, and seeds it once more after the
+/// last: both kinds of pass then draw the same masks and leave the
+/// generator in the same state. Passes without dropout draw nothing and
+/// touch no seed.
+#[derive(Clone, Copy)]
+struct DropoutSeeds {
+    base: i64,
+}
+
+impl DropoutSeeds {
+    fn draw(draws: bool) -> Option<Self> {
+        draws.then(|| Self {
+            base: Tensor::randint(i64::MAX, [1], (Kind::Int64, Device::Cpu)).int64_value(&[0]),
+        })
+    }
+
+    /// Seeds the generator for block `i` (`i` = depth: after the blocks).
+    fn enter(&self, i: usize) {
+        // SplitMix64's finaliser: distinct, well-mixed seeds per block.
+        let mut z =
+            (self.base as u64).wrapping_add((i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        tch::manual_seed(((z ^ (z >> 31)) >> 1) as i64);
+    }
+
+    /// Seeds the generator for what follows the blocks.
+    fn leave(&self, depth: usize) {
+        self.enter(depth);
+    }
 }
 
 impl Gpt {
@@ -182,6 +222,38 @@ impl Gpt {
             + self.image_col.forward(&index.remainder(g))
     }
 
+    /// Runs block `i` over positions `start..start + n` held in `x`.
+    fn run_block(
+        &self,
+        i: usize,
+        x: &Tensor,
+        start: i64,
+        layer: Option<&mut LayerCache>,
+        train: bool,
+    ) -> Tensor {
+        let n = x.size()[1];
+        let slice;
+        let visibility = match (self.patterns[i], start, n) {
+            (Pattern::Causal, 0, _) => Visibility::Causal,
+            (Pattern::Causal, _, 1) => Visibility::All,
+            (pattern, _, _) => {
+                let full = match pattern {
+                    Pattern::Causal => self.causal_mask(),
+                    other => self.masks[&other].shallow_clone(),
+                };
+                slice = full.narrow(0, start, n).narrow(1, 0, start + n);
+                Visibility::Mask(&slice)
+            }
+        };
+        self.blocks[i].forward(x, start, &visibility, layer, train)
+    }
+
+    /// Whether a training pass draws random numbers inside the blocks.
+    fn blocks_draw(&self, train: bool) -> bool {
+        let a = &self.config.arch;
+        train && (a.dropout > 0.0 || a.attn_dropout > 0.0)
+    }
+
     /// Runs the blocks over positions `start..start + n` held in `x`.
     fn run_blocks(
         &self,
@@ -192,22 +264,16 @@ impl Gpt {
     ) -> Tensor {
         let n = x.size()[1];
         let mut x = x.dropout(self.config.arch.dropout, train);
-        for (i, (block, pattern)) in self.blocks.iter().zip(&self.patterns).enumerate() {
-            let slice;
-            let visibility = match (pattern, start, n) {
-                (Pattern::Causal, 0, _) => Visibility::Causal,
-                (Pattern::Causal, _, 1) => Visibility::All,
-                (pattern, _, _) => {
-                    let full = match pattern {
-                        Pattern::Causal => self.causal_mask(),
-                        other => self.masks[other].shallow_clone(),
-                    };
-                    slice = full.narrow(0, start, n).narrow(1, 0, start + n);
-                    Visibility::Mask(&slice)
-                }
-            };
+        let seeds = DropoutSeeds::draw(self.blocks_draw(train));
+        for i in 0..self.blocks.len() {
+            if let Some(seeds) = &seeds {
+                seeds.enter(i);
+            }
             let layer = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = block.forward(&x, start, &visibility, layer, train);
+            x = self.run_block(i, &x, start, layer, train);
+        }
+        if let Some(seeds) = &seeds {
+            seeds.leave(self.blocks.len());
         }
         if let Some(cache) = cache {
             cache.len = start + n;
@@ -247,6 +313,10 @@ impl Gpt {
         train: bool,
     ) -> Result<Loss> {
         let logits = self.forward_t(text, image, train)?;
+        Ok(self.loss_of(&logits, text, image, text_weight))
+    }
+
+    fn loss_of(&self, logits: &Logits, text: &Tensor, image: &Tensor, text_weight: f64) -> Loss {
         let device = self.device();
         let ce = |logits: &Tensor, targets: &Tensor| {
             let v = logits.size()[2];
@@ -257,11 +327,101 @@ impl Gpt {
         let text_loss = ce(&logits.text, &text.to_kind(Kind::Int64));
         let image_loss = ce(&logits.image, &image.to_kind(Kind::Int64));
         let loss = &text_loss * text_weight + &image_loss * (1.0 - text_weight);
-        Ok(Loss {
+        Loss {
             loss,
             text: text_loss,
             image: image_loss,
+        }
+    }
+
+    /// One training pass: [`Gpt::loss`] in training mode, then the
+    /// backward of `scale` × its loss (a micro-batch's share of the batch),
+    /// which accumulates into the parameters' gradients. Returns the loss
+    /// and its parts, detached.
+    ///
+    /// With `checkpointing`, each transformer block keeps only its input
+    /// during the forward pass and is recomputed in backward
+    /// ([`crate::recompute`]): activation memory of one block instead of
+    /// all of them, for one more forward pass of the blocks. The gradients
+    /// are those of the plain pass (the same dropout draws too, see
+    /// `DropoutSeeds`), and the generator is left where the plain pass
+    /// leaves it.
+    pub fn loss_backward(
+        &self,
+        text: &Tensor,
+        image: &Tensor,
+        text_weight: f64,
+        scale: f64,
+        checkpointing: bool,
+    ) -> Result<Loss> {
+        let loss = if checkpointing {
+            self.loss_checkpointed(text, image, text_weight, scale)?
+        } else {
+            let loss = self.loss(text, image, text_weight, true)?;
+            (&loss.loss * scale).backward();
+            loss
+        };
+        Ok(Loss {
+            loss: loss.loss.detach(),
+            text: loss.text.detach(),
+            image: loss.image.detach(),
         })
+    }
+
+    /// [`Gpt::loss_backward`] with the blocks checkpointed. The same ops in
+    /// the same order as `forward_t` + `loss`, so the same numbers: the
+    /// embeddings (and their dropout) before the chain keep their graph,
+    /// the final norm, the heads and the loss after it run on the chain's
+    /// output with autograd on; their backward comes first, then the
+    /// chain's, which ends in the embeddings.
+    fn loss_checkpointed(
+        &self,
+        text: &Tensor,
+        image: &Tensor,
+        text_weight: f64,
+        scale: f64,
+    ) -> Result<Loss> {
+        let c = &self.config;
+        let text = self.check_ids(text, "caption ids", c.text_len, c.text_targets())?;
+        let image = self.check_ids(image, "image tokens", c.image_len(), c.image_vocab)?;
+        let inputs = image.narrow(1, 0, c.image_len() - 1);
+        let x = self
+            .embed(&text, &inputs)
+            .dropout(self.config.arch.dropout, true);
+        let seeds = DropoutSeeds::draw(self.blocks_draw(true));
+        let segments: Vec<Segment> = (0..self.blocks.len())
+            .map(|i| {
+                Box::new(move |x: &Tensor| {
+                    if let Some(seeds) = &seeds {
+                        seeds.enter(i);
+                    }
+                    self.run_block(i, x, 0, None, true)
+                }) as Segment
+            })
+            .collect();
+        let chain = Chain::forward(&x, segments);
+        drop(x);
+        if let Some(seeds) = &seeds {
+            seeds.leave(self.blocks.len());
+        }
+        let h = self.ln_f.forward(chain.output());
+        let logits = Logits {
+            text: self.text_head.forward(&h.narrow(1, 0, c.text_len)),
+            image: self
+                .image_head
+                .forward(&h.narrow(1, c.text_len, c.image_len())),
+        };
+        drop(h);
+        let loss = self.loss_of(&logits, &text, &image, text_weight);
+        drop(logits);
+        (&loss.loss * scale).backward();
+        chain.backward();
+        // The recomputation re-seeded the generator for each block; leave
+        // it where the forward pass (and so the plain pass) left it.
+        if let Some(seeds) = &seeds {
+            seeds.leave(self.blocks.len());
+        }
+        Ok(loss)
     }
 
     /// An empty cache for decoding `batch` sequences.
