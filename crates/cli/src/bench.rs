@@ -28,7 +28,8 @@ pub enum BenchCommand {
         passes: usize,
     },
     /// dVAE training steps on a fixed random batch (model compute only,
-    /// no data loading): images/s and peak resident memory.
+    /// no data loading): images/s and peak resident memory, with each
+    /// group recomputed in backward when `dvae.train.activation_checkpointing`.
     Dvae {
         #[arg(long, default_value_t = 3)]
         warmup: u64,
@@ -41,7 +42,8 @@ pub enum BenchCommand {
     /// is `[gpt.model]` with `[text] text_len`; the vocabularies and the
     /// image grid default to the job's (`text.vocab_size`,
     /// `dvae.model.vocab_size`, the dVAE's grid). The whole batch goes in
-    /// one pass (`gpt.train.micro_batch` is not used).
+    /// one pass (`gpt.train.micro_batch` is not used); blocks are recomputed
+    /// in backward when `gpt.train.activation_checkpointing`.
     Gpt {
         #[arg(long, default_value_t = 3)]
         warmup: u64,
@@ -179,10 +181,19 @@ fn bench_gpt(
     let mut step = |phases: &mut Phases| -> Result<f64> {
         let t0 = Instant::now();
         opt.zero_grad();
-        let loss = model.loss(&text, &image, train.text_loss_weight, true)?;
-        let t1 = Instant::now();
-        loss.loss.backward();
+        // With activation checkpointing, forward and backward interleave
+        // (blocks are recomputed in backward): timed as one.
+        let (loss, t1) = if train.activation_checkpointing {
+            let loss = model.loss_backward(&text, &image, train.text_loss_weight, 1.0, true)?;
+            (loss, None)
+        } else {
+            let loss = model.loss(&text, &image, train.text_loss_weight, true)?;
+            let t1 = Instant::now();
+            loss.loss.backward();
+            (loss, Some(t1))
+        };
         let t2 = Instant::now();
+        let t1 = t1.unwrap_or(t2);
         // As the training loop: the norm is computed (and logged) anyway.
         match train.grad_clip {
             Some(max_norm) => opt.clip_grad_norm(max_norm),
@@ -211,9 +222,11 @@ fn bench_gpt(
     let positions = config.seq_len();
     let per_step = |d: Duration| d.as_secs_f64() / steps as f64;
     let phases = (device == Device::Cpu).then(|| {
+        let split = !train.activation_checkpointing;
         serde_json::json!({
-            "forward_loss": per_step(phases.forward),
-            "backward": per_step(phases.backward),
+            "forward_loss": split.then(|| per_step(phases.forward)),
+            "backward": split.then(|| per_step(phases.backward)),
+            "forward_backward": per_step(phases.forward + phases.backward),
             "grad_norm_clip": per_step(phases.clip),
             "optimizer": per_step(phases.optimizer),
         })
@@ -239,6 +252,7 @@ fn bench_gpt(
         "heads": a.heads,
         "mlp_ratio": a.mlp_ratio,
         "attention": a.attention,
+        "activation_checkpointing": train.activation_checkpointing,
         "text_len": config.text_len,
         "text_vocab": config.text_vocab,
         "image_vocab": config.image_vocab,
@@ -423,10 +437,12 @@ pub fn run(cmd: BenchCommand, job: &JobConfig) -> Result<()> {
                 relaxation: train.relaxation,
                 recon: train.recon,
             };
+            let checkpointing = train.activation_checkpointing;
             let mut step = || -> Result<f64> {
-                let out = model.train_forward(&x, &objective)?;
                 opt.zero_grad();
-                out.loss.backward();
+                let out = model
+                    .train_pass(&x, &objective, checkpointing)?
+                    .backward(1.0);
                 opt.step(1e-4);
                 Ok(out.loss.double_value(&[]))
             };
@@ -453,6 +469,7 @@ pub fn run(cmd: BenchCommand, job: &JobConfig) -> Result<()> {
                 "image_size": cfg.image_size,
                 "n_hid": cfg.n_hid,
                 "n_blk_per_group": cfg.n_blk_per_group,
+                "activation_checkpointing": checkpointing,
                 "vocab_size": cfg.vocab_size,
                 "n_init": cfg.n_init,
                 "batch_size": batch,
