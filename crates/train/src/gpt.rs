@@ -153,6 +153,8 @@ impl CaptionEncoder {
 pub struct ImageTokens {
     dvae: Option<Dvae>,
     image_len: usize,
+    /// The dVAE's codebook size: every pre-tokenized token must be below.
+    image_vocab: i64,
     data: String,
 }
 
@@ -184,6 +186,7 @@ impl ImageTokens {
         Ok(Self {
             dvae,
             image_len,
+            image_vocab: dvae_config.vocab_size,
             data: data.to_string(),
         })
     }
@@ -201,6 +204,16 @@ impl ImageTokens {
                     )));
                 }
                 let tokens: Vec<i64> = batch.tokens.iter().map(|&t| i64::from(t)).collect();
+                // Checked here, on the host, where they are read: the model
+                // does not read ids back from the device every step.
+                if let Some(at) = tokens.iter().position(|&t| t >= self.image_vocab) {
+                    let key = &batch.keys[at / self.image_len];
+                    return Err(TrainError::Config(format!(
+                        "{}: sample {key} holds image token {}, outside the dVAE's codebook of \
+                         {}",
+                        self.data, tokens[at], self.image_vocab
+                    )));
+                }
                 Ok(Tensor::from_slice(&tokens).view([n, -1]).to_device(device))
             }
         }

@@ -63,6 +63,48 @@ fn tokens_of_another_dvae_are_refused() {
 }
 
 #[test]
+fn a_token_outside_the_codebook_is_refused_where_it_is_read_naming_the_sample() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut job = job(dir.path());
+    prepare(&job);
+    let vocab = job.dvae.model.vocab_size as u16;
+    let grid = (job.dvae.model.grid_size() * job.dvae.model.grid_size()) as u16;
+    let rows: Vec<TokenRow> = (0..32)
+        .map(|i| TokenRow {
+            key: format!("k{i}"),
+            caption: "a red circle".into(),
+            // One sample's last token is one past the codebook.
+            tokens: (0..grid)
+                .map(|t| {
+                    if i == 5 && t + 1 == grid {
+                        vocab
+                    } else {
+                        t % vocab
+                    }
+                })
+                .collect(),
+        })
+        .collect();
+    let url = dir.path().join("tokens").display().to_string();
+    let location = Location::parse(&url, &StoreConfig::default()).unwrap();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(tokens::write(&location, "part-0.parquet", &rows, 16))
+        .unwrap();
+    job.gpt.train.data_url = Some(url);
+    let err = dalle_train::gpt::train(&job, &mut DataParallel::solo(), |_| {})
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("sample k5") && err.contains(&format!("image token {vocab}")),
+        "{err}"
+    );
+}
+
+#[test]
 fn accumulated_micro_batches_give_the_whole_batch_gradient() {
     use dalle_model::gpt::{Gpt, GptConfig};
     let config = GptConfig {

@@ -181,8 +181,11 @@ impl Gpt {
                 found: format!("{size:?}"),
             });
         }
-        let ids = ids.to_device(self.device()).to_kind(Kind::Int64);
-        if ids.numel() > 0 {
+        // Ids on the host are range-checked here; ids already on a GPU were
+        // made in range (the tokenizer, the dVAE's argmax, sampling) or
+        // checked where they were read (pre-tokenized data), and reading
+        // them back would stall every step on the device.
+        if ids.device() == Device::Cpu && ids.numel() > 0 {
             let (lo, hi) = (ids.min().int64_value(&[]), ids.max().int64_value(&[]));
             if lo < 0 || hi >= vocab {
                 return Err(ModelError::Input {
@@ -192,6 +195,7 @@ impl Gpt {
                 });
             }
         }
+        let ids = ids.to_device(self.device()).to_kind(Kind::Int64);
         Ok(ids)
     }
 
