@@ -3,11 +3,19 @@
 //! strictly against the Kubernetes schemas, offline (kubernetes-validate,
 //! installed by scripts/setup.sh); and the rendered objects say what the
 //! README promises: the size of each overlay, GPUs per pod, secrets as
-//! files or environment references and never as arguments.
+//! files or environment references and never as arguments; and the pods'
+//! commands, run as processes with the environment Kubernetes would give
+//! them, train a job: a coordinator and two worker "nodes" on this machine.
 
+#[path = "support/launch.rs"]
+mod launch_support;
+
+use launch_support::{DALLE, Running, tiny_job};
 use serde_json::Value;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -180,4 +188,189 @@ fn the_job_config_every_pod_mounts_is_a_valid_job() {
     );
     let shown = String::from_utf8_lossy(&out.stdout);
     assert!(shown.contains("s3://dalle-runs/job-1"), "{shown}");
+}
+
+/// What Kubernetes would give one container, on this machine: its volumes
+/// as directories under `root` (secrets as files), its environment with
+/// `$(VAR)` references expanded, the Services' names resolved to loopback.
+struct Pod {
+    args: Vec<String>,
+    env: HashMap<String, String>,
+}
+
+impl Pod {
+    /// `container` of `spec`, with each mount at `root/<mount path>`,
+    /// `pod_ip` for the downward API, `index` as JOB_COMPLETION_INDEX, the
+    /// literal values of `sized` replaced (as an overlay does) and
+    /// `rewrite` applied to every argument (Service names, ports).
+    fn of(
+        spec: &Value,
+        root: &Path,
+        pod_ip: &str,
+        index: Option<usize>,
+        sized: &[(&str, &str)],
+        rewrite: &dyn Fn(String) -> String,
+    ) -> Pod {
+        let container = &spec["containers"][0];
+        let mut env = HashMap::new();
+        for e in container["env"].as_array().unwrap() {
+            let name = e["name"].as_str().unwrap().to_string();
+            let value = if let Some(v) = e["value"].as_str() {
+                v.to_string()
+            } else if e["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP" {
+                pod_ip.to_string()
+            } else if let Some(key) = e["valueFrom"]["secretKeyRef"]["key"].as_str() {
+                format!("test-{key}")
+            } else {
+                panic!("no test value for env {name}")
+            };
+            env.insert(name, value);
+        }
+        for (name, value) in sized {
+            assert!(env.contains_key(*name), "no env {name} to size");
+            env.insert(name.to_string(), value.to_string());
+        }
+        if let Some(i) = index {
+            env.insert("JOB_COMPLETION_INDEX".into(), i.to_string());
+        }
+        let mounts: Vec<String> = container["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["mountPath"].as_str().unwrap().to_string())
+            .collect();
+        for mount in &mounts {
+            std::fs::create_dir_all(root.join(mount.trim_start_matches('/'))).unwrap();
+        }
+        let args = container["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                let mut arg = a.as_str().unwrap().to_string();
+                for (name, value) in &env {
+                    arg = arg.replace(&format!("$({name})"), value);
+                }
+                for mount in &mounts {
+                    let local = root.join(mount.trim_start_matches('/'));
+                    arg = arg.replace(mount.as_str(), local.to_str().unwrap());
+                }
+                rewrite(arg)
+            })
+            .collect();
+        Pod { args, env }
+    }
+
+    fn spawn(&self) -> Running {
+        Running::spawn(
+            Command::new(DALLE)
+                .args(&self.args)
+                .env_clear()
+                .env("PATH", std::env::var("PATH").unwrap_or_default())
+                .envs(&self.env)
+                .env("RUST_LOG", "info")
+                .env("NO_COLOR", "1"),
+        )
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn the_pods_commands_run_a_job_as_processes_with_what_kubernetes_gives_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let objects = render("base");
+    let spec = |name: &str| find(&objects, "Job", name)["spec"]["template"]["spec"].clone();
+    let (coordinator_spec, worker_spec) = (spec("dalle-coordinator"), spec("dalle-workers"));
+    // This machine has no GPU and no S3: the job is the tiny CPU one, two
+    // "nodes" of one CPU worker each (the overlays' sizes, scaled down).
+    let job = tiny_job(dir.path(), "threads = 1", "");
+    let (port, status_port) = (free_port(), free_port());
+    let rewrite = move |arg: String| {
+        arg.replace("0.0.0.0:29500", &format!("127.0.0.1:{port}"))
+            .replace("0.0.0.0:29501", &format!("127.0.0.1:{status_port}"))
+            .replace("dalle-coordinator:29500", &format!("127.0.0.1:{port}"))
+            .replace("--gpus=", "--nproc=")
+    };
+    // The Secrets, as the pods mount them.
+    let certified = rcgen::generate_simple_self_signed(vec!["dalle-coordinator".into()]).unwrap();
+    let write = |root: &Path, path: &str, data: &str| {
+        let path = root.join(path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, data).unwrap();
+    };
+    let pod_root = |name: &str| {
+        let root = dir.path().join(name);
+        write(&root, "var/run/dalle/token/token", "k8s-test-job-token\n");
+        write(
+            &root,
+            "var/run/dalle/status-token/token",
+            "k8s-test-status-token\n",
+        );
+        write(&root, "var/run/dalle/tls/tls.crt", &certified.cert.pem());
+        write(
+            &root,
+            "var/run/dalle/tls/tls.key",
+            &certified.signing_key.serialize_pem(),
+        );
+        write(&root, "var/run/dalle/tls/ca.crt", &certified.cert.pem());
+        write(
+            &root,
+            "etc/dalle/job.toml",
+            &std::fs::read_to_string(&job).unwrap(),
+        );
+        root
+    };
+    let coordinator = Pod::of(
+        &coordinator_spec,
+        &pod_root("coordinator"),
+        "127.0.0.1",
+        None,
+        &[("DALLE_MIN_WORKERS", "2")],
+        &rewrite,
+    );
+    let head = coordinator.spawn();
+    head.stderr.wait_for("job started", Duration::from_secs(60));
+    let workers: Vec<Running> = (0..2)
+        .map(|i| {
+            let pod = Pod::of(
+                &worker_spec,
+                &pod_root(&format!("worker-{i}")),
+                "127.0.0.1",
+                Some(i),
+                &[("DALLE_GPUS_PER_NODE", "1")],
+                &rewrite,
+            );
+            assert!(
+                pod.args.contains(&"--nproc=1".to_string()),
+                "{:?}",
+                pod.args
+            );
+            // Nothing secret on the command line.
+            assert!(!pod.args.iter().any(|a| a.contains("k8s-test-job-token")));
+            pod.spawn()
+        })
+        .collect();
+    let logs: Vec<_> = workers.iter().map(|w| w.stderr.clone()).collect();
+    for (i, worker) in workers.into_iter().enumerate() {
+        assert!(
+            worker.wait().success(),
+            "worker pod {i}:\n{}",
+            logs[i].text()
+        );
+    }
+    let (head_log, said) = (head.stderr.clone(), head.stdout.clone());
+    assert!(head.wait().success(), "{}", head_log.text());
+    assert!(
+        said.text().contains("job finished") && said.text().contains("with 2 workers"),
+        "{}\n{}",
+        said.text(),
+        head_log.text()
+    );
 }
