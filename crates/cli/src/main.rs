@@ -9,13 +9,17 @@ mod export;
 mod gpt;
 mod inputs;
 mod launch;
+mod logging;
+mod node;
 mod plan;
 mod progress;
 mod rerank;
 mod shared;
 mod stages;
+mod status;
 mod text;
 mod tokenize;
+mod usage;
 mod worker;
 
 use anyhow::Result;
@@ -44,6 +48,17 @@ struct Cli {
     /// when the run has checkpoints unless `--set checkpoint.overwrite=true`.
     #[arg(long, global = true)]
     no_resume: bool,
+    /// How log lines look on stderr: `text` for people, `json` (one object
+    /// a line, with rank, stage, step and generation as fields) for log
+    /// pipelines.
+    #[arg(
+        long,
+        global = true,
+        env = "DALLE_LOG_FORMAT",
+        value_enum,
+        default_value_t = logging::LogFormat::Text
+    )]
+    log_format: logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -87,6 +102,14 @@ enum Command {
     /// One training process of a distributed job: join the coordinator,
     /// train data-parallel, follow its instructions.
     Worker(worker::WorkerArgs),
+    /// The agent of one machine of a distributed job (what a cluster's
+    /// per-node script runs): one worker per GPU or CPU slot, their exits
+    /// reported to the coordinator and restarted, SIGTERM a graceful stop
+    /// at a step boundary (exit 75).
+    Node(node::NodeArgs),
+    /// Where a running job stands, from its coordinator's status page:
+    /// stages, workers, re-formations (`--json` for scripts).
+    Status(status::StatusArgs),
     /// Throughput benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -95,20 +118,8 @@ enum Command {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        // Colour codes only for a person at a terminal: log files, Slurm
-        // logs and `launch`'s forwarding of worker output stay plain text.
-        .with_ansi(
-            std::io::IsTerminal::is_terminal(&std::io::stderr())
-                && std::env::var_os("NO_COLOR").is_none(),
-        )
-        .init();
     let cli = Cli::parse();
+    logging::init(cli.log_format);
     let mut overrides = cli.overrides.clone();
     if let Some(url) = &cli.resume_from {
         overrides.push(format!("checkpoint.resume_from={url}"));
@@ -128,6 +139,8 @@ fn main() -> Result<()> {
         Command::Launch(args) => launch::run(args, &job()?),
         Command::Plan(args) => plan::run(args, &job()?),
         Command::Worker(args) => worker::run(args),
+        Command::Status(args) => status::run(args),
+        Command::Node(args) => node::run(args),
         Command::Bench(cmd) => bench::run(cmd, &job()?),
         Command::Config => {
             print!("{}", toml::to_string(&job()?)?);

@@ -80,6 +80,9 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         crate::launch::slots::device_of_slot(&args.slot, &crate::launch::slots::Visible::here())?;
     let listener = TcpListener::bind(args.listen)
         .with_context(|| format!("cannot listen for ring peers on {}", args.listen))?;
+    // SIGTERM (preemption): stop at the next step boundary, see
+    // crate::node::signals.
+    crate::node::signals::install_worker_stop()?;
     let mut info = JoinInfo::this_process(args.slot.clone(), String::new());
     let host = match &args.advertise {
         Some(host) => host.clone(),
@@ -113,12 +116,21 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     membership.set_coordinator_grace(Duration::from_secs(args.coordinator_grace_secs));
     let join_timeout = Duration::from_secs(args.join_timeout_secs);
     loop {
-        let assignment = membership.join(Instant::now() + join_timeout)?;
+        let assignment =
+            crate::node::signals::while_idle(|| membership.join(Instant::now() + join_timeout))?;
         let mut job = JobConfig::from_toml(&assignment.job_toml, "the coordinator's job config")?;
         job.run.device = device.clone();
         if let Some(dir) = &args.run_dir {
             job.run.dir = dir.clone();
         }
+        // Every line of this generation carries the worker's rank and
+        // generation (as fields in JSON logs).
+        let _generation = tracing::info_span!(
+            "worker",
+            rank = assignment.rank,
+            generation = assignment.generation
+        )
+        .entered();
         tracing::info!(
             rank = assignment.rank,
             world = assignment.world_size,
@@ -138,6 +150,12 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         );
         drop(heartbeats);
         let last_step = last_step.load(Ordering::Relaxed);
+        if let Some(signal) = crate::node::signals::stop_requested()
+            && !matches!(outcome, Ok(Ending::Finished))
+        {
+            let error = outcome.as_ref().err();
+            crate::node::signals::leave_stopped(&membership, &assignment, last_step, signal, error);
+        }
         match outcome {
             Ok(Ending::Finished) => {
                 // The job may end with this very Leave, and the coordinator
@@ -202,14 +220,21 @@ fn train_generation(
         }
     };
     let beats = heartbeats.clone();
+    // Memory, model FLOP/s and checkpoint saves, for the coordinator's
+    // status and /metrics.
+    let mut usage = crate::usage::Sampler::new(&job.run.device);
     ddp = ddp.with_step_hook(Box::new(move |end: &StepEnd| {
         last_step.store(end.step, Ordering::Relaxed);
+        beats.report_usage(usage.sample());
         beats.report(dalle_runtime::StepReport {
             step: end.step,
             loss: end.loss,
             samples_per_second: end.samples_per_second,
             data_wait_share: end.data_wait,
         });
+        if let Some(why) = crate::node::signals::stop_at_step(end.step) {
+            return Err(TrainError::Stopped(why));
+        }
         beats.wait_for_coordinator();
         match beats.instruction() {
             Instruction::Continue => Ok(()),
@@ -222,6 +247,9 @@ fn train_generation(
     let run_plan = |ddp: &mut DataParallel| -> Result<Option<String>> {
         for (index, &stage) in plan.iter().enumerate().skip(assignment.first_stage) {
             // Stages without training steps see the coordinator here.
+            if let Some(why) = crate::node::signals::stop_before_stage(stage.name()) {
+                return Err(TrainError::Stopped(why).into());
+            }
             heartbeats.wait_for_coordinator();
             if let Instruction::Reform { reason } | Instruction::Stop { reason } =
                 heartbeats.instruction()
@@ -229,6 +257,7 @@ fn train_generation(
                 return Err(TrainError::Stopped(reason).into());
             }
             heartbeats.enter_stage(index);
+            let _stage = tracing::info_span!("stage", stage = stage.name()).entered();
             let job = &stage_job(job, assignment, index);
             stages::run(stage, job, ddp, &mut |v| heartbeats.report_validation(v))?;
             match membership.stage_done(assignment, index) {

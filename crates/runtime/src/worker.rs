@@ -52,6 +52,71 @@ use crate::{
 
 type Client = CoordinatorClient<InterceptedService<Channel, AttachToken>>;
 
+/// What a worker's memory figures count (see [`UsageReport`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MemoryKind {
+    /// Not measured.
+    #[default]
+    Unknown,
+    /// GPU memory in use on the worker's device, as the CUDA driver reports
+    /// it (total - free: the whole device).
+    CudaDevice,
+    /// The process's resident set on the host (VmRSS, peak VmHWM).
+    ProcessRss,
+}
+
+impl MemoryKind {
+    /// Its name as the status page, `/metrics` and the JSON status give it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemoryKind::Unknown => "unknown",
+            MemoryKind::CudaDevice => "cuda_device",
+            MemoryKind::ProcessRss => "process_rss",
+        }
+    }
+}
+
+impl From<MemoryKind> for proto::MemoryKind {
+    fn from(kind: MemoryKind) -> Self {
+        match kind {
+            MemoryKind::Unknown => proto::MemoryKind::Unspecified,
+            MemoryKind::CudaDevice => proto::MemoryKind::CudaDevice,
+            MemoryKind::ProcessRss => proto::MemoryKind::ProcessRss,
+        }
+    }
+}
+
+impl From<proto::MemoryKind> for MemoryKind {
+    fn from(kind: proto::MemoryKind) -> Self {
+        match kind {
+            proto::MemoryKind::Unspecified => MemoryKind::Unknown,
+            proto::MemoryKind::CudaDevice => MemoryKind::CudaDevice,
+            proto::MemoryKind::ProcessRss => MemoryKind::ProcessRss,
+        }
+    }
+}
+
+/// An operator's figures of a worker, beside its [`StepReport`]: memory,
+/// model FLOP/s and MFU, its last checkpoint save. Each is `None` where it
+/// was not measured; the heartbeats carry the latest with every step report.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct UsageReport {
+    /// Memory in use, in bytes, of the kind `memory_kind`.
+    pub memory_bytes: Option<u64>,
+    /// The most memory in use so far, in bytes.
+    pub memory_peak_bytes: Option<u64>,
+    /// What the memory figures count.
+    pub memory_kind: MemoryKind,
+    /// Model TFLOP/s of the worker's device over its last log window.
+    pub model_tflops: Option<f64>,
+    /// Model FLOPs utilisation (0..1) over its last log window.
+    pub mfu: Option<f64>,
+    /// Seconds the last committed checkpoint save took.
+    pub checkpoint_seconds: Option<f64>,
+    /// Bytes this worker wrote in it.
+    pub checkpoint_bytes: Option<u64>,
+}
+
 /// Beyond the wait it asked for, how long a worker gives the coordinator to
 /// answer Join before calling it unresponsive.
 const JOIN_GRACE: Duration = Duration::from_secs(5);
@@ -401,6 +466,37 @@ impl Membership {
 }
 
 impl Membership {
+    /// Tells the coordinator that the worker process `pid` on this
+    /// membership's host (its [`JoinInfo`]'s) exited, `what` saying how
+    /// (its exit status): from the agent that started it (`dalle node`), so
+    /// that the group re-forms now instead of after the heartbeat timeout.
+    /// One try, bounded like [`Membership::leave`]; the heartbeat timeout
+    /// still covers an exit that was not heard.
+    pub fn report_exit(&self, pid: u32, what: &str) -> Result<(), RuntimeError> {
+        let request = proto::ProcessExitedRequest {
+            host: self.info.host.clone(),
+            pid,
+            what: what.to_string(),
+        };
+        let mut client = self.client.clone();
+        let patience = Duration::from_secs(5);
+        // The timer must be made inside the runtime.
+        let answer = self.runtime.block_on(async {
+            tokio::time::timeout(patience, client.process_exited(request)).await
+        });
+        match answer {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(status)) => Err(rpc_error(&self.url, "ProcessExited", &status)),
+            Err(_) => Err(RuntimeError::Unreachable {
+                coordinator: self.url.clone(),
+                rpc: "ProcessExited",
+                detail: format!("no answer within {}", humanize(patience)),
+            }),
+        }
+    }
+}
+
+impl Membership {
     /// Tells the coordinator this worker finished stage `stage` of the plan
     /// (after the barrier that ends it); returns how many stages are
     /// complete now.
@@ -474,6 +570,7 @@ impl Heartbeats {
             stage: assignment.first_stage,
             report: None,
             validation: None,
+            usage: UsageReport::default(),
         });
         let (instruction_tx, instruction) = watch::channel(Instruction::Continue);
         let beat_now = Arc::new(tokio::sync::Notify::new());
@@ -518,6 +615,13 @@ impl Heartbeats {
         }
     }
 
+    /// Hands the worker's latest [`UsageReport`] to the heartbeats, which
+    /// carry it with the step figures (from the next step report on, and
+    /// across stages); never blocks.
+    pub fn report_usage(&self, usage: UsageReport) {
+        self.reports.send_modify(|p| p.usage = usage);
+    }
+
     /// Hands the stage's latest held-out figures to the heartbeats, which
     /// carry them (with the step figures) until the stage ends; never
     /// blocks.
@@ -529,10 +633,19 @@ impl Heartbeats {
     /// This worker starts stage `stage` of the plan: the next heartbeats
     /// carry it, and no figures until its first step.
     pub fn enter_stage(&self, stage: usize) {
-        self.reports.send_replace(Progress {
-            stage,
-            report: None,
-            validation: None,
+        self.reports.send_modify(|p| {
+            *p = Progress {
+                stage,
+                report: None,
+                validation: None,
+                // Memory and the last checkpoint belong to the process, the
+                // model's FLOP/s to the stage that measured them.
+                usage: UsageReport {
+                    model_tflops: None,
+                    mfu: None,
+                    ..p.usage
+                },
+            }
         });
     }
 
@@ -607,12 +720,13 @@ impl std::fmt::Debug for Heartbeats {
 }
 
 /// What the heartbeats carry: the stage this worker is in, its latest step
-/// there and its latest evaluation there.
+/// there and its latest evaluation there, and its latest usage figures.
 #[derive(Debug, Clone, Copy)]
 struct Progress {
     stage: usize,
     report: Option<StepReport>,
     validation: Option<ValidationReport>,
+    usage: UsageReport,
 }
 
 struct Beat {
@@ -646,6 +760,7 @@ impl Beat {
                 stage,
                 report,
                 validation,
+                usage,
             } = *reports.borrow();
             let request = proto::HeartbeatRequest {
                 stage: stage as u32,
@@ -657,6 +772,13 @@ impl Beat {
                     samples_per_second: r.samples_per_second,
                     data_wait_share: r.data_wait_share,
                     validation: validation.map(Into::into),
+                    memory_bytes: usage.memory_bytes,
+                    memory_peak_bytes: usage.memory_peak_bytes,
+                    memory_kind: proto::MemoryKind::from(usage.memory_kind) as i32,
+                    model_tflops: usage.model_tflops,
+                    mfu: usage.mfu,
+                    checkpoint_seconds: usage.checkpoint_seconds,
+                    checkpoint_bytes: usage.checkpoint_bytes,
                 }),
             };
             let answer = tokio::time::timeout(self.timeout, self.client.heartbeat(request)).await;

@@ -946,3 +946,52 @@ fn a_status_token_guards_both_pages_and_connections_are_capped() {
         },
     );
 }
+
+#[test]
+fn an_exit_reported_by_the_agent_that_started_the_worker_reforms_at_once() {
+    // A heartbeat timeout far beyond the test: only the report can do it.
+    let mut config = config(1, 2);
+    config.heartbeat_timeout = Duration::from_secs(60);
+    let coordinator = start(config);
+    let mut group = running_group(&coordinator, 2);
+    let dead = group.pop().unwrap();
+    // The node agent on the same host, which is no worker itself.
+    let agent = Membership::new(
+        &coordinator.url(),
+        &token(),
+        JoinInfo {
+            host: "host-a".into(),
+            slot: "node".into(),
+            data_addr: String::new(),
+            pid: 4242,
+        },
+    )
+    .unwrap();
+    // An exit of a process it knows nothing of changes nothing.
+    agent.report_exit(999_999, "exit status: 1").unwrap();
+    assert_eq!(coordinator.status().phase, JobPhase::Running);
+    let reported = Instant::now();
+    agent.report_exit(1001, "signal: 9 (SIGKILL)").unwrap();
+    let reason = expect_reform(&group[0].heartbeats);
+    assert!(
+        reason.contains(&format!("worker {}", dead.assignment.worker_id))
+            && reason.contains("exited: signal: 9 (SIGKILL)"),
+        "{reason}"
+    );
+    assert!(reported.elapsed() < Duration::from_secs(5));
+    drop(dead);
+    let (_, assignment) = rejoin_survivors(group).pop().unwrap();
+    assert_eq!((assignment.generation, assignment.world_size), (2, 1));
+
+    // Like every RPC, it wants the job token.
+    let (runtime, mut client) = raw_client(&coordinator);
+    let refused = runtime
+        .block_on(client.process_exited(proto::ProcessExitedRequest {
+            host: "host-a".into(),
+            pid: 1000,
+            what: "exit status: 1".into(),
+        }))
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    assert_eq!(coordinator.status().world_size, 1);
+}

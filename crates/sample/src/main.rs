@@ -70,6 +70,37 @@ struct Args {
     endpoint: Option<String>,
     #[arg(long, env = "DALLE_STORE__REGION")]
     region: Option<String>,
+    /// How log lines look on stderr: `text` for people, `json` (one object
+    /// a line) for log pipelines.
+    #[arg(long, env = "DALLE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// How log lines look (as `dalle --log-format`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logs to stderr; `RUST_LOG` filters (default `info`).
+fn init_logging(format: LogFormat) {
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr);
+    match format {
+        // Colour codes only for a person at a terminal, as `dalle` does.
+        LogFormat::Text => logs
+            .with_ansi(
+                std::io::IsTerminal::is_terminal(&std::io::stderr())
+                    && std::env::var_os("NO_COLOR").is_none(),
+            )
+            .init(),
+        LogFormat::Json => logs.json().with_ansi(false).init(),
+    }
 }
 
 fn slug(prompt: &str) -> String {
@@ -92,19 +123,8 @@ fn slug(prompt: &str) -> String {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        // Colour codes only for a person at a terminal, as `dalle` does.
-        .with_ansi(
-            std::io::IsTerminal::is_terminal(&std::io::stderr())
-                && std::env::var_os("NO_COLOR").is_none(),
-        )
-        .init();
     let args = Args::parse();
+    init_logging(args.log_format);
     let mut prompts = args.prompts.clone();
     if let Some(file) = &args.prompts_file {
         prompts.extend(read_prompts(file)?);

@@ -107,12 +107,26 @@ impl StageRun {
 
     /// Writes a log line to the log and the metrics file.
     pub fn log(&mut self, line: &(impl Display + Serialize)) -> Result<()> {
-        // Under the loop's own target, which log filters and readers use.
+        // The line's step and model FLOP/s as fields too, for JSON logs and
+        // the figures a worker sends its coordinator.
+        let figures = serde_json::to_value(line).unwrap_or_default();
+        let step = figures.get("step").and_then(serde_json::Value::as_u64);
+        let tflops = figures.get("tflops").and_then(serde_json::Value::as_f64);
+        let mfu = figures.get("mfu").and_then(serde_json::Value::as_f64);
+        let (rank, stage) = (self.rank, self.plan.name);
+        // Under the loop's own target, which log filters and readers use;
+        // `rank` last, as text lines always ended.
         match self.plan.name {
-            "dvae" => tracing::info!(target: "dalle_train::dvae", rank = self.rank, "{line}"),
-            "gpt" => tracing::info!(target: "dalle_train::gpt", rank = self.rank, "{line}"),
-            "rerank" => tracing::info!(target: "dalle_train::rerank", rank = self.rank, "{line}"),
-            _ => tracing::info!(rank = self.rank, "{line}"),
+            "dvae" => {
+                tracing::info!(target: "dalle_train::dvae", stage, step, tflops, mfu, rank, "{line}")
+            }
+            "gpt" => {
+                tracing::info!(target: "dalle_train::gpt", stage, step, tflops, mfu, rank, "{line}")
+            }
+            "rerank" => {
+                tracing::info!(target: "dalle_train::rerank", stage, step, tflops, mfu, rank, "{line}")
+            }
+            _ => tracing::info!(stage, step, tflops, mfu, rank, "{line}"),
         }
         self.metrics.append(line)
     }

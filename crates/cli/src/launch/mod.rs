@@ -8,7 +8,7 @@
 
 mod job_state;
 pub(crate) mod slots;
-mod workers;
+pub(crate) mod workers;
 
 use anyhow::{Context, Result, bail};
 use dalle_runtime::coordinator::JobPhase;
@@ -93,6 +93,11 @@ pub struct LaunchArgs {
     /// devices.
     #[arg(long)]
     pub no_plan_check: bool,
+    /// On SIGTERM (or SIGINT) the local workers stop at their next step
+    /// boundary and launch exits 75 once they have; those still running
+    /// this long after are killed (exit 1). A second signal kills at once.
+    #[arg(long, default_value_t = 60)]
+    pub stop_grace_secs: u64,
 }
 
 pub fn run(args: LaunchArgs, job: &JobConfig) -> Result<()> {
@@ -180,21 +185,34 @@ pub fn run(args: LaunchArgs, job: &JobConfig) -> Result<()> {
         exe: std::env::current_exe().context("cannot find the dalle executable")?,
         coordinator: coordinator.url(),
         slots: slots::local_slots(&job.run.device, args.nproc, &slots::Visible::here())?,
-        advertise: match &args.advertise {
+        advertise: Some(match &args.advertise {
             Some(host) => host.clone(),
             None if args.listen.ip().is_loopback() => "127.0.0.1".into(),
             None => dalle_runtime::JoinInfo::this_process("", "").host,
-        },
+        }),
         token: token.expose().to_string(),
         tls_ca: args.tls_ca.clone().or(args.tls_cert.clone()),
         tls_domain: args.tls_domain.clone(),
+        extra: Vec::new(),
     };
+    // SIGTERM (preemption) stops the workers at a step boundary.
+    let mut stop = workers::Stop::new(
+        crate::node::signals::AgentSignals::install()?,
+        Duration::from_secs(args.stop_grace_secs),
+    );
     let mut workers = LocalWorkers::start(command, args.nproc, args.max_restarts)?;
     // On loopback nobody else can join: once the restarts are spent, a
     // group too small for min_workers fails at once instead of waiting.
     let only_local = args.listen.ip().is_loopback() && args.nproc > 0 && max_workers <= args.nproc;
     let host = dalle_runtime::JoinInfo::this_process("", "").host;
-    let outcome = supervise(&coordinator, &mut workers, &host, only_local, timeout);
+    let outcome = supervise(
+        &coordinator,
+        &mut workers,
+        &host,
+        only_local,
+        timeout,
+        &mut stop,
+    );
     // Workers exit after their last answer from the coordinator: keep it
     // serving until they have. One that was dropped as hung may never exit.
     let grace = match outcome {
@@ -203,6 +221,14 @@ pub fn run(args: LaunchArgs, job: &JobConfig) -> Result<()> {
     };
     workers.reap(grace);
     coordinator.shutdown();
+    if let Err(e) = &outcome
+        && let Some(stopped) = e.downcast_ref::<workers::Stopped>()
+    {
+        // The coordinator's state stays on the run, not ended: a launch
+        // started again on it takes the job over.
+        tracing::warn!("{stopped}; the job resumes when started again");
+        std::process::exit(stopped.code());
+    }
     let outcome = outcome?;
     println!(
         "job finished at step {} with {} workers (generation {}, {} restarts); run directory {}",
@@ -220,12 +246,15 @@ pub fn run(args: LaunchArgs, job: &JobConfig) -> Result<()> {
 /// exits is reported to the coordinator at once (the group re-forms without
 /// waiting out its heartbeat timeout) and, while the job goes on, started
 /// again within the restart budget so that the group re-forms at full size.
+/// Once `stop` is asked, none is restarted, and it ends (with
+/// [`workers::Stopped`]) when they all exited.
 fn supervise(
     coordinator: &CoordinatorHandle,
     workers: &mut LocalWorkers,
     host: &str,
     only_local: bool,
     grace: Duration,
+    stop: &mut workers::Stop,
 ) -> Result<JobOutcome> {
     let mut told_supply = None;
     let mut dropped: HashMap<u32, Instant> = HashMap::new();
@@ -235,9 +264,14 @@ fn supervise(
             return Ok(coordinator.wait()?);
         }
         kill_the_dropped(&status, workers, host, grace, &mut dropped);
+        let stopping = stop.tick(workers);
         for exit in workers.poll() {
             let what = exit.status.to_string();
             coordinator.worker_exited(host, exit.pid, &what);
+            if stopping {
+                stop.saw_exit(&exit.status);
+                continue;
+            }
             // Success means the job finished; after its end, nothing to redo.
             if exit.status.success() || is_over(coordinator.status().phase) {
                 continue;
@@ -256,7 +290,11 @@ fn supervise(
                 Err(e) => tracing::error!(worker = exit.local_rank, "{e:#}"),
             }
         }
-        if only_local {
+        if stopping {
+            if workers.live() == 0 {
+                return Err(stop.stopped().into());
+            }
+        } else if only_local {
             let (done, max) = workers.restarts();
             let supply = WorkerSupply {
                 live: workers.live(),

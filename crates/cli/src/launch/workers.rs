@@ -1,12 +1,16 @@
-//! The worker processes `dalle launch` runs on this machine: starting them,
-//! forwarding their output line by line under their local rank, and
-//! restarting one that dies, like torchrun's agent, within `--max-restarts`.
+//! The worker processes `dalle launch` and `dalle node` run on this
+//! machine: starting them, forwarding their output line by line under their
+//! local rank, restarting one that dies, like torchrun's agent, within
+//! `--max-restarts`, and passing a stop (SIGTERM) on to them.
 
 use anyhow::{Context, Result};
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
+
+use crate::node::signals::{AgentSignals, STOPPED};
 
 /// How to start one worker: everything but its local rank.
 pub struct WorkerCommand {
@@ -14,10 +18,13 @@ pub struct WorkerCommand {
     pub coordinator: String,
     /// The `--slot` of each local rank (see [`super::slots`]).
     pub slots: Vec<String>,
-    pub advertise: String,
+    /// Their `--advertise` (default: the worker's own choice).
+    pub advertise: Option<String>,
     pub token: String,
     pub tls_ca: Option<PathBuf>,
     pub tls_domain: Option<String>,
+    /// More arguments of `dalle worker` (e.g. `--run-dir DIR`).
+    pub extra: Vec<OsString>,
 }
 
 impl WorkerCommand {
@@ -29,12 +36,14 @@ impl WorkerCommand {
             .arg(&self.coordinator)
             .arg("--slot")
             .arg(&self.slots[local_rank as usize])
-            .arg("--advertise")
-            .arg(&self.advertise)
+            .args(&self.extra)
             // The token travels in the environment, never in `ps`.
             .env("DALLE_JOB_TOKEN", &self.token)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        if let Some(host) = &self.advertise {
+            worker.arg("--advertise").arg(host);
+        }
         if let Some(ca) = &self.tls_ca {
             worker.arg("--tls-ca").arg(ca);
         }
@@ -56,8 +65,15 @@ impl WorkerCommand {
 }
 
 /// Copies `stream` to `sink` a whole line at a time, each under `prefix`,
-/// so that lines of several workers never interleave mid-line.
+/// so that lines of several workers never interleave mid-line. JSON logs
+/// (`--log-format json`) go unprefixed, each line an object a log pipeline
+/// parses: they carry the worker's rank and generation as fields.
 fn forward(stream: impl Read + Send + 'static, prefix: String, sink: fn() -> Box<dyn Write>) {
+    let prefix = if std::env::var("DALLE_LOG_FORMAT").as_deref() == Ok("json") {
+        String::new()
+    } else {
+        prefix
+    };
     std::thread::spawn(move || {
         let mut reader = BufReader::new(stream);
         let mut line = Vec::new();
@@ -184,6 +200,26 @@ impl LocalWorkers {
         }
     }
 
+    /// Sends `signal` (e.g. `libc::SIGTERM`) to every running worker.
+    pub fn signal(&self, signal: i32) {
+        for worker in self.workers.iter().filter(|w| !w.exited) {
+            let Ok(pid) = libc::pid_t::try_from(worker.child.id()) else {
+                continue;
+            };
+            // SAFETY: kill(2) on a child not reaped yet (its pid is ours).
+            unsafe {
+                libc::kill(pid, signal);
+            }
+        }
+    }
+
+    /// Kills every running worker (their exits then show in `poll`).
+    pub fn kill_all(&mut self) {
+        for worker in self.workers.iter_mut().filter(|w| !w.exited) {
+            let _ = worker.child.kill();
+        }
+    }
+
     /// Worker processes alive now.
     pub fn live(&self) -> u32 {
         self.workers.iter().filter(|w| !w.exited).count() as u32
@@ -203,7 +239,7 @@ impl LocalWorkers {
             loop {
                 match worker.child.try_wait() {
                     Ok(Some(status)) => {
-                        if !status.success() {
+                        if !status.success() && status.code() != Some(STOPPED) {
                             tracing::warn!(worker = i, %status, "worker exited with an error");
                         }
                         break;
@@ -230,3 +266,110 @@ impl LocalWorkers {
         }
     }
 }
+
+/// Passes a stop on to the workers: the first SIGTERM or SIGINT as SIGTERM
+/// (each stops at its next step boundary, after the checkpoint due there),
+/// a second one, or `grace` passing with workers still running, as
+/// SIGKILL. Workers exiting meanwhile are not restarted.
+pub struct Stop {
+    signals: AgentSignals,
+    grace: Duration,
+    since: Option<Instant>,
+    /// Workers had to be killed, or one exited with an error while stopping.
+    unclean: bool,
+}
+
+impl Stop {
+    pub fn new(signals: AgentSignals, grace: Duration) -> Self {
+        Stop {
+            signals,
+            grace,
+            since: None,
+            unclean: false,
+        }
+    }
+
+    /// Whether a stop was asked; forwards it, or escalates, as due.
+    pub fn tick(&mut self, workers: &mut LocalWorkers) -> bool {
+        let count = self.signals.count();
+        if count == 0 {
+            return false;
+        }
+        let since = *self.since.get_or_insert_with(|| {
+            tracing::warn!(
+                "{}: stopping; {} worker(s) told to stop at their next step boundary (SIGTERM), \
+                 none restarted; a second signal, or {} s, kills them",
+                self.signals.first(),
+                workers.live(),
+                self.grace.as_secs()
+            );
+            workers.signal(libc::SIGTERM);
+            Instant::now()
+        });
+        let live = workers.live();
+        if live > 0 && (count >= 2 || since.elapsed() > self.grace) {
+            if count >= 2 {
+                tracing::warn!("a second signal: killing {live} worker(s) now");
+            } else {
+                tracing::warn!(
+                    "{live} worker(s) still running {} s after the stop: killing them",
+                    self.grace.as_secs()
+                );
+            }
+            workers.kill_all();
+            self.unclean = true;
+        }
+        true
+    }
+
+    /// Notes how a worker exited while stopping.
+    pub fn saw_exit(&mut self, status: &ExitStatus) {
+        if !status.success() && status.code() != Some(STOPPED) {
+            self.unclean = true;
+        }
+    }
+
+    /// The stop, once every worker exited.
+    pub fn stopped(&self) -> Stopped {
+        Stopped {
+            signal: self.signals.first(),
+            clean: !self.unclean,
+        }
+    }
+}
+
+/// An agent stopped by a signal, its workers gone: see [`Stopped::code`].
+#[derive(Debug)]
+pub struct Stopped {
+    pub signal: &'static str,
+    /// Every worker stopped by itself at a step boundary.
+    pub clean: bool,
+}
+
+impl Stopped {
+    /// The agent's exit status: [`STOPPED`] when every worker stopped at a
+    /// step boundary, 1 when some had to be killed (or failed).
+    pub fn code(&self) -> i32 {
+        if self.clean { STOPPED } else { 1 }
+    }
+}
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.clean {
+            write!(
+                f,
+                "stopped by {}: every worker stopped at a step boundary after its due checkpoint",
+                self.signal
+            )
+        } else {
+            write!(
+                f,
+                "stopped by {}: some workers had to be killed or failed while stopping",
+                self.signal
+            )
+        }
+    }
+}
+
+impl std::error::Error for Stopped {}

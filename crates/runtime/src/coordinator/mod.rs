@@ -17,6 +17,7 @@
 //! # Ok::<(), dalle_runtime::RuntimeError>(())
 //! ```
 
+pub mod json;
 mod persist;
 mod service;
 mod state;
@@ -218,6 +219,28 @@ pub struct JobStatus {
     pub waiting: Vec<WaitingWorker>,
     /// The plan's stages and how far each got.
     pub stages: Vec<StageStatus>,
+    /// The latest re-formations of the group (and take-overs by a new
+    /// coordinator), oldest first; a bounded list.
+    pub reformations: Vec<Reformation>,
+}
+
+/// One re-formation of the group: why the group broke, and once it formed
+/// again, as what.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reformation {
+    /// The generation that broke (or that a new coordinator took over).
+    pub from_generation: u64,
+    /// Which restart of the budget it spent; `None` for a take-over.
+    pub restart: Option<u32>,
+    /// Why.
+    pub reason: String,
+    /// When it began.
+    pub at: std::time::SystemTime,
+    /// Since it began.
+    pub ago: Duration,
+    /// The generation that formed after it, its world size and how long
+    /// the rendezvous took; `None` while re-forming.
+    pub formed: Option<(u64, u32, Duration)>,
 }
 
 impl JobStatus {
@@ -320,6 +343,8 @@ pub struct WorkerStatus {
     pub data_wait_share: Option<f64>,
     /// The plan index of the stage it is in.
     pub stage: usize,
+    /// Its last memory, FLOP/s and checkpoint figures (with its last step).
+    pub usage: Option<crate::worker::UsageReport>,
 }
 
 /// A worker waiting in Join.

@@ -1,5 +1,6 @@
 //! The gRPC service: thin async shims over the state machine. Only Join
-//! waits (for its group); Heartbeat, Leave and StageDone answer at once.
+//! waits (for its group); Heartbeat, Leave, StageDone and ProcessExited
+//! answer at once.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -82,5 +83,16 @@ impl proto::coordinator_server::Coordinator for Service {
             .shared
             .update(|state, now| state.stage_done(request, now))?;
         Ok(Response::new(reply))
+    }
+
+    async fn process_exited(
+        &self,
+        request: Request<proto::ProcessExitedRequest>,
+    ) -> Result<Response<proto::ProcessExitedReply>, Status> {
+        let request = request.into_inner();
+        self.shared.update(|state, now| {
+            state.process_exited(&request.host, request.pid, &request.what, now)
+        });
+        Ok(Response::new(proto::ProcessExitedReply {}))
     }
 }

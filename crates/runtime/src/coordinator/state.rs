@@ -15,18 +15,20 @@
 //! any --budget spent | rendezvous_timeout | NCCL id failure--> Ended(failed)
 //! ```
 
+use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::oneshot;
 use tonic::Status;
 
 use super::persist::JobState;
 use super::{
-    CoordinatorConfig, Failure, JobEnd, JobOutcome, JobPhase, JobStatus, NcclIdFn, StageState,
-    StageStatus, WaitingWorker, WorkerStatus, WorkerSupply,
+    CoordinatorConfig, Failure, JobEnd, JobOutcome, JobPhase, JobStatus, NcclIdFn, Reformation,
+    StageState, StageStatus, WaitingWorker, WorkerStatus, WorkerSupply,
 };
 use crate::proto::{self, Instruction};
+use crate::worker::{MemoryKind, UsageReport};
 use crate::{Backend, PROTOCOL_VERSION, ValidationReport};
 
 pub(super) type JoinResult = Result<proto::JoinReply, Status>;
@@ -111,6 +113,38 @@ impl MemberState {
     }
 }
 
+/// Re-formations the status keeps (the newest).
+const REFORMATIONS_KEPT: usize = 16;
+
+/// One re-formation, as the state keeps it.
+#[derive(Debug, Clone)]
+struct ReformationRecord {
+    from_generation: u64,
+    restart: Option<u32>,
+    reason: String,
+    at: SystemTime,
+    since: Instant,
+    /// Generation, world size and when it formed.
+    formed: Option<(u64, u32, Instant)>,
+}
+
+/// A member's usage figures from its heartbeat's metrics; `None` when it
+/// sent none.
+fn usage_of(m: &proto::StepMetrics) -> Option<UsageReport> {
+    let usage = UsageReport {
+        memory_bytes: m.memory_bytes,
+        memory_peak_bytes: m.memory_peak_bytes,
+        memory_kind: proto::MemoryKind::try_from(m.memory_kind)
+            .map(MemoryKind::from)
+            .unwrap_or_default(),
+        model_tflops: m.model_tflops,
+        mfu: m.mfu,
+        checkpoint_seconds: m.checkpoint_seconds,
+        checkpoint_bytes: m.checkpoint_bytes,
+    };
+    (usage != UsageReport::default()).then_some(usage)
+}
+
 enum Phase {
     /// Waiting for joins; `last_call_until` runs once `min_workers` joined.
     Rendezvous {
@@ -157,6 +191,8 @@ pub(super) struct State {
     /// The job's identity (its config's digest and epoch) as saved for a
     /// coordinator that takes over.
     identity: JobState,
+    /// The latest re-formations, oldest first.
+    reformations: VecDeque<ReformationRecord>,
 }
 
 impl State {
@@ -185,6 +221,7 @@ impl State {
             validation: vec![None; config.plan.len()],
             supply: None,
             identity: JobState::new(&config.job_toml),
+            reformations: VecDeque::new(),
             config,
         }
     }
@@ -559,8 +596,34 @@ impl State {
             self.config.max_restarts,
             done.join(", ")
         );
+        let reason = format!(
+            "a new coordinator took over the job at generation {}",
+            self.generation
+        );
+        self.record_reformation(self.generation, None, reason, Instant::now());
         self.identity = saved;
         self.identity.ended = None;
+    }
+
+    /// Keeps a re-formation for the status (the newest few).
+    fn record_reformation(
+        &mut self,
+        from_generation: u64,
+        restart: Option<u32>,
+        reason: String,
+        now: Instant,
+    ) {
+        if self.reformations.len() == REFORMATIONS_KEPT {
+            self.reformations.pop_front();
+        }
+        self.reformations.push_back(ReformationRecord {
+            from_generation,
+            restart,
+            reason,
+            at: SystemTime::now(),
+            since: now,
+            formed: None,
+        });
     }
 
     /// What a coordinator taking over the job would need, now.
@@ -668,6 +731,7 @@ impl State {
                     samples_per_second: m.metrics.map(|x| x.samples_per_second),
                     data_wait_share: m.metrics.map(|x| x.data_wait_share),
                     stage: m.stage,
+                    usage: m.metrics.as_ref().and_then(usage_of),
                 })
                 .collect(),
             waiting: self
@@ -697,6 +761,20 @@ impl State {
                         self.stage_started[i].map(|t| now.saturating_duration_since(t))
                     }),
                     validation: self.validation[i],
+                })
+                .collect(),
+            reformations: self
+                .reformations
+                .iter()
+                .map(|r| Reformation {
+                    from_generation: r.from_generation,
+                    restart: r.restart,
+                    reason: r.reason.clone(),
+                    at: r.at,
+                    ago: now.saturating_duration_since(r.since),
+                    formed: r.formed.map(|(generation, world, at)| {
+                        (generation, world, at.saturating_duration_since(r.since))
+                    }),
                 })
                 .collect(),
         }
@@ -1038,6 +1116,11 @@ impl State {
         self.members = members;
         self.phase = Phase::Running;
         self.cause = None;
+        if let Some(last) = self.reformations.back_mut()
+            && last.formed.is_none()
+        {
+            last.formed = Some((generation, world_size, now));
+        }
         self.start_stage(now);
     }
 
@@ -1086,6 +1169,7 @@ impl State {
             self.restarts,
             self.config.max_restarts
         );
+        self.record_reformation(self.generation, Some(self.restarts), cause.clone(), now);
         self.cause = Some(cause);
         self.phase = Phase::Rendezvous {
             since: now,
@@ -1384,6 +1468,7 @@ mod tests {
                     samples_per_second: 1.0,
                     data_wait_share: 0.0,
                     validation: None,
+                    ..Default::default()
                 }),
                 stage,
             },

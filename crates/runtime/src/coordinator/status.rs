@@ -1,6 +1,7 @@
 //! The coordinator's HTTP status page: `GET /` for people, `GET /metrics`
-//! in Prometheus' text format. A tiny HTTP/1.1 responder (one request per
-//! connection) is all this needs; both pages render a [`JobStatus`].
+//! in Prometheus' text format, `GET /status.json` for scripts and `dalle
+//! status` (see [`super::json`]). A tiny HTTP/1.1 responder (one request
+//! per connection) is all this needs; every page renders a [`JobStatus`].
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use tokio::sync::watch;
 use super::{JobPhase, JobStatus, Shared, StageState};
 use crate::Token;
 use crate::ValidationReport;
+use crate::worker::UsageReport;
 
 /// Largest request head read; a status page needs no more.
 const MAX_HEAD: usize = 8 * 1024;
@@ -112,10 +114,14 @@ async fn respond(mut stream: TcpStream, shared: Arc<Shared>, token: Option<&Toke
                 render_metrics(&status),
             )
         }
+        ("GET" | "HEAD", "/status.json") => {
+            let status = shared.lock().status(Instant::now());
+            ("200 OK", "application/json", super::json::render(&status))
+        }
         ("GET" | "HEAD", _) => (
             "404 Not Found",
             "text/plain; charset=utf-8",
-            format!("no page {path:?}: try / or /metrics\n"),
+            format!("no page {path:?}: try /, /metrics or /status.json\n"),
         ),
         _ => (
             "405 Method Not Allowed",
@@ -229,6 +235,44 @@ pub(super) fn render_page(status: &JobStatus) -> String {
             w.data_addr
         );
     }
+    if status.workers.iter().any(|w| w.usage.is_some()) {
+        let _ = writeln!(page);
+        let _ = writeln!(
+            page,
+            "{:<5} {:>10} {:>10} {:<12} {:>10} {:>6} {:>12}",
+            "rank", "memory", "peak", "kind", "TFLOP/s", "MFU", "checkpoint"
+        );
+        for w in &status.workers {
+            let Some(u) = w.usage else { continue };
+            let _ = writeln!(
+                page,
+                "{:<5} {:>10} {:>10} {:<12} {:>10} {:>6} {:>12}",
+                w.rank,
+                optional(u.memory_bytes.map(gib)),
+                optional(u.memory_peak_bytes.map(gib)),
+                u.memory_kind.as_str(),
+                optional(u.model_tflops.map(|t| format!("{t:.3}"))),
+                optional(u.mfu.map(|m| format!("{:.1}%", 100.0 * m))),
+                optional(u.checkpoint_seconds.map(|t| format!("{t:.2}s")).map(|t| {
+                    match u.checkpoint_bytes {
+                        Some(b) => format!("{} {t}", gib(b)),
+                        None => t,
+                    }
+                })),
+            );
+        }
+    }
+    if !status.reformations.is_empty() {
+        let _ = writeln!(page);
+        let _ = writeln!(
+            page,
+            "re-formations (latest {}):",
+            status.reformations.len()
+        );
+        for r in &status.reformations {
+            let _ = writeln!(page, "  {}", describe_reformation(r));
+        }
+    }
     if !status.waiting.is_empty() {
         let _ = writeln!(page);
         let _ = writeln!(page, "waiting to join ({}):", status.waiting.len());
@@ -244,6 +288,32 @@ pub(super) fn render_page(status: &JobStatus) -> String {
         }
     }
     page
+}
+
+/// Bytes in GiB, for the page.
+fn gib(bytes: u64) -> String {
+    format!("{:.2}GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+/// A re-formation in one line, for the page.
+fn describe_reformation(r: &super::Reformation) -> String {
+    let what = match r.restart {
+        Some(n) => format!("restart {n}"),
+        None => "take-over".into(),
+    };
+    let formed = match r.formed {
+        Some((generation, world, took)) => format!(
+            "generation {generation} formed with {world} worker(s) after {:.1}s",
+            took.as_secs_f64()
+        ),
+        None => "re-forming".into(),
+    };
+    format!(
+        "{:.0}s ago, generation {} ({what}): {}; {formed}",
+        r.ago.as_secs_f64(),
+        r.from_generation,
+        r.reason
+    )
 }
 
 /// A stage's held-out figures in a few words, for the page.
@@ -516,6 +586,85 @@ pub(super) fn render_metrics(status: &JobStatus) -> String {
         "Each worker's samples per second.",
         &labelled(&|w| w.samples_per_second),
     );
+    metric(
+        "dalle_worker_data_wait_ratio",
+        "gauge",
+        "Share of each worker's step time spent waiting on data (0..1).",
+        &labelled(&|w| w.data_wait_share),
+    );
+    // Memory carries what it counts as a label of its own: GPU memory in
+    // use on the device (cuda_device) or the process's resident set
+    // (process_rss) for workers on the CPU.
+    let memory = |value: &dyn Fn(&UsageReport) -> Option<u64>| -> Vec<(String, f64)> {
+        status
+            .workers
+            .iter()
+            .filter_map(|w| {
+                let usage = w.usage?;
+                let bytes = value(&usage)?;
+                let labels = format!(
+                    "{{worker=\"{}\",rank=\"{}\",host=\"{}\",slot=\"{}\",kind=\"{}\"}}",
+                    escape(&w.worker_id),
+                    w.rank,
+                    escape(&w.host),
+                    escape(&w.slot),
+                    usage.memory_kind.as_str()
+                );
+                Some((labels, bytes as f64))
+            })
+            .collect()
+    };
+    metric(
+        "dalle_worker_memory_bytes",
+        "gauge",
+        "Memory each worker uses at its last step, by kind: cuda_device (GPU memory in use on its \
+         device, as the driver reports it) or process_rss (its resident set, CPU workers).",
+        &memory(&|u| u.memory_bytes),
+    );
+    metric(
+        "dalle_worker_memory_peak_bytes",
+        "gauge",
+        "The most memory each worker used so far, by kind (see dalle_worker_memory_bytes).",
+        &memory(&|u| u.memory_peak_bytes),
+    );
+    let usage = |value: &dyn Fn(&UsageReport) -> Option<f64>| {
+        labelled(&|w| w.usage.and_then(|u| value(&u)))
+    };
+    metric(
+        "dalle_worker_model_tflops",
+        "gauge",
+        "Model TFLOP/s of each worker's device over its last log window.",
+        &usage(&|u| u.model_tflops),
+    );
+    metric(
+        "dalle_worker_mfu_ratio",
+        "gauge",
+        "Model FLOPs utilisation of each worker's device (0..1), where its peak is known.",
+        &usage(&|u| u.mfu),
+    );
+    metric(
+        "dalle_worker_checkpoint_seconds",
+        "gauge",
+        "Seconds each worker's last committed checkpoint save took.",
+        &usage(&|u| u.checkpoint_seconds),
+    );
+    metric(
+        "dalle_worker_checkpoint_bytes",
+        "gauge",
+        "Bytes each worker wrote in its last committed checkpoint save.",
+        &usage(&|u| u.checkpoint_bytes.map(|b| b as f64)),
+    );
+    if let Some(last) = status.reformations.last() {
+        metric(
+            "dalle_last_reformation_timestamp_seconds",
+            "gauge",
+            "When the latest re-formation of the group (or take-over) began, Unix time.",
+            &job(last
+                .at
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |t| t.as_secs_f64())),
+        );
+    }
     out
 }
 
@@ -566,6 +715,23 @@ mod tests {
                 samples_per_second: Some(10.0),
                 data_wait_share: Some(0.1),
                 stage: 1,
+                usage: Some(UsageReport {
+                    memory_bytes: Some(3 << 30),
+                    memory_peak_bytes: Some(4 << 30),
+                    memory_kind: crate::worker::MemoryKind::CudaDevice,
+                    model_tflops: Some(12.5),
+                    mfu: Some(0.25),
+                    checkpoint_seconds: Some(1.5),
+                    checkpoint_bytes: Some(1000),
+                }),
+            }],
+            reformations: vec![super::super::Reformation {
+                from_generation: 1,
+                restart: Some(1),
+                reason: "worker w2 (rank 1) missed its heartbeats".into(),
+                at: std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+                ago: Duration::from_secs(30),
+                formed: Some((2, 1, Duration::from_millis(1500))),
             }],
             waiting: Vec::new(),
             stages: vec![
@@ -621,6 +787,14 @@ mod tests {
             "dalle_validation_codes_used{stage=\"dvae\"} 37",
             "dalle_validation_code_perplexity{stage=\"dvae\"} 20.5",
             "dalle_validation_step{stage=\"dvae\"} 40",
+            "dalle_worker_memory_bytes{worker=\"w3\",rank=\"0\",host=\"node\\\"1\",slot=\"cpu:0\",kind=\"cuda_device\"} 3221225472",
+            "dalle_worker_memory_peak_bytes{worker=\"w3\",rank=\"0\",host=\"node\\\"1\",slot=\"cpu:0\",kind=\"cuda_device\"} 4294967296",
+            "dalle_worker_model_tflops{worker=\"w3\",rank=\"0\",host=\"node\\\"1\",slot=\"cpu:0\",state=\"active\"} 12.5",
+            "dalle_worker_mfu_ratio{worker=\"w3\",rank=\"0\",host=\"node\\\"1\",slot=\"cpu:0\",state=\"active\"} 0.25",
+            "dalle_worker_data_wait_ratio{worker=\"w3\",rank=\"0\",host=\"node\\\"1\",slot=\"cpu:0\",state=\"active\"} 0.1",
+            "dalle_worker_checkpoint_seconds{worker=\"w3\",rank=\"0\",host=\"node\\\"1\",slot=\"cpu:0\",state=\"active\"} 1.5",
+            "dalle_worker_checkpoint_bytes{worker=\"w3\",rank=\"0\",host=\"node\\\"1\",slot=\"cpu:0\",state=\"active\"} 1000",
+            "dalle_last_reformation_timestamp_seconds 1700000000",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
@@ -648,5 +822,25 @@ mod tests {
             status.current_stage().map(|s| s.name.as_str()),
             Some("tokenizer")
         );
+        assert!(page.contains("3.00GiB"), "{page}");
+        assert!(
+            page.contains("generation 1 (restart 1): worker w2 (rank 1) missed its heartbeats; generation 2 formed with 1 worker(s) after 1.5s"),
+            "{page}"
+        );
+
+        let json: serde_json::Value =
+            serde_json::from_str(&super::super::json::render(&status)).unwrap();
+        assert_eq!(json["format"], 1);
+        assert_eq!(json["current_stage"], "tokenizer");
+        assert_eq!(json["stages"][0]["validation"]["codes_used"], 37);
+        assert_eq!(json["workers"][0]["stage"], "tokenizer");
+        assert_eq!(json["workers"][0]["memory_kind"], "cuda_device");
+        assert_eq!(json["workers"][0]["memory_peak_bytes"], 4u64 << 30);
+        assert_eq!(json["workers"][0]["heartbeat_age_seconds"], 0.25);
+        assert_eq!(json["reformations"][0]["at_unix_ms"], 1_700_000_000_000u64);
+        assert_eq!(json["reformations"][0]["formed_generation"], 2);
+        assert!(json["workers"][0].get("nothing").is_none());
+        let back: super::super::json::Status = serde_json::from_value(json).unwrap();
+        assert_eq!(back, super::super::json::Status::from(&status));
     }
 }
