@@ -141,6 +141,18 @@ api_bind_addr = "127.0.0.1:{admin}"
             );
             std::thread::sleep(Duration::from_millis(100));
         };
+        // `node id` reads the node's key from disk and can answer before the
+        // server listens; `status` asks the server over RPC.
+        while !self.cli(&["status"]).status.success() {
+            if let Ok(Some(status)) = self.server.try_wait() {
+                panic!("garage server exited early: {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "garage did not answer `status` in 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
         let node_id = node.split('@').next().unwrap().to_string();
         self.ok(&["layout", "assign", "-z", "dc1", "-c", "1G", &node_id]);
         self.ok(&["layout", "apply", "--version", "1"]);

@@ -232,6 +232,9 @@ pub enum Departure {
     /// It gives up, with what went wrong (e.g. "collective broken: peer 2
     /// (10.0.0.3:4567) timed out"); the others re-form without it.
     Failed(String),
+    /// It was told to stop (SIGTERM), and did at a step boundary, for this
+    /// reason: the others re-form without it, and no restart is spent.
+    Stopped(String),
 }
 
 /// A worker's connection to its coordinator. Blocking: call it from the
@@ -436,9 +439,10 @@ impl Membership {
         final_step: u64,
         departure: Departure,
     ) -> Result<(), RuntimeError> {
-        let (success, error) = match departure {
-            Departure::Finished => (true, String::new()),
-            Departure::Failed(error) => (false, error),
+        let (success, error, stopped) = match departure {
+            Departure::Finished => (true, String::new(), false),
+            Departure::Failed(error) => (false, error, false),
+            Departure::Stopped(reason) => (false, reason, true),
         };
         let request = proto::LeaveRequest {
             worker_id: assignment.worker_id.clone(),
@@ -446,6 +450,7 @@ impl Membership {
             final_step,
             success,
             error,
+            stopped,
         };
         let mut client = self.client.clone();
         let patience = assignment.heartbeat_timeout.max(Duration::from_secs(5));

@@ -8,6 +8,7 @@ use common::{prepare, stage2_job as job};
 use dalle_data::tokens::{self, TokenRow};
 use dalle_model::gpt::{AttentionLayout, GptArch};
 use dalle_store::{Location, StoreConfig};
+use dalle_train::config::JobConfig;
 use dalle_train::ddp::DataParallel;
 
 #[test]
@@ -30,6 +31,24 @@ fn training_on_images_through_the_frozen_dvae_lowers_the_loss() {
     assert_eq!(lines.lines().count(), 3);
 }
 
+/// Writes `rows` as the pre-tokenized data under `dir` and trains the job
+/// on it: the error it must end with.
+fn train_on_tokens(job: &mut JobConfig, dir: &std::path::Path, rows: &[TokenRow]) -> String {
+    let url = dir.join("tokens").display().to_string();
+    let location = Location::parse(&url, &StoreConfig::default()).unwrap();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(tokens::write(&location, "part-0.parquet", rows, 16))
+        .unwrap();
+    job.gpt.train.data_url = Some(url);
+    dalle_train::gpt::train(job, &mut DataParallel::solo(), |_| {})
+        .err()
+        .unwrap()
+        .to_string()
+}
+
 #[test]
 fn tokens_of_another_dvae_are_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -43,19 +62,7 @@ fn tokens_of_another_dvae_are_refused() {
             tokens: vec![1; 9],
         })
         .collect();
-    let url = dir.path().join("tokens").display().to_string();
-    let location = Location::parse(&url, &StoreConfig::default()).unwrap();
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(tokens::write(&location, "part-0.parquet", &rows, 16))
-        .unwrap();
-    job.gpt.train.data_url = Some(url);
-    let err = dalle_train::gpt::train(&job, &mut DataParallel::solo(), |_| {})
-        .err()
-        .unwrap()
-        .to_string();
+    let err = train_on_tokens(&mut job, dir.path(), &rows);
     assert!(
         err.contains("9 tokens") && err.contains("grids of 4"),
         "{err}"
@@ -85,19 +92,7 @@ fn a_token_outside_the_codebook_is_refused_where_it_is_read_naming_the_sample() 
                 .collect(),
         })
         .collect();
-    let url = dir.path().join("tokens").display().to_string();
-    let location = Location::parse(&url, &StoreConfig::default()).unwrap();
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(tokens::write(&location, "part-0.parquet", &rows, 16))
-        .unwrap();
-    job.gpt.train.data_url = Some(url);
-    let err = dalle_train::gpt::train(&job, &mut DataParallel::solo(), |_| {})
-        .err()
-        .unwrap()
-        .to_string();
+    let err = train_on_tokens(&mut job, dir.path(), &rows);
     assert!(
         err.contains("sample k5") && err.contains(&format!("image token {vocab}")),
         "{err}"

@@ -143,7 +143,7 @@ pub fn leave_stopped(
         "stopped by {signal} (preemption or a stop of its node) at step {last_step}, after the \
          checkpoint that step was due; the job resumes from its checkpoints"
     );
-    if let Err(e) = membership.leave(assignment, last_step, Departure::Failed(why.clone())) {
+    if let Err(e) = membership.leave(assignment, last_step, Departure::Stopped(why.clone())) {
         tracing::warn!("the coordinator did not hear the stop: {e}");
     }
     tracing::warn!("{why}: exiting with status {STOPPED}");

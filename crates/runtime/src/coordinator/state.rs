@@ -534,6 +534,15 @@ impl State {
             };
             tracing::info!("{description} finished at step {}", request.final_step);
             self.finish_if_done();
+        } else if request.stopped {
+            // Preempted or drained: the group re-forms without it, but no
+            // restart is spent (a week-long job is preempted many times).
+            let cause = format!(
+                "{description} stopped at step {}: {}",
+                request.final_step, request.error
+            );
+            let id = request.worker_id;
+            self.fail_counted(now, cause, Some(&id), false);
         } else {
             let cause = format!(
                 "{description} failed at step {}: {}",
@@ -1126,6 +1135,12 @@ impl State {
 
     /// A member failed (or the group broke): re-form within the budget.
     fn fail(&mut self, now: Instant, cause: String, failed: Option<&str>) {
+        self.fail_counted(now, cause, failed, true);
+    }
+
+    /// [`Self::fail`]; a re-formation that `counts` spends a restart of the
+    /// budget (one for a stop that was asked for does not).
+    fn fail_counted(&mut self, now: Instant, cause: String, failed: Option<&str>, counts: bool) {
         if let Some(id) = failed
             && let Some(member) = self.members.iter_mut().find(|m| m.who.worker_id == id)
         {
@@ -1156,20 +1171,29 @@ impl State {
             self.finish_if_done();
             return;
         }
-        if self.restarts >= self.config.max_restarts {
+        if counts && self.restarts >= self.config.max_restarts {
             self.finish(JobEnd::Failed(Failure::RestartBudget {
                 max_restarts: self.config.max_restarts,
                 cause,
             }));
             return;
         }
-        self.restarts += 1;
-        tracing::warn!(
-            "{cause}: re-forming the group (restart {} of {})",
-            self.restarts,
-            self.config.max_restarts
+        if counts {
+            self.restarts += 1;
+            tracing::warn!(
+                "{cause}: re-forming the group (restart {} of {})",
+                self.restarts,
+                self.config.max_restarts
+            );
+        } else {
+            tracing::warn!("{cause}: re-forming the group (no restart spent)");
+        }
+        self.record_reformation(
+            self.generation,
+            counts.then_some(self.restarts),
+            cause.clone(),
+            now,
         );
-        self.record_reformation(self.generation, Some(self.restarts), cause.clone(), now);
         self.cause = Some(cause);
         self.phase = Phase::Rendezvous {
             since: now,
