@@ -430,10 +430,7 @@ impl DataParallel {
         optimizer.step(lr);
         if optimizer.is_sharded() {
             for flat in optimizer.flat_params() {
-                for bucket in self.buckets(flat.numel() as i64) {
-                    let len = bucket.end - bucket.start;
-                    self.reduce_bucket(&flat.narrow(0, bucket.start, len), Reduction::Gather)?;
-                }
+                self.reduce_flat(&flat, Reduction::Gather)?;
             }
         }
         Ok(Update {
@@ -463,10 +460,7 @@ impl DataParallel {
             Reduction::Sum(scale)
         };
         for flat in optimizer.flat_grads() {
-            for bucket in self.buckets(flat.numel() as i64) {
-                let len = bucket.end - bucket.start;
-                self.reduce_bucket(&flat.narrow(0, bucket.start, len), reduction)?;
-            }
+            self.reduce_flat(&flat, reduction)?;
         }
         Ok(total as usize)
     }
@@ -499,6 +493,16 @@ impl DataParallel {
             optimizer.square_sums(&shards)
         };
         Ok(squares.sum(Kind::Float).sqrt())
+    }
+
+    /// Runs `reduction` on a flat buffer, one bucket (a slice of it) at a
+    /// time, in place.
+    fn reduce_flat(&mut self, flat: &Tensor, reduction: Reduction) -> Result<()> {
+        for bucket in self.buckets(flat.numel() as i64) {
+            let len = bucket.end - bucket.start;
+            self.reduce_bucket(&flat.narrow(0, bucket.start, len), reduction)?;
+        }
+        Ok(())
     }
 
     fn reduce_bucket(&mut self, bucket: &Tensor, reduction: Reduction) -> Result<()> {
