@@ -6,9 +6,10 @@
 //! The tests seed libtorch's one global generator and compare what it
 //! draws (the Gumbel noise), so they run one at a time (`SERIAL`).
 
-use dalle_data::synth::SynthConfig;
+mod common;
+
+use common::small_dvae_job;
 use dalle_model::dvae::{Dvae, DvaeConfig, Objective, ReconLoss, Relaxation};
-use dalle_train::config::JobConfig;
 use dalle_train::ddp::DataParallel;
 use dalle_train::schedule::Cosine;
 use std::sync::Mutex;
@@ -123,24 +124,7 @@ fn accumulated_micro_batches_give_the_whole_batch_gradient() {
 fn a_run_in_micro_batches_of_half_the_batch_learns() {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
-    let mut job = JobConfig::default();
-    job.run.dir = dir.path().join("run");
-    job.run.device = "cpu".into();
-    job.synth = SynthConfig {
-        count: 256,
-        image_size: 32,
-        rows_per_file: 128,
-        rows_per_group: 32,
-        ..SynthConfig::default()
-    };
-    job.dvae.model = DvaeConfig {
-        image_size: 32,
-        n_hid: 16,
-        n_blk_per_group: 1,
-        vocab_size: 64,
-        n_init: 32,
-        ..DvaeConfig::default()
-    };
+    let mut job = small_dvae_job(dir.path(), 256);
     let steps = 200;
     let t = &mut job.dvae.train;
     t.steps = steps;
@@ -154,7 +138,6 @@ fn a_run_in_micro_batches_of_half_the_batch_learns() {
     t.beta = Cosine::new(0.0, 1.0, 50);
     t.usage = Cosine::new(0.1, 0.1, steps);
     job.validate().unwrap();
-    dalle_data::synth::write_dataset(&job.data_dir().unwrap(), &job.synth, |_| {}).unwrap();
     let report = dalle_train::dvae::train(&job, &mut DataParallel::solo(), |_| {}).unwrap();
     let (first, last) = (&report.logs[0], report.logs.last().unwrap());
     assert_eq!(last.step, steps);

@@ -3,35 +3,19 @@
 //! model ignoring its input could do (the mean image). Beating each image's
 //! own mean colour takes longer runs (the demo's); see BENCHMARKS.md.
 
+mod common;
+
+use common::small_dvae_job;
 use dalle_data::loader::ImageLoader;
 use dalle_data::order::Cursor;
-use dalle_data::synth::{self, SynthConfig};
 use dalle_model::device::parse_device;
-use dalle_model::dvae::{Dvae, DvaeConfig};
-use dalle_train::config::JobConfig;
+use dalle_model::dvae::Dvae;
 use dalle_train::schedule::Cosine;
 
 #[test]
 fn short_training_run_learns_to_reconstruct() {
     let dir = tempfile::tempdir().unwrap();
-    let mut job = JobConfig::default();
-    job.run.dir = dir.path().join("run");
-    job.run.device = "cpu".into();
-    job.synth = SynthConfig {
-        count: 512,
-        image_size: 32,
-        rows_per_file: 256,
-        rows_per_group: 64,
-        ..SynthConfig::default()
-    };
-    job.dvae.model = DvaeConfig {
-        image_size: 32,
-        n_hid: 16,
-        n_blk_per_group: 1,
-        vocab_size: 64,
-        n_init: 32,
-        ..DvaeConfig::default()
-    };
+    let mut job = small_dvae_job(dir.path(), 512);
     let steps = 900;
     let t = &mut job.dvae.train;
     t.steps = steps;
@@ -42,7 +26,6 @@ fn short_training_run_learns_to_reconstruct() {
     t.tau = Cosine::new(1.0, 1.0 / 16.0, steps);
     t.beta = Cosine::new(0.0, 6.6, 100);
     job.validate().unwrap();
-    synth::write_dataset(&job.data_dir().unwrap(), &job.synth, |_| {}).unwrap();
 
     let report =
         dalle_train::dvae::train(&job, &mut dalle_train::ddp::DataParallel::solo(), |_| {})

@@ -1,6 +1,7 @@
 //! What the training tests share: a tiny job whose run directory holds a
 //! synthetic dataset, a random dVAE and a caption tokenizer; ranks joined
-//! by a TCP ring on loopback.
+//! by a TCP ring on loopback. Not every test binary uses every helper.
+#![allow(dead_code)]
 
 use dalle_collective::{RingConfig, RingSecret, TcpRing};
 use dalle_data::synth::{self, SynthConfig};
@@ -75,9 +76,33 @@ pub fn prepare(job: &JobConfig) {
         .unwrap();
 }
 
+/// A dVAE-only job that trains in seconds on `images` synthetic 32 px
+/// shapes (written to its run directory): a 32 px dVAE of 64 codes.
+pub fn small_dvae_job(dir: &std::path::Path, images: usize) -> JobConfig {
+    let mut job = JobConfig::default();
+    job.run.dir = dir.join("run");
+    job.run.device = "cpu".into();
+    job.synth = SynthConfig {
+        count: images,
+        image_size: 32,
+        rows_per_file: images / 2,
+        rows_per_group: images / 8,
+        ..SynthConfig::default()
+    };
+    job.dvae.model = DvaeConfig {
+        image_size: 32,
+        n_hid: 16,
+        n_blk_per_group: 1,
+        vocab_size: 64,
+        n_init: 32,
+        ..DvaeConfig::default()
+    };
+    synth::write_dataset(&job.data_dir().unwrap(), &job.synth, |_| {}).unwrap();
+    job
+}
+
 /// Runs `train` on `world` ranks (threads joined by a TCP ring, with small
 /// gradient buckets so a step takes several) and returns each rank's result.
-#[allow(dead_code)] // not every test binary runs ranks
 pub fn on_ranks<T: Send + 'static>(
     world: usize,
     train: impl Fn(&mut DataParallel) -> T + Send + Sync + Clone + 'static,
