@@ -96,6 +96,14 @@ fn dvae_job(dir: &Path) -> std::path::PathBuf {
     tiny_job(dir, "stages = [\"dvae\"]", "[checkpoint]\nevery = 20\n")
 }
 
+/// The `step=` of every line of `text` that says `what`, in order.
+fn steps_of<C: FromIterator<u64>>(text: &str, what: &str) -> C {
+    text.lines()
+        .filter(|l| l.contains(what))
+        .map(|l| field(l, "step").parse().unwrap())
+        .collect()
+}
+
 #[test]
 fn a_coordinator_and_one_node_of_two_workers_finish_the_job() {
     let dir = tempfile::tempdir().unwrap();
@@ -184,11 +192,7 @@ fn sigterm_stops_the_node_at_a_step_boundary_after_its_checkpoint_and_the_job_re
     );
     // The workers that stopped in their step hook did so at one boundary
     // (the other, if any, was blocked in the next step's collective).
-    let stops: BTreeSet<u64> = text
-        .lines()
-        .filter(|l| l.contains("stopping at this step boundary"))
-        .map(|l| field(l, "step").parse().unwrap())
-        .collect();
+    let stops: BTreeSet<u64> = steps_of(&text, "stopping at this step boundary");
     assert_eq!(stops.len(), 1, "{text}");
     let stop = *stops.first().unwrap();
     // The checkpoint due at (or before) that boundary is committed, and
@@ -220,11 +224,7 @@ fn sigterm_stops_the_node_at_a_step_boundary_after_its_checkpoint_and_the_job_re
         "{}",
         coordinator_log.text()
     );
-    let resumed: Vec<u64> = text
-        .lines()
-        .filter(|l| l.contains("resuming from a checkpoint"))
-        .map(|l| field(l, "step").parse().unwrap())
-        .collect();
+    let resumed: Vec<u64> = steps_of(&text, "resuming from a checkpoint");
     assert_eq!(resumed, [stop / 20 * 20; 2], "{text}");
     assert!(
         coordinator_out.text().contains("job finished at step 600"),
@@ -251,11 +251,7 @@ fn sigterm_stops_launch_the_same_way_and_launch_again_resumes() {
     let text = log.text();
     assert_eq!(ended.code(), Some(75), "{ended}:\n{text}");
     assert!(!text.contains("restarted worker"), "{text}");
-    let stops: BTreeSet<u64> = text
-        .lines()
-        .filter(|l| l.contains("stopping at this step boundary"))
-        .map(|l| field(l, "step").parse().unwrap())
-        .collect();
+    let stops: BTreeSet<u64> = steps_of(&text, "stopping at this step boundary");
     assert_eq!(stops.len(), 1, "{text}");
     let stop = *stops.first().unwrap();
     assert_eq!(committed(&run, "dvae"), Some(stop / 20 * 20), "{text}");
@@ -266,11 +262,7 @@ fn sigterm_stops_launch_the_same_way_and_launch_again_resumes() {
     let text = log.text();
     assert!(ended.success(), "{text}");
     assert!(text.contains("taking over the job"), "{text}");
-    let resumed: Vec<u64> = text
-        .lines()
-        .filter(|l| l.contains("resuming from a checkpoint"))
-        .map(|l| field(l, "step").parse().unwrap())
-        .collect();
+    let resumed: Vec<u64> = steps_of(&text, "resuming from a checkpoint");
     assert_eq!(resumed, [stop / 20 * 20; 2], "{text}");
     assert!(
         out.text().contains("job finished at step 600"),
