@@ -245,6 +245,7 @@ fn eval_reports_every_section_of_a_trained_run() {
         for attribute in ["background", "shape_colour", "shape_kind", "size"] {
             share(f, &format!("{part}.accuracy.{attribute}"));
             share(f, &format!("probes.ceiling.{attribute}"));
+            share(f, &format!("probes.through_dvae.{attribute}"));
         }
         share(f, &format!("{part}.all_four"));
     }

@@ -119,7 +119,7 @@ pub fn run(args: EvalArgs, job: &JobConfig) -> Result<()> {
     tracing::info!(images = held.len(), source = ?held.source, "held-out images read");
 
     let mut notes = Vec::new();
-    let (dvae_report, tokens) = measure_dvae(&dvae, &weights, &held, job, &out)?;
+    let (dvae_report, tokens, reconstructions) = measure_dvae(&dvae, &weights, &held, job, &out)?;
     let (mut gpt, mut fidelity) = (None, None);
     match transformer {
         Err(why) => notes.push(format!("gpt and fidelity not measured: {why}")),
@@ -138,7 +138,11 @@ pub fn run(args: EvalArgs, job: &JobConfig) -> Result<()> {
                 rerank_candidates: args.rerank_candidates.0.clone(),
             };
             let loaded = reranker.as_ref().and_then(|r| r.as_ref().ok());
-            match fidelity::measure(job, &model, &held, &plan, loaded, &out, device)? {
+            let held_out = fidelity::HeldOutAndReconstructions {
+                held: &held,
+                reconstructions: &reconstructions,
+            };
+            match fidelity::measure(job, &model, &held_out, &plan, loaded, &out, device)? {
                 Ok(report) => {
                     if let Some(Err(why)) = &reranker {
                         notes.push(format!("reranking not measured: {why}"));
@@ -173,14 +177,15 @@ pub fn run(args: EvalArgs, job: &JobConfig) -> Result<()> {
 }
 
 /// Reconstruction, codebook usage and the grid; returns the `(N, h, w)`
-/// tokens too, which the transformer's held-out loss reads.
+/// tokens too, which the transformer's held-out loss reads, and the
+/// `(N, 3, S, S)` reconstructions, which the probes judge.
 fn measure_dvae(
     dvae: &Dvae,
     weights: &Path,
     held: &held_out::HeldOutSet,
     job: &JobConfig,
     out: &Path,
-) -> Result<(DvaeReport, Tensor)> {
+) -> Result<(DvaeReport, Tensor, Tensor)> {
     let n = held.len();
     let bar = progress::bar(n as u64, "reconstructing");
     let batches = held.images.split(DVAE_BATCH, 0).into_iter().map(Ok);
@@ -211,7 +216,7 @@ fn measure_dvae(
         codebook,
         grid: GRID.into(),
     };
-    Ok((report, r.tokens))
+    Ok((report, r.tokens, r.reconstructions))
 }
 
 #[cfg(test)]

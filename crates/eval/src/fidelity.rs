@@ -203,6 +203,11 @@ pub struct ProbeReport {
     /// score.
     pub ceiling: AttributeAccuracy,
     pub ceiling_images: usize,
+    /// Accuracy on the dVAE's reconstructions of the same images (argmax
+    /// codes, decoded): the best a sample can score once it passes through
+    /// this dVAE's codes. Far below `ceiling`, the dVAE is the limit; close
+    /// to it while the samples score low, the transformer is.
+    pub through_dvae: AttributeAccuracy,
     /// What guessing scores.
     pub chance: AttributeAccuracy,
 }

@@ -196,6 +196,7 @@ impl EvalReport {
                 table(s, label, "  ", &r.scores)?;
             }
             line(s, "ceiling", &f.probes.ceiling, None)?;
+            line(s, "via dVAE", &f.probes.through_dvae, None)?;
             line(s, "chance", &f.probes.chance, None)?;
             if !f.reranked.is_empty() {
                 let by = f.reranker.as_deref().unwrap_or("the reranker");
@@ -298,6 +299,7 @@ mod tests {
                 config: ProbeConfig::default(),
                 ceiling: scores(0.95).all.accuracy,
                 ceiling_images: 16,
+                through_dvae: scores(0.9).all.accuracy,
                 chance: AttributeAccuracy::chance(),
             },
             prompts: 4,

@@ -46,17 +46,25 @@ struct RowCaption<'a> {
     unseen: bool,
 }
 
+/// The held-out images the probes' ceilings are read on.
+pub struct HeldOutAndReconstructions<'a> {
+    pub held: &'a HeldOutSet,
+    /// The dVAE's reconstructions of `held.images`, in the same order.
+    pub reconstructions: &'a Tensor,
+}
+
 /// Measures fidelity, or says why it cannot be measured; with a
 /// `reranker`, again for each N of `plan.rerank_candidates`.
 pub fn measure(
     job: &JobConfig,
     stage2: &Stage2,
-    held: &HeldOutSet,
+    held_out: &HeldOutAndReconstructions,
     plan: &Plan,
     reranker: Option<&best_of::Loaded>,
     out: &Path,
     device: Device,
 ) -> Result<std::result::Result<FidelityReport, String>> {
+    let (held, reconstructions) = (held_out.held, held_out.reconstructions);
     if plan.prompts == 0 || plan.samples_per_prompt == 0 {
         return Ok(Err("--prompts or --samples-per-prompt is 0".into()));
     }
@@ -93,10 +101,9 @@ pub fn measure(
     let probes = Probes::train(&images, &labels, &config, device)?;
     spinner.finish_and_clear();
     let (index, truth): (Vec<i64>, Vec<_>) = known.iter().map(|&(i, a)| (i as i64, a)).unzip();
-    let ceiling = probes.accuracy(
-        &held.images.index_select(0, &Tensor::from_slice(&index)),
-        &truth,
-    )?;
+    let index = Tensor::from_slice(&index);
+    let ceiling = probes.accuracy(&held.images.index_select(0, &index), &truth)?;
+    let through_dvae = probes.accuracy(&reconstructions.index_select(0, &index), &truth)?;
 
     let prompts = fidelity::prompt_set(&truth, &unseen, plan.prompts);
     let k = plan.samples_per_prompt;
@@ -172,6 +179,7 @@ pub fn measure(
             config,
             ceiling,
             ceiling_images: truth.len(),
+            through_dvae,
             chance: AttributeAccuracy::chance(),
         },
         prompts: prompts.len(),
