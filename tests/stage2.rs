@@ -185,6 +185,7 @@ guidance_scale = 2.0
         sampling: bundle.manifest.sampling.clone(),
         use_cache: true,
         candidates: None,
+        precision: dalle_precision::Precision::Fp32,
     };
     assert_eq!(
         request.sampling,

@@ -8,6 +8,7 @@ use clap::Subcommand;
 use dalle_model::dvae::{Dvae, Objective};
 use dalle_model::gpt::sample::sample;
 use dalle_model::gpt::{Gpt, GptConfig};
+use dalle_precision::Autocast;
 use dalle_train::config::JobConfig;
 use dalle_train::optim::AdamW;
 use std::time::{Duration, Instant};
@@ -158,6 +159,7 @@ fn bench_gpt(
 ) -> Result<()> {
     anyhow::ensure!(steps > 0, "--steps must be positive");
     let device = dalle_train::feed::runtime_device(job)?;
+    let precision = job.run.precision_on(device);
     let train = &job.gpt.train;
     let config = shape.config(job)?;
     let batch = batch.unwrap_or(train.batch_size as i64);
@@ -181,6 +183,8 @@ fn bench_gpt(
     let mut step = |phases: &mut Phases| -> Result<f64> {
         let t0 = Instant::now();
         opt.zero_grad();
+        // Forward and backward in `run.precision`, as the training loop.
+        let autocast = Autocast::enter(device, precision);
         // With activation checkpointing, forward and backward interleave
         // (blocks are recomputed in backward): timed as one.
         let (loss, t1) = if train.activation_checkpointing {
@@ -192,6 +196,7 @@ fn bench_gpt(
             loss.loss.backward();
             (loss, Some(t1))
         };
+        drop(autocast);
         let t2 = Instant::now();
         let t1 = t1.unwrap_or(t2);
         // As the training loop: the norm is computed (and logged) anyway.
@@ -247,6 +252,7 @@ fn bench_gpt(
         "impl": "dalle-rs",
         "threads": tch::get_num_threads(),
         "device": format!("{device:?}"),
+        "precision": precision.name(),
         "dim": a.dim,
         "depth": a.depth,
         "heads": a.heads,
@@ -284,6 +290,7 @@ fn bench_sample(
     anyhow::ensure!(batch > 0, "--batch must be positive");
     anyhow::ensure!(cache_runs > 0, "--cache-runs must be positive");
     let device = dalle_train::feed::runtime_device(job)?;
+    let precision = job.run.precision_on(device);
     let config = shape.config(job)?;
     let settings = &job.gpt.sample;
     tch::manual_seed(job.run.seed as i64);
@@ -295,7 +302,9 @@ fn bench_sample(
     );
     let time = |use_cache: bool| -> Result<(f64, Tensor)> {
         let started = Instant::now();
+        let autocast = Autocast::enter(device, precision);
         let tokens = sample(&model, &captions, settings, use_cache, |_| {})?;
+        drop(autocast);
         // The tokens are read back, so the time covers the whole decode.
         let tokens = tokens.to_device(Device::Cpu);
         Ok((started.elapsed().as_secs_f64(), tokens))
@@ -334,6 +343,7 @@ fn bench_sample(
         "impl": "dalle-rs",
         "threads": tch::get_num_threads(),
         "device": format!("{device:?}"),
+        "precision": precision.name(),
         "dim": a.dim,
         "depth": a.depth,
         "heads": a.heads,
@@ -419,6 +429,7 @@ pub fn run(cmd: BenchCommand, job: &JobConfig) -> Result<()> {
         } => bench_decode(&images, size, passes),
         BenchCommand::Dvae { warmup, steps } => {
             let device = dalle_train::feed::runtime_device(job)?;
+            let precision = job.run.precision_on(device);
             let cfg = &job.dvae.model;
             let train = &job.dvae.train;
             tch::manual_seed(job.run.seed as i64);
@@ -440,9 +451,12 @@ pub fn run(cmd: BenchCommand, job: &JobConfig) -> Result<()> {
             let checkpointing = train.activation_checkpointing;
             let mut step = || -> Result<f64> {
                 opt.zero_grad();
+                // Forward and backward in `run.precision`, as the training loop.
+                let autocast = Autocast::enter(device, precision);
                 let out = model
                     .train_pass(&x, &objective, checkpointing)?
                     .backward(1.0);
+                drop(autocast);
                 opt.step(1e-4);
                 Ok(out.loss.double_value(&[]))
             };
@@ -466,6 +480,7 @@ pub fn run(cmd: BenchCommand, job: &JobConfig) -> Result<()> {
                 "impl": "dalle-rs",
                 "threads": tch::get_num_threads(),
                 "device": format!("{device:?}"),
+                "precision": precision.name(),
                 "image_size": cfg.image_size,
                 "n_hid": cfg.n_hid,
                 "n_blk_per_group": cfg.n_blk_per_group,

@@ -1,17 +1,21 @@
 //! `dalle export`: the sampler bundle (dVAE decoder, transformer, caption
 //! tokenizer, sampling defaults, and the reranker when the run trained one)
 //! from a run's outputs, to a local path or a store URL, for `dalle-sample`.
+//! The weights are written as trained (fp32), or as bf16 on request: half
+//! the download, and `dalle-sample` loads either (as fp32 weights it then
+//! computes with in the precision it is asked for).
 
 use anyhow::{Context, Result};
 use dalle_model::dvae::Dvae;
+use dalle_model::weights::{self, StoredDtype};
 use dalle_sample::bundle::{self, Parts};
 use dalle_store::Location;
 use dalle_train::config::JobConfig;
 use tch::Device;
 
 /// Writes the bundle of the job's run to `out` (default `<run.dir>/bundle`,
-/// or `<run.shared_url>/bundle`).
-pub fn run(job: &JobConfig, out: Option<String>) -> Result<()> {
+/// or `<run.shared_url>/bundle`), its weights stored as `dtype`.
+pub fn run(job: &JobConfig, out: Option<String>, dtype: StoredDtype) -> Result<()> {
     let out = out.unwrap_or_else(|| job.shared_output_url("bundle"));
     let read = |path: std::path::PathBuf, made_by: &str| {
         std::fs::read(&path)
@@ -33,9 +37,23 @@ pub fn run(job: &JobConfig, out: Option<String>) -> Result<()> {
         );
         None
     };
+    // Checkpoints and weights files are fp32; the bundle's copies are
+    // converted when asked for (metadata, and so configs, unchanged).
+    let stored = |bytes: Vec<u8>, what: &str| -> Result<Vec<u8>> {
+        match dtype {
+            StoredDtype::F32 => Ok(bytes),
+            other => Ok(weights::convert(&bytes, std::path::Path::new(what), other)?),
+        }
+    };
+    let reranker = reranker
+        .map(|bytes| stored(bytes, "the reranker"))
+        .transpose()?;
     let parts = Parts {
-        dvae_decoder: dvae.decoder_bytes()?,
-        gpt: read(job.gpt_weights_path(), "dalle gpt train")?,
+        dvae_decoder: stored(dvae.decoder_bytes()?, "the dVAE decoder")?,
+        gpt: stored(
+            read(job.gpt_weights_path(), "dalle gpt train")?,
+            "the transformer",
+        )?,
         tokenizer: String::from_utf8(read(job.tokenizer_path(), "dalle text train-tokenizer")?)
             .context("tokenizer.json is not UTF-8")?,
         reranker,
@@ -62,7 +80,7 @@ pub fn run(job: &JobConfig, out: Option<String>) -> Result<()> {
     runtime
         .block_on(bundle::Bundle::load(&location, Device::Cpu))
         .with_context(|| format!("the bundle just written to {out} does not load"))?;
-    tracing::info!(bundle = %location.url, "sampler bundle written");
+    tracing::info!(bundle = %location.url, dtype = dtype.name(), "sampler bundle written");
     println!("bundle: {}", location.url);
     Ok(())
 }

@@ -3,6 +3,7 @@
 use crate::export;
 use anyhow::Result;
 use clap::Subcommand;
+use dalle_model::weights::StoredDtype;
 use dalle_train::config::JobConfig;
 use dalle_train::ddp::DataParallel;
 
@@ -35,7 +36,7 @@ pub fn run(cmd: GptCommand, job: &JobConfig) -> Result<()> {
                     report.weights.display()
                 );
             }
-            export::run(job, None)
+            export::run(job, None, StoredDtype::F32)
         }
     }
 }

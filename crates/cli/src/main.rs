@@ -24,6 +24,7 @@ mod worker;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use dalle_model::weights::StoredDtype;
 use dalle_train::config::JobConfig;
 use std::path::PathBuf;
 
@@ -90,6 +91,10 @@ enum Command {
         /// Path or URL; defaults to `<run.dir>/bundle`.
         #[arg(long)]
         out: Option<String>,
+        /// What the bundle's weights are stored as: `fp32` (as trained) or
+        /// `bf16` (half the size; loaded back as fp32).
+        #[arg(long, default_value = "fp32")]
+        dtype: StoredDtype,
     },
     /// Run the job (the stages of `run.stages`, all by default) with a
     /// coordinator and N local worker processes.
@@ -135,7 +140,7 @@ fn main() -> Result<()> {
         Command::Gpt(cmd) => gpt::run(cmd, &job()?),
         Command::Rerank(cmd) => rerank::run(cmd, &job()?),
         Command::Eval(args) => eval::run(args, &job()?),
-        Command::Export { out } => export::run(&job()?, out),
+        Command::Export { out, dtype } => export::run(&job()?, out, dtype),
         Command::Launch(args) => launch::run(args, &job()?),
         Command::Plan(args) => plan::run(args, &job()?),
         Command::Worker(args) => worker::run(args),

@@ -11,6 +11,7 @@ use crate::shared::SharedOutputs;
 use crate::{export, text, tokenize};
 use anyhow::{Context, Result, bail};
 use dalle_model::dvae::Dvae;
+use dalle_model::weights::StoredDtype;
 use dalle_runtime::{PlanStage, ValidationReport};
 use dalle_store::Location;
 use dalle_train::config::{JobConfig, JobStage};
@@ -133,7 +134,7 @@ pub fn run(
                 }
             })?;
         }
-        JobStage::Export if ddp.is_leader() => export::run(job, None)?,
+        JobStage::Export if ddp.is_leader() => export::run(job, None, StoredDtype::F32)?,
         JobStage::Tokenizer | JobStage::Export => {}
     }
     ddp.barrier()?;

@@ -251,7 +251,9 @@ impl Reranker {
             h = down.forward(&h);
         }
         let pooled = h.mean_dim(&[2i64, 3][..], false, Kind::Float);
-        Ok(normalise(&self.image_proj.forward(&pooled)))
+        Ok(normalise(
+            &self.image_proj.forward(&pooled).to_kind(Kind::Float),
+        ))
     }
 
     /// Unit-norm embeddings `(B, E)` of captions `(B, T)` (the
@@ -291,7 +293,9 @@ impl Reranker {
             .unsqueeze(-1);
         let count = real.sum_dim_intlist(1, false, Kind::Float).clamp_min(1.0);
         let pooled = (h * &real).sum_dim_intlist(1, false, Kind::Float) / count;
-        Ok(normalise(&self.text_proj.forward(&pooled)))
+        Ok(normalise(
+            &self.text_proj.forward(&pooled).to_kind(Kind::Float),
+        ))
     }
 
     /// The learned logit scale, clamped (see [`MAX_SCALE`]).
@@ -301,7 +305,7 @@ impl Reranker {
 
     /// `(images, captions)` logits of every pair of two embedding sets.
     pub fn logits(&self, images: &Tensor, captions: &Tensor) -> Tensor {
-        images.matmul(&captions.tr()) * self.logit_scale()
+        cosine_similarities(images, captions) * self.logit_scale()
     }
 
     /// The symmetric contrastive loss of a batch whose `i`-th image and
@@ -344,6 +348,20 @@ impl Reranker {
     }
 }
 
+/// `(images, captions)` cosines of two sets of unit embeddings, computed
+/// in fp32 even inside a bf16 autocast region: scaled by up to
+/// [`MAX_SCALE`], bf16's rounding of a cosine (~0.004) would move a logit
+/// by a third of a nat. The product is small (batch² · embedding width).
+pub fn cosine_similarities(images: &Tensor, captions: &Tensor) -> Tensor {
+    dalle_precision::full_precision(images.device(), || {
+        images
+            .to_kind(Kind::Float)
+            .matmul(&captions.to_kind(Kind::Float).tr())
+    })
+}
+
+/// Embeddings scaled to unit length (in fp32: they come from the
+/// projections in bf16 under autocast, and their norm is a reduction).
 fn normalise(x: &Tensor) -> Tensor {
     let norm = x
         .norm_scalaropt_dim(2.0, &[-1i64][..], true)

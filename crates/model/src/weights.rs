@@ -43,17 +43,62 @@ impl View for &HostTensor {
     }
 }
 
-fn to_host(t: &Tensor) -> Result<HostTensor> {
-    let t = t
-        .detach()
-        .to_device(Device::Cpu)
-        .to_kind(Kind::Float)
-        .contiguous();
-    let values = Vec::<f32>::try_from(t.flatten(0, -1))?;
+/// The dtype a weights file stores its tensors in. Training and
+/// checkpoints keep fp32 (the master weights); bf16 halves a sampler
+/// bundle (`dalle export --dtype bf16`). Either loads as fp32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StoredDtype {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl StoredDtype {
+    pub fn name(self) -> &'static str {
+        match self {
+            StoredDtype::F32 => "fp32",
+            StoredDtype::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::str::FromStr for StoredDtype {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s {
+            "fp32" | "f32" => Ok(StoredDtype::F32),
+            "bf16" => Ok(StoredDtype::Bf16),
+            other => Err(format!(
+                "unknown weight dtype `{other}`: expected fp32 or bf16"
+            )),
+        }
+    }
+}
+
+fn to_host(t: &Tensor, dtype: StoredDtype) -> Result<HostTensor> {
+    let t = t.detach().to_device(Device::Cpu);
+    let shape = t.size().iter().map(|&d| d as usize).collect();
+    let (dtype, bytes) = match dtype {
+        StoredDtype::F32 => {
+            let t = t.to_kind(Kind::Float).contiguous();
+            let values = Vec::<f32>::try_from(t.flatten(0, -1))?;
+            let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            (Dtype::F32, bytes)
+        }
+        StoredDtype::Bf16 => {
+            // Rounded to nearest by libtorch, then read as the 16-bit
+            // patterns they are (tch has no bf16 element type).
+            let t = t.to_kind(Kind::BFloat16).contiguous();
+            let bits = Vec::<i16>::try_from(t.view_dtype(Kind::Int16).flatten(0, -1))?;
+            let bytes = bits.iter().flat_map(|v| v.to_le_bytes()).collect();
+            (Dtype::BF16, bytes)
+        }
+    };
     Ok(HostTensor {
-        dtype: Dtype::F32,
-        shape: t.size().iter().map(|&d| d as usize).collect(),
-        bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        dtype,
+        shape,
+        bytes,
     })
 }
 
@@ -63,9 +108,27 @@ pub fn to_bytes(
     metadata: HashMap<String, String>,
     what: &Path,
 ) -> Result<Vec<u8>> {
+    to_bytes_as(tensors, metadata, what, StoredDtype::F32)
+}
+
+/// The safetensors file of a file already serialised (`bytes`, named
+/// `what` in errors) with its tensors stored as `dtype`, metadata kept.
+pub fn convert(bytes: &[u8], what: &Path, dtype: StoredDtype) -> Result<Vec<u8>> {
+    let file = from_bytes(bytes, what)?;
+    let tensors: Vec<(String, Tensor)> = file.tensors.into_iter().collect();
+    to_bytes_as(&tensors, file.metadata, what, dtype)
+}
+
+/// [`to_bytes`] with the tensors stored as `dtype`.
+pub fn to_bytes_as(
+    tensors: &[(String, Tensor)],
+    metadata: HashMap<String, String>,
+    what: &Path,
+    dtype: StoredDtype,
+) -> Result<Vec<u8>> {
     let host: Vec<(String, HostTensor)> = tensors
         .iter()
-        .map(|(name, t)| Ok((name.clone(), to_host(t)?)))
+        .map(|(name, t)| Ok((name.clone(), to_host(t, dtype)?)))
         .collect::<Result<_>>()?;
     let format_err = |reason: String| ModelError::Format {
         path: what.to_path_buf(),
@@ -346,6 +409,24 @@ mod tests {
         for (name, t) in tensors() {
             assert!(file.tensors[&name].equal(&t), "{name} differs");
         }
+        // Stored as bf16, the same file loads back as fp32, each value
+        // rounded to bf16's 8 bits of mantissa (these are exact in bf16).
+        let bf16 = to_bytes_as(&tensors(), metadata(0..12), &a, StoredDtype::Bf16).unwrap();
+        let header = SafeTensors::deserialize(&bf16).unwrap();
+        assert!(
+            header
+                .tensors()
+                .iter()
+                .all(|(_, v)| v.dtype() == Dtype::BF16)
+        );
+        assert!(bf16.len() < a_bytes.len());
+        let back = from_bytes(&bf16, &a).unwrap();
+        assert_eq!(back.metadata, metadata(0..12));
+        for (name, t) in tensors() {
+            assert_eq!(back.tensors[&name].kind(), Kind::Float);
+            assert!(back.tensors[&name].equal(&t), "{name} differs");
+        }
+        assert_eq!(convert(&bf16, &a, StoredDtype::F32).unwrap(), a_bytes);
         // A file with no metadata at all still loads.
         let empty = to_bytes(&tensors(), HashMap::new(), &a).unwrap();
         assert!(from_bytes(&empty, &a).unwrap().metadata.is_empty());

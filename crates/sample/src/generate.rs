@@ -9,6 +9,7 @@ use crate::rerank::{check_counts, no_reranker};
 use anyhow::{Context, Result, bail};
 use dalle_model::gpt::sample::{SamplingConfig, sample};
 use dalle_model::images::to_rgb_images;
+use dalle_precision::{Autocast, Precision};
 use image::RgbImage;
 use std::path::Path;
 use tch::Tensor;
@@ -26,6 +27,9 @@ pub struct Request {
     /// `images_per_prompt` the bundle's reranker scores best (None: keep
     /// every image drawn).
     pub candidates: Option<usize>,
+    /// What the transformer, the decoder and the reranker compute in
+    /// (bf16: autocast, the weights as loaded).
+    pub precision: Precision,
 }
 
 impl Request {
@@ -107,6 +111,7 @@ pub fn generate(
     let mut pending: Vec<RgbImage> = Vec::new();
     let mut pending_scores: Vec<f32> = Vec::new();
     let mut rows_done = 0u64;
+    let device = bundle.gpt.device();
     for (chunk_index, chunk) in rows.chunks(request.batch_size.max(1)).enumerate() {
         let flat: Vec<i64> = chunk.iter().flatten().copied().collect();
         let captions = Tensor::from_slice(&flat).view([chunk.len() as i64, text_len as i64]);
@@ -117,6 +122,9 @@ pub fn generate(
         };
         let done_before = rows_done * tokens_per_image;
         let rows_here = chunk.len() as u64;
+        // One region per chunk: its weight casts serve every token of the
+        // chunk, and are dropped with it.
+        let _autocast = Autocast::enter(device, request.precision);
         let tokens = sample(&bundle.gpt, &captions, &settings, request.use_cache, |t| {
             on_token(done_before + t as u64 * rows_here)
         })?;

@@ -6,6 +6,7 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use dalle_model::device::parse_device;
 use dalle_model::images::grid;
+use dalle_precision::PrecisionSetting;
 use dalle_sample::bundle::Bundle;
 use dalle_sample::generate::{Request, generate, read_prompts};
 use dalle_sample::rerank::{self, SCORES_FILE, ScoresReport};
@@ -62,6 +63,10 @@ struct Args {
     /// `auto`, `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "auto")]
     device: String,
+    /// `auto` (bf16 on a GPU of compute capability 8.0 or newer, fp32
+    /// elsewhere), `fp32`, `tf32` or `bf16`.
+    #[arg(long, default_value = "auto")]
+    precision: PrecisionSetting,
     /// Recompute every prefix instead of using the KV cache (slow; for comparison).
     #[arg(long)]
     no_cache: bool,
@@ -149,8 +154,10 @@ fn main() -> Result<()> {
         bail!(rerank::no_reranker(&format!("bundle {}", location.url)));
     }
     let g = bundle.gpt.config();
+    let precision = args.precision.resolve(device);
     tracing::info!(
-        bundle = %location.url, ?device, text_len = g.text_len, image_grid = g.image_grid,
+        bundle = %location.url, ?device, precision = precision.name(), text_len = g.text_len,
+        image_grid = g.image_grid,
         "bundle loaded in {:.1} s", loading.elapsed().as_secs_f64()
     );
 
@@ -167,6 +174,7 @@ fn main() -> Result<()> {
         sampling,
         use_cache: !args.no_cache,
         candidates: args.candidates,
+        precision,
     };
     let total = (prompts.len() * request.drawn_per_prompt()) as u64 * g.image_len() as u64;
     let bar = ProgressBar::new(total);

@@ -6,6 +6,7 @@ use dalle_model::gpt::sample::SamplingConfig;
 use dalle_model::gpt::{AttentionLayout, Gpt, GptArch, GptConfig};
 use dalle_model::rerank::{RerankArch, RerankConfig, Reranker};
 use dalle_model::text::{TextConfig, TextTokenizer};
+use dalle_precision::Precision;
 use dalle_sample::bundle::{self, Bundle, Parts};
 use dalle_sample::generate::{Request, generate};
 use dalle_store::{Location, StoreConfig};
@@ -344,6 +345,7 @@ fn generate_keeps_the_best_of_the_candidates_it_drew() {
         },
         use_cache: true,
         candidates,
+        precision: Precision::Fp32,
     };
     let plain = generate(&bundle, &request(5, None), |_| {}).unwrap();
     assert!(plain.scores.is_none());

@@ -21,6 +21,7 @@ use dalle_model::gpt::GptArch;
 use dalle_model::gpt::sample::SamplingConfig;
 use dalle_model::rerank::RerankArch;
 use dalle_model::text::TextConfig;
+use dalle_precision::{Precision, PrecisionSetting};
 use dalle_store::{Location, StoreConfig};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -89,6 +90,19 @@ pub struct RunConfig {
     /// moments of its 1/W of the parameters, updates that share and
     /// all-gathers the rest).
     pub sharding: StateSharding,
+    /// What the training stages, their evaluations and sampling compute in:
+    /// `auto` (bf16 on a GPU of compute capability 8.0 or newer, fp32
+    /// elsewhere), `fp32`, `tf32` (fp32 on a CPU) or `bf16` (autocast; the
+    /// weights, optimizer state and checkpoints stay fp32).
+    pub precision: PrecisionSetting,
+}
+
+impl RunConfig {
+    /// The precision the stages run in on `device` (`run.precision`
+    /// resolved, see [`PrecisionSetting::resolve`]).
+    pub fn precision_on(&self, device: tch::Device) -> Precision {
+        self.precision.resolve(device)
+    }
 }
 
 /// How the training state is split across the ranks of a group.
@@ -187,6 +201,7 @@ impl Default for RunConfig {
             shared_url: None,
             peak_tflops: None,
             sharding: StateSharding::None,
+            precision: PrecisionSetting::Auto,
         }
     }
 }
@@ -826,6 +841,28 @@ mod tests {
         .to_string();
         assert!(
             err.contains("data.validation") && err.contains("not both"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn run_precision_is_read_and_a_bad_one_is_named() {
+        assert_eq!(
+            load("", &[], &[]).unwrap().run.precision,
+            PrecisionSetting::Auto
+        );
+        let job = load("[run]\nprecision = \"bf16\"\n", &[], &[]).unwrap();
+        assert_eq!(job.run.precision, PrecisionSetting::Bf16);
+        assert_eq!(job.run.precision_on(tch::Device::Cpu), Precision::Bf16);
+        let job = load("", &["run.precision=tf32"], &[]).unwrap();
+        assert_eq!(job.run.precision_on(tch::Device::Cpu), Precision::Fp32);
+        let back = JobConfig::from_toml(&job.to_toml(), "round trip").unwrap();
+        assert_eq!(back.run.precision, PrecisionSetting::Tf32);
+        let err = load("", &["run.precision=fp16"], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("run.precision") && err.contains("fp16") && err.contains("bf16"),
             "{err}"
         );
     }

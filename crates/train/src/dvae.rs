@@ -15,6 +15,7 @@ use crate::{Result, TrainError};
 use dalle_data::loader::ImageLoader;
 use dalle_data::order::Sharding;
 use dalle_model::dvae::{Dvae, Objective, loss};
+use dalle_precision::Autocast;
 use std::path::PathBuf;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
@@ -136,6 +137,7 @@ pub fn train(
 ) -> Result<TrainReport> {
     let cfg = &job.dvae.train;
     let device = runtime_device(job)?;
+    let precision = job.run.precision_on(device);
     let data = job.data_location()?;
     let model = seeded(job.run.seed, || Dvae::new(job.dvae.model.clone(), device))?;
     let mut optimizer = ddp.optimizer(model.named_parameters(), cfg.adamw, job.run.sharding);
@@ -168,7 +170,7 @@ pub fn train(
     )?;
     tracing::info!(
         data = %data.url, row_groups = loader.units(), ?device, first_step,
-        checkpointing = cfg.activation_checkpointing,
+        checkpointing = cfg.activation_checkpointing, precision = precision.name(),
         "training dVAE for {} steps at batch {} (micro-batch {})",
         cfg.steps, cfg.batch_size, cfg.micro_batch()
     );
@@ -199,14 +201,19 @@ pub fn train(
         let lr = cfg.lr.at(step);
         tch::manual_seed(step_seed(job.run.seed, ddp.rank(), step));
         optimizer.zero_grad();
-        let out = accumulate_gradients(
-            &model,
-            &batch_tensor(&batch, device),
-            &objective,
-            cfg.micro_batch(),
-            cfg.activation_checkpointing,
-            ddp,
-        )?;
+        // Forward and backward in the run's precision; the region (and
+        // autocast's casts of the weights) ends before the optimizer steps.
+        let out = {
+            let _autocast = Autocast::enter(device, precision);
+            accumulate_gradients(
+                &model,
+                &batch_tensor(&batch, device),
+                &objective,
+                cfg.micro_batch(),
+                cfg.activation_checkpointing,
+                ddp,
+            )?
+        };
         ddp.update(&mut optimizer, batch.len(), lr, cfg.grad_clip)?;
         ddp.verify_every(step + 1, job.run.verify_every, &params)?;
 
@@ -256,7 +263,10 @@ pub fn train(
         }
         if let Some(held) = held.as_ref().filter(|h| h.due(done)) {
             let local_batch = cfg.batch_size / ddp.world_size();
-            let line = validation::evaluate_dvae(&model, held, cfg.recon, local_batch, ddp, done)?;
+            let line = {
+                let _autocast = Autocast::enter(device, precision);
+                validation::evaluate_dvae(&model, held, cfg.recon, local_batch, ddp, done)?
+            };
             run.log(&line)?;
             on_progress(Progress::Validation(&line));
             validations.push(line);

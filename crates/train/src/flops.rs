@@ -112,14 +112,17 @@ pub fn gpu_name(ordinal: usize) -> Option<String> {
 }
 
 /// The peak TFLOP/s MFU is measured against for `job`: `run.peak_tflops`,
-/// else the table's figure for its GPU in fp32 (the precision training runs
-/// in), else none (CPU, or a GPU the table does not know).
+/// else the table's figure for its GPU in the precision the job runs in
+/// (`run.precision` on that GPU), else none (CPU, or a GPU the table does
+/// not know).
 pub fn job_peak(job: &crate::config::JobConfig) -> Option<f64> {
     if let Some(peak) = job.run.peak_tflops {
         return Some(peak);
     }
     match dalle_model::device::parse_device(&job.run.device).ok()? {
-        tch::Device::Cuda(n) => peak_tflops(&gpu_name(n)?, "fp32"),
+        device @ tch::Device::Cuda(n) => {
+            peak_tflops(&gpu_name(n)?, job.run.precision_on(device).name())
+        }
         _ => None,
     }
 }

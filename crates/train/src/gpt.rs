@@ -20,6 +20,7 @@ use dalle_data::order::Sharding;
 use dalle_model::dvae::{Dvae, DvaeConfig};
 use dalle_model::gpt::{Gpt, GptConfig};
 use dalle_model::text::TextTokenizer;
+use dalle_precision::Autocast;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::path::PathBuf;
@@ -283,6 +284,7 @@ pub fn train(
 ) -> Result<GptTrainReport> {
     let cfg = &job.gpt.train;
     let device = runtime_device(job)?;
+    let precision = job.run.precision_on(device);
     let tokenizer = load_tokenizer(job)?;
     let dvae_config = load_dvae_config(job)?;
     let config = gpt_config(job, &tokenizer, &dvae_config);
@@ -359,7 +361,7 @@ pub fn train(
         data = %data.url, row_groups = loader.units(), ?device, parameters, first_step,
         text_vocab = config.text_vocab, image_vocab = config.image_vocab,
         seq_len = config.seq_len(),
-        checkpointing = cfg.activation_checkpointing,
+        checkpointing = cfg.activation_checkpointing, precision = precision.name(),
         "training the transformer for {} steps at batch {} (micro-batch {})",
         cfg.steps, cfg.batch_size, cfg.micro_batch()
     );
@@ -389,14 +391,19 @@ pub fn train(
         let lr = cfg.lr.at(step);
         tch::manual_seed(step_seed(job.run.seed, ddp.rank(), step));
         optimizer.zero_grad();
-        let parts = accumulate_gradients_checkpointed(
-            &model,
-            &text,
-            &image,
-            cfg.micro_batch(),
-            cfg.text_loss_weight,
-            cfg.activation_checkpointing,
-        )?;
+        // Forward and backward in the run's precision; the region (and
+        // autocast's casts of the weights) ends before the optimizer steps.
+        let parts = {
+            let _autocast = Autocast::enter(device, precision);
+            accumulate_gradients_checkpointed(
+                &model,
+                &text,
+                &image,
+                cfg.micro_batch(),
+                cfg.text_loss_weight,
+                cfg.activation_checkpointing,
+            )?
+        };
         let grad_norm = ddp
             .update(&mut optimizer, batch.len(), lr, cfg.grad_clip)?
             .grad_norm;
@@ -431,7 +438,10 @@ pub fn train(
         }
         if let Some(held) = held.as_ref().filter(|h| h.held.due(done)) {
             let weight = cfg.text_loss_weight;
-            let line = validation::evaluate_gpt(&model, held, weight, ddp, done)?;
+            let line = {
+                let _autocast = Autocast::enter(device, precision);
+                validation::evaluate_gpt(&model, held, weight, ddp, done)?
+            };
             run.log(&line)?;
             on_progress(Progress::Validation(&line));
             validations.push(line);

@@ -22,7 +22,8 @@ use crate::{Result, TrainError};
 use dalle_data::columns::Payload;
 use dalle_data::loader::{ImageLoader, LoaderStats};
 use dalle_data::order::Sharding;
-use dalle_model::rerank::{RerankConfig, Reranker, contrastive_loss};
+use dalle_model::rerank::{RerankConfig, Reranker, contrastive_loss, cosine_similarities};
+use dalle_precision::Autocast;
 use serde::Serialize;
 use std::fmt;
 use std::path::PathBuf;
@@ -93,7 +94,7 @@ pub fn global_batch_loss(
     let share = n as f64 / total.max(1) as f64;
     let scale = model.logit_scale();
     let scale = scale.detach() + (&scale - scale.detach()) * share;
-    let logits = all_images.matmul(&all_captions.tr()) * scale;
+    let logits = cosine_similarities(&all_images, &all_captions) * scale;
     let loss = contrastive_loss(&logits);
     let surrogate = if n == 0 {
         loss.zeros_like()
@@ -333,6 +334,7 @@ pub fn train(
 ) -> Result<RerankTrainReport> {
     let cfg = &job.rerank.train;
     let device = runtime_device(job)?;
+    let precision = job.run.precision_on(device);
     let tokenizer = load_tokenizer(job)?;
     let config = rerank_config(job, tokenizer.vocab_size());
     let data = job.data_location()?;
@@ -399,6 +401,7 @@ pub fn train(
     let parameters: i64 = params.iter().map(|(_, t)| t.numel() as i64).sum();
     tracing::info!(
         data = %data.url, row_groups = loader.units(), ?device, parameters, first_step,
+        precision = precision.name(),
         "training the reranker for {} steps at batch {}", cfg.steps, cfg.batch_size
     );
     let (mut window, mut epoch) = (Window::default(), EpochSummary::default());
@@ -414,10 +417,17 @@ pub fn train(
         let lr = cfg.lr.at(step);
         tch::manual_seed(step_seed(job.run.seed, ddp.rank(), step));
         optimizer.zero_grad();
-        let images = model.embed_images(&pixels)?;
-        let texts = model.embed_captions(&ids)?;
-        let global = global_batch_loss(&model, &images, &texts, ddp)?;
-        global.surrogate.backward();
+        // Forward and backward in the run's precision (the similarities and
+        // the loss in fp32, see `cosine_similarities`); the region ends
+        // before the optimizer steps.
+        let global = {
+            let _autocast = Autocast::enter(device, precision);
+            let images = model.embed_images(&pixels)?;
+            let texts = model.embed_captions(&ids)?;
+            let global = global_batch_loss(&model, &images, &texts, ddp)?;
+            global.surrogate.backward();
+            global
+        };
         let grad_norm = ddp
             .update(&mut optimizer, batch.len(), lr, cfg.grad_clip)?
             .grad_norm;
@@ -446,7 +456,10 @@ pub fn train(
             logs.push(line);
         }
         if let Some(held) = held.as_ref().filter(|h| h.held.due(done)) {
-            let line = evaluate(&model, held, ddp, done)?;
+            let line = {
+                let _autocast = Autocast::enter(device, precision);
+                evaluate(&model, held, ddp, done)?
+            };
             run.log(&line)?;
             on_progress(Progress::Validation(&line));
             validations.push(line);

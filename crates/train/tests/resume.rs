@@ -1,6 +1,7 @@
 //! Exact resume: a run stopped at a step boundary and started again (it
 //! resumes from its newest committed checkpoint) ends with parameters
-//! bitwise equal to a run that never stopped, for both stages. Alone in
+//! bitwise equal to a run that never stopped, for both stages, in fp32 and
+//! in bf16 autocast (each precision against itself). Alone in
 //! its test binary: the dVAE draws Gumbel noise from libtorch's
 //! process-wide generator, which no other test may touch meanwhile.
 
@@ -9,6 +10,7 @@ mod common;
 use common::{prepare, stage2_job};
 use dalle_model::dvae::Dvae;
 use dalle_model::gpt::Gpt;
+use dalle_precision::PrecisionSetting;
 use dalle_train::TrainError;
 use dalle_train::config::JobConfig;
 use dalle_train::ddp::{DataParallel, StepEnd};
@@ -29,8 +31,15 @@ fn bitwise_equal(a: &[(String, tch::Tensor)], b: &[(String, tch::Tensor)]) -> bo
 
 #[test]
 fn a_stopped_and_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one() {
+    // One after the other: both draw from the process-wide generator.
+    stop_and_resume(PrecisionSetting::Fp32);
+    stop_and_resume(PrecisionSetting::Bf16);
+}
+
+fn stop_and_resume(precision: PrecisionSetting) {
     let dir = tempfile::tempdir().unwrap();
     let mut base = stage2_job(dir.path());
+    base.run.precision = precision;
     prepare(&base);
     base.checkpoint.every = 4;
     base.dvae.train.steps = 12;
@@ -66,7 +75,7 @@ fn a_stopped_and_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one() {
     };
     assert!(
         bitwise_equal(&load(&straight), &load(&stopped)),
-        "dVAE differs after resume"
+        "dVAE differs after resume in {precision:?}"
     );
 
     // Stage 2 (the dVAE of `base` tokenizes on the fly in both runs).
@@ -80,7 +89,7 @@ fn a_stopped_and_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one() {
     };
     assert!(
         bitwise_equal(&load(&straight), &load(&stopped)),
-        "GPT differs after resume"
+        "GPT differs after resume in {precision:?}"
     );
 
     // A finished stage started again trains nothing and keeps its weights.

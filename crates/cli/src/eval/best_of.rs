@@ -117,6 +117,7 @@ pub fn draw(stage2: &Stage2, reranker: &Reranker, request: &Request, n: usize) -
             },
             use_cache: request.use_cache,
             candidates: None,
+            precision: request.precision,
         };
         let drawn = generate(bundle, &candidates, |t| bar.set_position(done + t))?.images;
         done += rows as u64 * tokens_per_image;
@@ -288,6 +289,7 @@ mod tests {
             sampling: SamplingConfig::default(),
             use_cache: true,
             candidates: None,
+            precision: dalle_precision::Precision::Fp32,
         }
     }
 

@@ -116,6 +116,7 @@ pub fn measure(
         sampling: sampling.clone(),
         use_cache: true,
         candidates: None,
+        precision: job.run.precision_on(device),
     };
     let tokens = (prompts.len() * k) as u64 * stage2.bundle.gpt.config().image_len() as u64;
     let bar = crate::progress::bar(tokens, "sampling");

@@ -191,7 +191,12 @@ impl Dvae {
     pub fn encoder_logits(&self, images: &Tensor) -> Result<Tensor> {
         self.check_images(images)?;
         let x = images.to_device(self.device()).to_kind(Kind::Float);
-        Ok(self.encoder.forward(&loss::map_pixels(&x)))
+        // fp32 out of a bf16 autocast region too: the posterior, its KL and
+        // the codebook terms are computed on these.
+        Ok(self
+            .encoder
+            .forward(&loss::map_pixels(&x))
+            .to_kind(Kind::Float))
     }
 
     /// Image tokens: the argmax code at each grid position, no noise.
@@ -226,7 +231,7 @@ impl Dvae {
             let tokens = self.encode(images)?;
             let x = images.to_device(self.device()).to_kind(Kind::Float);
             let z = relax::one_hot_codes(&tokens, self.config.vocab_size);
-            let stats = self.decoder.forward(&z);
+            let stats = self.decoder.forward(&z).to_kind(Kind::Float);
             let pixels = loss::stats_to_pixels(&stats);
             let mse = (&pixels - &x).square().mean(Kind::Float);
             let recon = match recon {
@@ -282,6 +287,10 @@ impl Dvae {
             self.encoder.forward(&mapped)
         };
         drop(mapped);
+        // Under bf16 autocast the convolutions hand back bf16: the noise,
+        // the KL and the reconstruction term are computed in fp32 (a no-op
+        // in fp32), as autocast itself would do for losses on CUDA.
+        let logits = logits.to_kind(Kind::Float);
         let z = relax::gumbel_softmax(&logits, objective.tau, objective.relaxation);
         let stats = if checkpointing {
             let segments = (0..self.decoder.group_count())
@@ -295,6 +304,7 @@ impl Dvae {
             self.decoder.forward(&z)
         };
         drop(z);
+        let stats = stats.to_kind(Kind::Float);
         let mean = loss::stats_to_pixels(&stats);
         let mse = (&mean - &x).square().mean(Kind::Float);
         let recon = match objective.recon {
@@ -440,7 +450,9 @@ fn decode_tokens(
     }
     tch::no_grad(|| {
         let z = relax::one_hot_codes(&tokens, config.vocab_size);
-        Ok(loss::stats_to_pixels(&decoder.forward(&z)))
+        Ok(loss::stats_to_pixels(
+            &decoder.forward(&z).to_kind(Kind::Float),
+        ))
     })
 }
 

@@ -322,9 +322,12 @@ impl Gpt {
 
     fn loss_of(&self, logits: &Logits, text: &Tensor, image: &Tensor, text_weight: f64) -> Loss {
         let device = self.device();
+        // The logits come out of the heads in bf16 under autocast: the
+        // softmax and the loss run in fp32 (a no-op in fp32).
         let ce = |logits: &Tensor, targets: &Tensor| {
             let v = logits.size()[2];
             logits
+                .to_kind(Kind::Float)
                 .reshape([-1, v])
                 .cross_entropy_for_logits(&targets.to_device(device).reshape([-1]))
         };
@@ -431,12 +434,16 @@ impl Gpt {
     /// An empty cache for decoding `batch` sequences.
     pub fn new_cache(&self, batch: i64) -> KvCache {
         let a = &self.config.arch;
-        let kind = self
-            .vs
-            .variables()
-            .values()
-            .next()
-            .map_or(Kind::Float, Tensor::kind);
+        // Keys and values come out of autocast's matmuls in its dtype: a
+        // cache of that dtype stores them without a cast and hands them to
+        // attention without another.
+        let kind = dalle_precision::autocast_kind(self.device()).unwrap_or_else(|| {
+            self.vs
+                .variables()
+                .values()
+                .next()
+                .map_or(Kind::Float, Tensor::kind)
+        });
         KvCache::new(
             a.depth,
             batch,

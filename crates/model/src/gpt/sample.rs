@@ -178,12 +178,15 @@ pub(super) fn sample_with(
             }
         };
         for i in 0..n {
+            // fp32 before guidance: under bf16 autocast the head's logits
+            // are bf16, and cond − null is a difference of near neighbours.
+            let full = logits.to_kind(Kind::Float);
             let logits_b = if guided {
-                guide(&logits, config.guidance_scale)
+                guide(&full, config.guidance_scale)
             } else {
-                logits
+                full
             };
-            let token = draw(&logits_b.to_kind(Kind::Float), config, &mut rng);
+            let token = draw(&logits_b, config, &mut rng);
             tokens.push(token.shallow_clone());
             on_token(i + 1);
             if i + 1 == n {
