@@ -84,10 +84,17 @@ dalle --set dvae.train.batch_size=64 bench dvae --steps 50
 # PyTorch eager on the same GPU.
 shape=(--set gpt.model.dim=512 --set gpt.model.depth=8 --set gpt.model.heads=8
   --set gpt.model.attention=dense --set text.text_len=64)
-dalle "${shape[@]}" bench gpt --batch 16 --text-vocab 16384 --image-vocab 8192 --image-grid 32 --steps 20
-python3 "$(dirname "$0")/bench/gpt_reference.py" --device "$device" --dim 512 --depth 8 --heads 8 \
-  --text-len 64 --text-vocab 16384 --image-vocab 8192 --image-grid 32 --batch-size 16 \
-  --grad-clip 4 --warmup 3 --steps 20
+# In each precision (run.precision; the reference with the same switch:
+# bf16 is torch.autocast with fused AdamW, as PyTorch users train).
+for precision in fp32 tf32 bf16; do
+  dalle "${shape[@]}" --set run.precision="$precision" \
+    bench gpt --batch 16 --text-vocab 16384 --image-vocab 8192 --image-grid 32 --steps 20
+  python3 "$(dirname "$0")/bench/gpt_reference.py" --device "$device" --dim 512 --depth 8 --heads 8 \
+    --text-len 64 --text-vocab 16384 --image-vocab 8192 --image-grid 32 --batch-size 16 \
+    --grad-clip 4 --warmup 3 --steps 20 --precision "$precision"
+done
+dalle --set run.precision=bf16 --set dvae.train.batch_size=64 bench dvae --steps 50
 dalle bench sample --image-grid 32
+dalle --set run.precision=bf16 bench sample --image-grid 32
 cp "$out/samples/"*grid.png "$run/"*-metrics.jsonl "$results/"
 echo "GPU check passed"

@@ -172,6 +172,10 @@ def parse_args():
     # The fastest AdamW torch has for the device: the fused kernel (CPU and
     # CUDA since torch 2.4), unless told otherwise.
     p.add_argument("--adamw", choices=["fused", "foreach", "loop"], default="fused")
+    # What a PyTorch user trains in: bf16 autocast (fp32 master weights and
+    # AdamW state) or TF32 matmuls on a GPU; fp32 is the like-for-like
+    # comparison with `run.precision = "fp32"`.
+    p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32")
     p.add_argument("--device", default="cpu",
                    help="cpu or cuda (the step ends with .item(), so timings are synchronised)")
     args = p.parse_args()
@@ -192,6 +196,11 @@ def main():
     torch.manual_seed(args.seed)
 
     device = torch.device(args.device)
+    if args.precision == "tf32":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                              enabled=args.precision == "bf16")
     model = Transformer(args).to(device)
     model.train()
     params = sum(p.numel() for p in model.parameters())
@@ -217,7 +226,8 @@ def main():
     def step(record):
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model, text, image, args.text_loss_weight)
+        with autocast:
+            loss = loss_fn(model, text, image, args.text_loss_weight)
         t1 = time.perf_counter()
         loss.backward()
         t2 = time.perf_counter()
@@ -246,6 +256,7 @@ def main():
     print(json.dumps({
         "impl": "pytorch",
         "adamw": args.adamw,
+        "precision": args.precision,
         "device": str(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
