@@ -8,7 +8,8 @@
 #   demo:  configs/demo.toml's [gpt]: dim 128, depth 4, heads 4,
 #          text_len 16, 8×8 grid (80 positions), batch 32
 # Both with text and image vocabularies of 512 and dense attention; extra
-# --set arguments apply to both. Fails if the two models' parameter counts
+# --set arguments apply to both (`--set run.precision=bf16`: both sides in
+# bf16 autocast). Fails if the two models' parameter counts
 # differ.
 #
 #   scripts/bench/gpt.sh [ROUNDS] [THREADS] [--set key=value ...]
@@ -47,6 +48,9 @@ args = {"dim": m["dim"], "depth": m["depth"], "heads": m["heads"], "mlp-ratio": 
         "text-len": c["text"]["text_len"], "batch-size": t["batch_size"],
         "text-loss-weight": t["text_loss_weight"], "beta1": a["beta1"], "beta2": a["beta2"],
         "eps": a["eps"], "weight-decay": a["weight_decay"], "seed": c["run"]["seed"]}
+# The same precision (this script runs on the CPU, where auto is fp32).
+precision = c["run"].get("precision", "auto")
+args["precision"] = "fp32" if precision == "auto" else precision
 if "grad_clip" in t:
     args["grad-clip"] = t["grad_clip"]
 for k, v in args.items():
