@@ -11,6 +11,7 @@
 use crate::checkpointing::CheckpointPolicy;
 use crate::optim::AdamWConfig;
 use crate::schedule::Cosine;
+use crate::threads::ThreadCount;
 use crate::{Result, TrainError};
 use dalle_data::columns::ColumnConfig;
 use dalle_data::image_ops::Crop;
@@ -60,7 +61,8 @@ pub struct RunConfig {
     /// `auto`, `cpu`, `cuda` or `cuda:N`.
     pub device: String,
     pub seed: u64,
-    /// Intra-op threads of libtorch; 0 keeps libtorch's default.
+    /// Intra-op threads of libtorch; 0: the worker's share of its
+    /// machine's cores (all of them for a worker alone on its machine).
     pub threads: usize,
     /// With several workers, check every this many steps that all ranks
     /// hold bitwise identical parameters (0: only at the start).
@@ -98,6 +100,11 @@ pub struct RunConfig {
 }
 
 impl RunConfig {
+    /// Whether the stages' tensors live on a CUDA device.
+    pub fn on_gpu(&self) -> bool {
+        dalle_model::device::parse_device(&self.device).is_ok_and(|d| d.is_cuda())
+    }
+
     /// The precision the stages run in on `device` (`run.precision`
     /// resolved, see [`PrecisionSetting::resolve`]).
     pub fn precision_on(&self, device: tch::Device) -> Precision {
@@ -213,7 +220,10 @@ pub struct DataConfig {
     /// files, or a glob, as a path or a `file://`, `s3://` or `memory://`
     /// URL. Defaults to `<run.dir>/data`.
     pub url: Option<String>,
-    pub decode_threads: usize,
+    /// Image-decoding threads per worker: a number, or `auto` (the
+    /// worker's share of its machine's cores, all of it on a GPU, half on
+    /// a CPU; see [`crate::threads`]).
+    pub decode_threads: ThreadCount,
     /// Bytes of row groups read from storage at once (bounded read-ahead).
     pub read_ahead_bytes: u64,
     /// Row groups whose samples are shuffled together.
@@ -234,7 +244,7 @@ impl Default for DataConfig {
     fn default() -> Self {
         Self {
             url: None,
-            decode_threads: 2,
+            decode_threads: ThreadCount::Auto,
             read_ahead_bytes: 256 * 1024 * 1024,
             shuffle_window: 4,
             prefetch_batches: 4,

@@ -17,7 +17,7 @@ pub fn loader_config(job: &JobConfig, image_size: u32, sharding: Sharding) -> Lo
         sharding,
         shuffle_window: job.data.shuffle_window,
         prefetch_batches: job.data.prefetch_batches,
-        decode_threads: job.data.decode_threads,
+        decode_threads: job.data.decode_threads.decode_threads(job.run.on_gpu()),
         read_ahead_bytes: job.data.read_ahead_bytes,
         max_bad_fraction: job.data.max_bad_fraction,
         preprocess: Preprocess {
@@ -89,10 +89,14 @@ pub fn next_nonempty(
     }
 }
 
-/// Applies the run's thread count and device choice.
+/// Applies the run's thread count and device choice. `run.threads = 0`
+/// leaves libtorch's default (every core) to a worker alone on its
+/// machine, and gives each of several its share.
 pub fn runtime_device(job: &JobConfig) -> Result<Device> {
     if job.run.threads > 0 {
         tch::set_num_threads(job.run.threads as i32);
+    } else if crate::threads::local_workers() > 1 {
+        tch::set_num_threads(crate::threads::share_of_cores() as i32);
     }
     Ok(dalle_model::device::parse_device(&job.run.device)?)
 }

@@ -17,6 +17,7 @@ pub mod optim;
 pub mod rerank;
 pub mod schedule;
 mod stage_run;
+pub mod threads;
 pub mod validation;
 
 pub use error::{Result, TrainError};

@@ -113,7 +113,7 @@ pub fn run(args: LaunchArgs, job: &JobConfig) -> Result<()> {
         // The smallest group the job may run as: the most each rank holds.
         crate::plan::check_launch(job, min_workers.max(1) as usize, args.nproc as usize)?;
     }
-    let mut job = job.clone();
+    let job = job.clone();
     let device = dalle_model::device::parse_device(&job.run.device)?;
     let slot = match device {
         tch::Device::Cuda(_) => "cuda",
@@ -124,11 +124,6 @@ pub fn run(args: LaunchArgs, job: &JobConfig) -> Result<()> {
         ("nccl", _) | ("auto", "cuda") => Backend::Nccl,
         _ => Backend::TcpRing,
     };
-    if backend == Backend::TcpRing && job.run.threads == 0 && args.nproc > 0 {
-        // Workers share the machine's cores instead of each taking them all.
-        let cores = std::thread::available_parallelism().map_or(1, usize::from);
-        job.run.threads = (cores / args.nproc as usize).max(1);
-    }
     prepare_synthetic_data(&job)?;
 
     let token = Token::given(args.token_file.as_deref(), args.token.as_deref())?

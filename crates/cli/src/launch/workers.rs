@@ -39,6 +39,11 @@ impl WorkerCommand {
             .args(&self.extra)
             // The token travels in the environment, never in `ps`.
             .env("DALLE_JOB_TOKEN", &self.token)
+            // So that `auto` thread counts split this machine's cores.
+            .env(
+                dalle_train::threads::LOCAL_WORKERS_ENV,
+                self.slots.len().to_string(),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         if let Some(host) = &self.advertise {
