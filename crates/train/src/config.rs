@@ -100,11 +100,6 @@ pub struct RunConfig {
 }
 
 impl RunConfig {
-    /// Whether the stages' tensors live on a CUDA device.
-    pub fn on_gpu(&self) -> bool {
-        dalle_model::device::parse_device(&self.device).is_ok_and(|d| d.is_cuda())
-    }
-
     /// The precision the stages run in on `device` (`run.precision`
     /// resolved, see [`PrecisionSetting::resolve`]).
     pub fn precision_on(&self, device: tch::Device) -> Precision {
@@ -221,8 +216,7 @@ pub struct DataConfig {
     /// URL. Defaults to `<run.dir>/data`.
     pub url: Option<String>,
     /// Image-decoding threads per worker: a number, or `auto` (the
-    /// worker's share of its machine's cores, all of it on a GPU, half on
-    /// a CPU; see [`crate::threads`]).
+    /// worker's share of its machine's cores, see [`crate::threads`]).
     pub decode_threads: ThreadCount,
     /// Bytes of row groups read from storage at once (bounded read-ahead).
     pub read_ahead_bytes: u64,
@@ -511,7 +505,7 @@ impl JobConfig {
             }
             let key = path.to_lowercase().replace(ENV_SEPARATOR, ".");
             builder = builder
-                .set_override(key, parse_scalar(&value))
+                .set_override(key, parse_value(&value))
                 .map_err(|e| TrainError::Config(format!("environment variable {name}: {e}")))?;
         }
         for item in overrides {
@@ -519,7 +513,7 @@ impl JobConfig {
                 TrainError::Config(format!("override `{item}` is not of the form key=value"))
             })?;
             builder = builder
-                .set_override(key.trim(), parse_scalar(value.trim()))
+                .set_override(key.trim(), parse_value(value.trim()))
                 .map_err(|e| TrainError::Config(format!("override `{item}`: {e}")))?;
         }
         let merged = builder
@@ -527,7 +521,7 @@ impl JobConfig {
             .map_err(|e| TrainError::Config(format!("{origin}: {e}")))?;
         let job: JobConfig = merged
             .try_deserialize()
-            .map_err(|e| TrainError::Config(format!("{origin}: {e}")))?;
+            .map_err(|e| TrainError::Config(blame(&origin, overrides, &e.to_string())))?;
         job.validate()?;
         Ok(job)
     }
@@ -712,6 +706,45 @@ impl JobConfig {
     }
 }
 
+/// A config error, said to come from the `--set` override of the key it
+/// names when there is one, else from `origin` (the file).
+fn blame(origin: &str, overrides: &[String], error: &str) -> String {
+    let culprit = overrides.iter().rev().find(|item| {
+        item.split_once('=')
+            .is_some_and(|(key, _)| error.contains(&format!("key `{}`", key.trim())))
+    });
+    match culprit {
+        Some(item) => format!("--set {item}: {error}"),
+        None => format!("{origin}: {error}"),
+    }
+}
+
+/// A value given as text (`--set`, environment variables): a number, a
+/// boolean, a list in brackets (`[dvae, gpt]` or `["dvae", "gpt"]`), else
+/// a string.
+fn parse_value(value: &str) -> config::Value {
+    match value.strip_prefix('[').and_then(|v| v.strip_suffix(']')) {
+        Some(items) if items.trim().is_empty() => config::Value::from(Vec::<config::Value>::new()),
+        Some(items) => config::Value::from(
+            items
+                .split(',')
+                .map(|item| {
+                    let item = item.trim();
+                    let unquoted = item
+                        .strip_prefix('"')
+                        .and_then(|i| i.strip_suffix('"'))
+                        .or_else(|| item.strip_prefix('\'').and_then(|i| i.strip_suffix('\'')));
+                    match unquoted {
+                        Some(text) => config::Value::from(text),
+                        None => parse_scalar(item),
+                    }
+                })
+                .collect::<Vec<_>>(),
+        ),
+        None => parse_scalar(value),
+    }
+}
+
 /// Command-line and environment values arrive as text: read numbers and
 /// booleans as such so typed keys accept them.
 fn parse_scalar(value: &str) -> config::Value {
@@ -875,6 +908,43 @@ mod tests {
             err.contains("run.precision") && err.contains("fp16") && err.contains("bf16"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn lists_can_be_given_on_the_command_line_and_in_the_environment() {
+        let want = [JobStage::Pretokenize, JobStage::Gpt, JobStage::Export];
+        for list in [
+            "[pretokenize, gpt, export]",
+            "[\"pretokenize\",\"gpt\",\"export\"]",
+        ] {
+            let job = load("", &[&format!("run.stages={list}")], &[]).unwrap();
+            assert_eq!(job.run.stages, want, "{list}");
+        }
+        let env = [("DALLE_RUN__STAGES", "['pretokenize', 'gpt', 'export']")];
+        assert_eq!(load("", &[], &env).unwrap().run.stages, want);
+        let job = load("", &["synth.unseen_combos=[red star, blue ring]"], &[]).unwrap();
+        let combos: Vec<String> = job
+            .synth
+            .unseen_combos
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        assert_eq!(combos, ["red star", "blue ring"]);
+        // An empty list is a list, refused here by the stage plan's rule.
+        let err = load("", &["run.stages=[]"], &[]).unwrap_err().to_string();
+        assert!(err.contains("run.stages"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_override_is_named_as_the_culprit_not_the_file() {
+        let err = load("", &["data.decode_threads=many"], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--set data.decode_threads=many"), "{err}");
+        let err = load("[data]\ndecode_threads = \"many\"\n", &[], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("job.toml") && !err.contains("--set"), "{err}");
     }
 
     #[test]

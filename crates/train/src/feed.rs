@@ -17,7 +17,7 @@ pub fn loader_config(job: &JobConfig, image_size: u32, sharding: Sharding) -> Lo
         sharding,
         shuffle_window: job.data.shuffle_window,
         prefetch_batches: job.data.prefetch_batches,
-        decode_threads: job.data.decode_threads.decode_threads(job.run.on_gpu()),
+        decode_threads: job.data.decode_threads.resolve(),
         read_ahead_bytes: job.data.read_ahead_bytes,
         max_bad_fraction: job.data.max_bad_fraction,
         preprocess: Preprocess {

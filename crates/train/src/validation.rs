@@ -67,7 +67,7 @@ impl HeldOut {
                 crop: Crop::Center,
             },
             columns: job.data.columns.clone(),
-            decode_threads: job.data.decode_threads.decode_threads(job.run.on_gpu()),
+            decode_threads: job.data.decode_threads.resolve(),
         };
         let set = validation::read(location, &request)?;
         tracing::info!(

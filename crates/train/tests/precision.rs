@@ -56,6 +56,24 @@ fn largest_gap(fp32: &[f64], bf16: &[f64]) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// bf16's logged losses stay within [`LOSS_TOLERANCE`] of fp32's, and are
+/// not fp32's bit for bit (which would mean autocast never ran).
+fn assert_tracks(what: &str, fp32: &[f64], bf16: &[f64]) {
+    let gap = largest_gap(fp32, bf16);
+    eprintln!("{what}: fp32 {fp32:?}, bf16 {bf16:?}: largest gap {gap:.4}");
+    assert!(
+        fp32 != bf16,
+        "bf16 gave fp32's {what} bit for bit: autocast did not run"
+    );
+    assert!(
+        gap <= LOSS_TOLERANCE,
+        "bf16's {what} drifted {:.1}% of fp32's range from fp32 (tolerance {:.0}%): \
+         {fp32:?} against {bf16:?}",
+        gap * 100.0,
+        LOSS_TOLERANCE * 100.0
+    );
+}
+
 #[test]
 fn bf16_dvae_training_tracks_fp32() {
     let _serial = GLOBAL_GENERATOR.lock().unwrap();
@@ -81,18 +99,7 @@ fn bf16_dvae_training_tracks_fp32() {
     let (fp32, bf16) = (run(PrecisionSetting::Fp32), run(PrecisionSetting::Bf16));
     let recon = |logs: &[dalle_train::metrics::DvaeLog]| logs.iter().map(|l| l.recon).collect();
     let (a, b): (Vec<f64>, Vec<f64>) = (recon(&fp32), recon(&bf16));
-    let gap = largest_gap(&a, &b);
-    eprintln!("dVAE reconstruction loss fp32 {a:?}, bf16 {b:?}: largest gap {gap:.4}");
-    assert!(
-        a != b,
-        "bf16 gave fp32's losses bit for bit: autocast did not run"
-    );
-    assert!(
-        gap <= LOSS_TOLERANCE,
-        "bf16 drifted {:.1}% of fp32's range from fp32 (tolerance {:.0}%): {a:?} against {b:?}",
-        gap * 100.0,
-        LOSS_TOLERANCE * 100.0
-    );
+    assert_tracks("dVAE reconstruction loss", &a, &b);
     assert!(b.last() < b.first(), "bf16 did not learn: {b:?}");
 }
 
@@ -114,18 +121,7 @@ fn bf16_gpt_training_tracks_fp32_and_samples_as_fp32_does() {
     let (fp32, bf16) = (run(PrecisionSetting::Fp32), run(PrecisionSetting::Bf16));
     let losses = |r: &dalle_train::gpt::GptTrainReport| r.logs.iter().map(|l| l.loss).collect();
     let (a, b): (Vec<f64>, Vec<f64>) = (losses(&fp32), losses(&bf16));
-    let gap = largest_gap(&a, &b);
-    eprintln!("GPT loss fp32 {a:?}, bf16 {b:?}: largest gap {gap:.4}");
-    assert!(
-        a != b,
-        "bf16 gave fp32's losses bit for bit: autocast did not run"
-    );
-    assert!(
-        gap <= LOSS_TOLERANCE,
-        "bf16 drifted {:.1}% of fp32's range from fp32 (tolerance {:.0}%): {a:?} against {b:?}",
-        gap * 100.0,
-        LOSS_TOLERANCE * 100.0
-    );
+    assert_tracks("GPT loss", &a, &b);
 
     // Sampling: the fp32-trained weights, the same captions and seed.
     let gpt = Gpt::load(&fp32.weights, Device::Cpu).unwrap();

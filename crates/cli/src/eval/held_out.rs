@@ -81,7 +81,7 @@ fn read_dataset(
         slice: (0, 1),
         preprocess: preprocess(job, side),
         columns: job.data.columns.clone(),
-        decode_threads: job.data.decode_threads.decode_threads(job.run.on_gpu()),
+        decode_threads: job.data.decode_threads.resolve(),
     };
     let set = validation::read(location, &request)
         .with_context(|| format!("reading images of {}", location.url))?;
