@@ -41,8 +41,7 @@ impl ThreadCount {
     /// The count, `auto` being the worker's share of its machine's cores.
     /// For image decoding that is the whole share even beside libtorch's
     /// CPU threads: decoders sleep once the prefetch queue is full, and a
-    /// starved loader costs more than a briefly oversubscribed core (the
-    /// CPU dVAE tests ran 1.9× slower on half the share).
+    /// starved loader costs more than a briefly oversubscribed core.
     pub fn resolve(self) -> usize {
         match self {
             ThreadCount::Fixed(n) => n.max(1),
