@@ -113,7 +113,6 @@ pub fn run(args: LaunchArgs, job: &JobConfig) -> Result<()> {
         // The smallest group the job may run as: the most each rank holds.
         crate::plan::check_launch(job, min_workers.max(1) as usize, args.nproc as usize)?;
     }
-    let job = job.clone();
     let device = dalle_model::device::parse_device(&job.run.device)?;
     let slot = match device {
         tch::Device::Cuda(_) => "cuda",
@@ -124,7 +123,7 @@ pub fn run(args: LaunchArgs, job: &JobConfig) -> Result<()> {
         ("nccl", _) | ("auto", "cuda") => Backend::Nccl,
         _ => Backend::TcpRing,
     };
-    prepare_synthetic_data(&job)?;
+    prepare_synthetic_data(job)?;
 
     let token = Token::given(args.token_file.as_deref(), args.token.as_deref())?
         .unwrap_or_else(Token::random);
@@ -157,9 +156,9 @@ pub fn run(args: LaunchArgs, job: &JobConfig) -> Result<()> {
             (Some(cert), Some(key)) => Some(dalle_runtime::ServerTls::from_files(cert, key)?),
             _ => None,
         },
-        plan: crate::stages::plan(&job),
+        plan: crate::stages::plan(job),
         state_store: Some(dalle_runtime::StateStore(std::sync::Arc::new(
-            job_state::RunJobState::of(&job)?,
+            job_state::RunJobState::of(job)?,
         ))),
         // A job started again resumes the one saved there, unless told to
         // start over.
