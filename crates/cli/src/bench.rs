@@ -470,8 +470,7 @@ pub fn run(cmd: BenchCommand, job: &JobConfig) -> Result<()> {
             }
             let seconds = started.elapsed().as_secs_f64();
             let images_per_s = (batch as u64 * steps) as f64 / seconds;
-            let per_image =
-                dalle_train::flops::dvae_per_image(&model.named_parameters(), cfg.image_size);
+            let per_image = dalle_train::flops::dvae_per_image(&model.named_parameters(), cfg);
             let model_flops = dalle_train::flops::Utilisation::of(
                 per_image * images_per_s,
                 dalle_train::flops::job_peak(job),

@@ -120,6 +120,26 @@ pub fn run(args: EvalArgs, job: &JobConfig) -> Result<()> {
 
     let mut notes = Vec::new();
     let (dvae_report, tokens, reconstructions) = measure_dvae(&dvae, &weights, &held, job, &out)?;
+    let plan = fidelity::Plan {
+        prompts: args.prompts,
+        samples_per_prompt: args.samples_per_prompt,
+        seed: args.seed,
+        probe_images: args.probe_images,
+        batch_size: args.batch_size,
+        rerank_candidates: args.rerank_candidates.0.clone(),
+    };
+    let held_out = fidelity::HeldOutAndReconstructions {
+        held: &held,
+        reconstructions: &reconstructions,
+    };
+    let side = dvae.config().image_size;
+    let probes = match fidelity::train_probes(job, &held_out, side, &plan, device)? {
+        Ok(probes) => Some(probes),
+        Err(why) => {
+            notes.push(format!("probes not trained: {why}"));
+            None
+        }
+    };
     let (mut gpt, mut fidelity) = (None, None);
     match transformer {
         Err(why) => notes.push(format!("gpt and fidelity not measured: {why}")),
@@ -129,20 +149,12 @@ pub fn run(args: EvalArgs, job: &JobConfig) -> Result<()> {
             if gpt.is_none() {
                 notes.push("gpt not measured: no held-out image has a caption".into());
             }
-            let plan = fidelity::Plan {
-                prompts: args.prompts,
-                samples_per_prompt: args.samples_per_prompt,
-                seed: args.seed,
-                probe_images: args.probe_images,
-                batch_size: args.batch_size,
-                rerank_candidates: args.rerank_candidates.0.clone(),
-            };
             let loaded = reranker.as_ref().and_then(|r| r.as_ref().ok());
-            let held_out = fidelity::HeldOutAndReconstructions {
-                held: &held,
-                reconstructions: &reconstructions,
+            let measured = match &probes {
+                None => Err("no probes to judge samples with".to_string()),
+                Some(p) => fidelity::measure(job, &model, p, &plan, loaded, &out, device)?,
             };
-            match fidelity::measure(job, &model, &held_out, &plan, loaded, &out, device)? {
+            match measured {
                 Ok(report) => {
                     if let Some(Err(why)) = &reranker {
                         notes.push(format!("reranking not measured: {why}"));
@@ -160,6 +172,7 @@ pub fn run(args: EvalArgs, job: &JobConfig) -> Result<()> {
             synthetic_captions: held.attributes().len(),
         },
         dvae: Some(dvae_report),
+        probes: probes.map(|p| p.report),
         gpt,
         fidelity,
         notes,

@@ -277,7 +277,6 @@ pub struct Reranked {
 /// The fidelity section of `eval.json`.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct FidelityReport {
-    pub probes: ProbeReport,
     pub prompts: usize,
     pub samples_per_prompt: usize,
     /// How the samples were drawn (the bundle's defaults, with the eval's

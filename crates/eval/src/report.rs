@@ -1,12 +1,13 @@
 //! `eval.json`, the report `dalle eval` writes, and its summary for people.
 //!
-//! One object with the images it was measured on and three sections, each
+//! One object with the images it was measured on and four sections, each
 //! absent when not measured: `dvae` (reconstruction against both
-//! baselines, codebook usage, per-colour errors), `gpt` (held-out loss)
-//! and `fidelity` (samples judged by the attribute probes).
+//! baselines, codebook usage, per-colour errors), `probes` (the attribute
+//! probes' accuracy on the held-out images and on their reconstructions),
+//! `gpt` (held-out loss) and `fidelity` (samples judged by the probes).
 
 use crate::codebook::CodebookUsage;
-use crate::fidelity::{FidelityReport, Judged, Scores};
+use crate::fidelity::{FidelityReport, Judged, ProbeReport, Scores};
 use crate::image_metrics::ReconReport;
 use crate::probes::AttributeAccuracy;
 use serde::Serialize;
@@ -17,6 +18,8 @@ pub struct EvalReport {
     pub held_out: HeldOutImages,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dvae: Option<DvaeReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probes: Option<ProbeReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gpt: Option<GptReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -152,68 +155,92 @@ impl EvalReport {
                 g.loss, g.text.nats, g.text.bits, g.image.nats, g.image.bits, g.samples
             )?;
         }
-        if let Some(f) = &self.fidelity {
-            writeln!(
+        let fidelity = self.fidelity.as_ref();
+        if fidelity.is_none() && self.probes.is_none() {
+            return self.write_notes(s);
+        }
+        match (fidelity, &self.probes) {
+            (Some(f), Some(p)) => writeln!(
                 s,
                 "fidelity: {} prompts × {} samples, judged by probes trained on {} ({} images)",
-                f.prompts, f.samples_per_prompt, f.probes.trained_on, f.probes.images
-            )?;
-            // Best of N rows are labelled so; the column widens for them.
-            let labels: Vec<String> = f
-                .reranked
-                .iter()
-                .map(|r| format!("best of {}", r.candidates))
-                .collect();
-            let width = labels.iter().map(String::len).fold(8, usize::max);
+                f.prompts, f.samples_per_prompt, p.trained_on, p.images
+            )?,
+            (Some(f), None) => writeln!(
+                s,
+                "fidelity: {} prompts × {} samples",
+                f.prompts, f.samples_per_prompt
+            )?,
+            (None, Some(p)) => writeln!(
+                s,
+                "probes: trained on {} ({} images), read on {} held-out images",
+                p.trained_on, p.images, p.ceiling_images
+            )?,
+            (None, None) => {}
+        }
+        // Best of N rows are labelled so; the column widens for them.
+        let labels: Vec<String> = fidelity
+            .map(|f| &f.reranked[..])
+            .unwrap_or_default()
+            .iter()
+            .map(|r| format!("best of {}", r.candidates))
+            .collect();
+        let width = labels.iter().map(String::len).fold(8, usize::max);
+        writeln!(
+            s,
+            "          {:<width$} {:>10} {:>12} {:>10} {:>6} {:>9}",
+            "", "background", "shape colour", "shape kind", "size", "all four"
+        )?;
+        let line = |s: &mut String, name: &str, a: &AttributeAccuracy, all: Option<f64>| {
+            let all = all.map_or("".into(), |v| format!("{:.0}%", 100.0 * v));
             writeln!(
                 s,
-                "          {:<width$} {:>10} {:>12} {:>10} {:>6} {:>9}",
-                "", "background", "shape colour", "shape kind", "size", "all four"
-            )?;
-            let line = |s: &mut String, name: &str, a: &AttributeAccuracy, all: Option<f64>| {
-                let all = all.map_or("".into(), |v| format!("{:.0}%", 100.0 * v));
-                writeln!(
-                    s,
-                    "          {name:<width$} {:>9.0}% {:>11.0}% {:>9.0}% {:>5.0}% {all:>9}",
-                    100.0 * a.background,
-                    100.0 * a.shape_colour,
-                    100.0 * a.shape_kind,
-                    100.0 * a.size
-                )
-            };
-            let judged = |s: &mut String, name: &str, j: &Option<Judged>| match j {
-                Some(j) => line(s, name, &j.accuracy, Some(j.all_four)),
-                None => Ok(()),
-            };
-            // All prompts under `label`, then the seen and unseen ones.
-            let table = |s: &mut String, label: &str, indent: &str, t: &Scores| {
-                judged(s, label, &Some(t.all))?;
-                judged(s, &format!("{indent}seen"), &t.seen)?;
-                judged(s, &format!("{indent}unseen"), &t.unseen)
-            };
+                "          {name:<width$} {:>9.0}% {:>11.0}% {:>9.0}% {:>5.0}% {all:>9}",
+                100.0 * a.background,
+                100.0 * a.shape_colour,
+                100.0 * a.shape_kind,
+                100.0 * a.size
+            )
+        };
+        let judged = |s: &mut String, name: &str, j: &Option<Judged>| match j {
+            Some(j) => line(s, name, &j.accuracy, Some(j.all_four)),
+            None => Ok(()),
+        };
+        // All prompts under `label`, then the seen and unseen ones.
+        let table = |s: &mut String, label: &str, indent: &str, t: &Scores| {
+            judged(s, label, &Some(t.all))?;
+            judged(s, &format!("{indent}seen"), &t.seen)?;
+            judged(s, &format!("{indent}unseen"), &t.unseen)
+        };
+        if let Some(f) = fidelity {
             table(s, "all", "", &f.scores)?;
             for (r, label) in f.reranked.iter().zip(&labels) {
                 table(s, label, "  ", &r.scores)?;
             }
-            line(s, "ceiling", &f.probes.ceiling, None)?;
-            line(s, "via dVAE", &f.probes.through_dvae, None)?;
-            line(s, "chance", &f.probes.chance, None)?;
-            if !f.reranked.is_empty() {
-                let by = f.reranker.as_deref().unwrap_or("the reranker");
+        }
+        if let Some(p) = &self.probes {
+            line(s, "ceiling", &p.ceiling, None)?;
+            line(s, "via dVAE", &p.through_dvae, None)?;
+            line(s, "chance", &p.chance, None)?;
+        }
+        if let Some(f) = fidelity.filter(|f| !f.reranked.is_empty()) {
+            let by = f.reranker.as_deref().unwrap_or("the reranker");
+            writeln!(
+                s,
+                "          best of N: each sample the pick of {by} among N candidates"
+            )?;
+            for (r, label) in f.reranked.iter().zip(&labels) {
                 writeln!(
                     s,
-                    "          best of N: each sample the pick of {by} among N candidates"
+                    "          {label}: mean reranker score {:.3} kept, {:.3} over all \
+                     candidates",
+                    r.reranker_score.kept, r.reranker_score.drawn
                 )?;
-                for (r, label) in f.reranked.iter().zip(&labels) {
-                    writeln!(
-                        s,
-                        "          {label}: mean reranker score {:.3} kept, {:.3} over all \
-                         candidates",
-                        r.reranker_score.kept, r.reranker_score.drawn
-                    )?;
-                }
             }
         }
+        self.write_notes(s)
+    }
+
+    fn write_notes(&self, s: &mut String) -> fmt::Result {
         for note in &self.notes {
             writeln!(s, "note: {note}")?;
         }
@@ -224,7 +251,7 @@ impl EvalReport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fidelity::{ProbeReport, RerankScores, Reranked};
+    use crate::fidelity::{RerankScores, Reranked};
     use crate::probes::ProbeConfig;
     use dalle_model::gpt::sample::SamplingConfig;
 
@@ -237,6 +264,7 @@ mod tests {
                 synthetic_captions: 8,
             },
             dvae: None,
+            probes: fidelity.is_some().then(probes),
             gpt,
             fidelity,
             notes: Vec::new(),
@@ -291,17 +319,20 @@ mod tests {
         }
     }
 
+    fn probes() -> ProbeReport {
+        ProbeReport {
+            trained_on: "training data".into(),
+            images: 100,
+            config: ProbeConfig::default(),
+            ceiling: scores(0.95).all.accuracy,
+            ceiling_images: 16,
+            through_dvae: scores(0.9).all.accuracy,
+            chance: AttributeAccuracy::chance(),
+        }
+    }
+
     fn fidelity(reranked: Vec<Reranked>) -> FidelityReport {
         FidelityReport {
-            probes: ProbeReport {
-                trained_on: "training data".into(),
-                images: 100,
-                config: ProbeConfig::default(),
-                ceiling: scores(0.95).all.accuracy,
-                ceiling_images: 16,
-                through_dvae: scores(0.9).all.accuracy,
-                chance: AttributeAccuracy::chance(),
-            },
             prompts: 4,
             samples_per_prompt: 2,
             sampling: SamplingConfig::default(),
@@ -380,5 +411,25 @@ mod tests {
         assert_eq!(json["fidelity"]["reranked"], serde_json::json!([]));
         assert!(json["fidelity"].get("reranker").is_none());
         assert!(!plain.summary().contains("best of"), "{}", plain.summary());
+    }
+
+    #[test]
+    fn probes_without_a_transformer_report_their_ceiling_and_the_dvae_row() {
+        let report = EvalReport {
+            probes: Some(probes()),
+            ..eval_report(None, None)
+        };
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["probes"]["through_dvae"]["shape_kind"], 0.9);
+        assert!(json.get("fidelity").is_none());
+        let text = report.summary();
+        assert!(
+            text.contains("probes: trained on training data (100 images), read on 16"),
+            "{text}"
+        );
+        let row = |label: &str| text.lines().find(|l| l.trim_start().starts_with(label));
+        assert!(row("via dVAE").is_some_and(|l| l.contains("90%")), "{text}");
+        assert!(row("ceiling").is_some_and(|l| l.contains("95%")), "{text}");
+        assert!(row("all ").is_none(), "{text}");
     }
 }

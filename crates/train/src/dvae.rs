@@ -153,7 +153,7 @@ pub fn train(
     let variables = model.var_store().variables();
     let mut run = StageRun::resume(job, plan, ddp, None, &variables, &mut optimizer)?;
     let first_step = run.first_step();
-    let flops_per_image = flops::dvae_per_image(&params, job.dvae.model.image_size);
+    let flops_per_image = flops::dvae_per_image(&params, &job.dvae.model);
     let peak = flops::job_peak(job);
     let mut loader = ImageLoader::start(
         &data,

@@ -12,6 +12,7 @@
 //! MFU = achieved model FLOP/s ÷ the device's peak for the precision in use:
 //! the table below for the GPUs we know, or `run.peak_tflops`.
 
+use dalle_model::dvae::DvaeConfig;
 use tch::Tensor;
 
 /// Training FLOPs per token of a transformer with `non_embedding` parameters.
@@ -36,42 +37,41 @@ pub fn gpt_non_embedding(params: &[(String, Tensor)]) -> u64 {
         .sum()
 }
 
-/// Training FLOPs per image of a dVAE whose parameters are `params` (names
-/// as the model gives them) on `image_size`-pixel images.
+/// Training FLOPs per image of a dVAE of `config` whose parameters are
+/// `params` (names as the model gives them).
 ///
-/// The encoder runs its input convolution and group 1 at full resolution
-/// and halves it after each group; the decoder mirrors it, from an eighth
-/// of the resolution back up. A convolution's weight `(C_out, C_in, k, k)`
-/// holds `k²·C_in·C_out` multiply-adds per output pixel.
-pub fn dvae_per_image(params: &[(String, Tensor)], image_size: i64) -> f64 {
-    let full = image_size as f64;
+/// Each convolution runs at the resolution of its group (the config's
+/// [`DvaeConfig::encoder_side`] and [`DvaeConfig::decoder_side`]); the
+/// encoder's input convolution at the image's, its output convolution at
+/// the token grid's, and the decoder's the other way round. A
+/// convolution's weight `(C_out, C_in, k, k)` holds `k²·C_in·C_out`
+/// multiply-adds per output pixel.
+pub fn dvae_per_image(params: &[(String, Tensor)], config: &DvaeConfig) -> f64 {
     let forward: f64 = params
         .iter()
         .filter(|(name, w)| name.ends_with(".w") && w.dim() == 4)
         .map(|(name, w)| {
-            let side = full / resolution_divisor(name);
+            let side = conv_side(name, config) as f64;
             2.0 * w.numel() as f64 * side * side
         })
         .sum();
     3.0 * forward
 }
 
-/// By how much the resolution a convolution runs at is below the image's.
-fn resolution_divisor(name: &str) -> f64 {
+/// The side of the feature maps the convolution `name` writes.
+fn conv_side(name: &str, c: &DvaeConfig) -> i64 {
     let group = name
         .split('.')
-        .find_map(|part| part.strip_prefix("group_")?.parse::<i32>().ok());
+        .find_map(|part| part.strip_prefix("group_")?.parse::<i64>().ok());
     let decoder = name.starts_with("decoder.");
-    let eighth = 8.0;
+    let (image, grid) = (c.image_size, c.grid_size());
     match (decoder, group) {
-        // Encoder: input and group 1 at full size, then halved per group.
-        (false, Some(g)) => 2f64.powi(g - 1),
-        (false, None) if name.contains(".input.") => 1.0,
-        (false, None) => eighth,
-        // Decoder: input and group 1 at an eighth, then doubled per group.
-        (true, Some(g)) => eighth / 2f64.powi(g - 1),
-        (true, None) if name.contains(".input.") => eighth,
-        (true, None) => 1.0,
+        (false, Some(g)) => c.encoder_side(g - 1),
+        (false, None) if name.contains(".input.") => image,
+        (false, None) => grid,
+        (true, Some(g)) => c.decoder_side(g - 1),
+        (true, None) if name.contains(".input.") => grid,
+        (true, None) => image,
     }
 }
 
@@ -191,11 +191,23 @@ mod tests {
             ),
             ("decoder.blocks.input.b".to_string(), w(&[8])),
         ];
-        let got = dvae_per_image(&params, 64);
+        let mut config = DvaeConfig {
+            image_size: 64,
+            ..DvaeConfig::default()
+        };
+        let got = dvae_per_image(&params, &config);
         // 64², 16² (group 3: a quarter), 8² (an eighth), 64² (decoder group 4).
         let want = 3.0
             * 2.0
             * (8.0 * 3.0 * 49.0 * 4096.0 + 16.0 * 9.0 * 256.0 + 64.0 * 64.0 + 16.0 * 4096.0);
+        assert_eq!(got, want);
+        // Downsampling by 2: group 3 still at a half (pooled once), the
+        // output convolution on a 32² grid.
+        config.downsample = 2;
+        let got = dvae_per_image(&params, &config);
+        let want = 3.0
+            * 2.0
+            * (8.0 * 3.0 * 49.0 * 4096.0 + 16.0 * 9.0 * 1024.0 + 64.0 * 1024.0 + 16.0 * 4096.0);
         assert_eq!(got, want);
     }
 

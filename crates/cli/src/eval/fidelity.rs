@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use dalle_data::synth::Combo;
 use dalle_eval::fidelity::{self, FidelityReport, ProbeReport, Reranked, Row, Scores};
 use dalle_eval::probes::MIN_SIDE;
-use dalle_eval::{AttributeAccuracy, ProbeConfig, Probes, scenes};
+use dalle_eval::{AttributeAccuracy, Attributes, ProbeConfig, Probes, scenes};
 use dalle_model::images::grid;
 use dalle_sample::generate::{Request, generate};
 use dalle_train::config::JobConfig;
@@ -53,45 +53,38 @@ pub struct HeldOutAndReconstructions<'a> {
     pub reconstructions: &'a Tensor,
 }
 
-/// Measures fidelity, or says why it cannot be measured; with a
-/// `reranker`, again for each N of `plan.rerank_candidates`.
-pub fn measure(
+/// Probes trained on the job's synthetic images, with their accuracy on
+/// the held-out images (the ceiling) and on the dVAE's reconstructions of
+/// them: the truth of every held-out image with a synthetic caption.
+pub struct TrainedProbes {
+    pub probes: Probes,
+    pub report: ProbeReport,
+    /// The attributes of the held-out images the probes were read on.
+    pub truth: Vec<Attributes>,
+}
+
+/// Trains the probes and reads them on the held-out images and their
+/// reconstructions, or says why they cannot be: needs no transformer, so a
+/// run with only a dVAE learns how much of each attribute its codes keep.
+pub fn train_probes(
     job: &JobConfig,
-    stage2: &Stage2,
     held_out: &HeldOutAndReconstructions,
+    side: i64,
     plan: &Plan,
-    reranker: Option<&best_of::Loaded>,
-    out: &Path,
     device: Device,
-) -> Result<std::result::Result<FidelityReport, String>> {
+) -> Result<std::result::Result<TrainedProbes, String>> {
     let (held, reconstructions) = (held_out.held, held_out.reconstructions);
-    if plan.prompts == 0 || plan.samples_per_prompt == 0 {
-        return Ok(Err("--prompts or --samples-per-prompt is 0".into()));
-    }
     let known = held.attributes();
     if known.is_empty() {
         return Ok(Err(
-            "no held-out caption is synthetic, so no prompt has known attributes".into(),
+            "no held-out caption is synthetic, so no image has known attributes".into(),
         ));
     }
-    let side = stage2.bundle.decoder.config().image_size;
     if side < MIN_SIDE {
         return Ok(Err(format!(
             "the probes need images of at least {MIN_SIDE} pixels, the model draws {side}"
         )));
     }
-
-    let (seen, seen_from) = match held_out::training_combos(job) {
-        Ok(seen) => (seen, "training captions"),
-        Err(e) => {
-            tracing::warn!("cannot read the training captions ({e:#}); taking synth.unseen_combos");
-            let excluded = &job.synth.unseen_combos;
-            let seen: BTreeSet<Combo> = Combo::all().filter(|c| !excluded.contains(c)).collect();
-            (seen, "synth.unseen_combos")
-        }
-    };
-    let unseen = fidelity::unseen_combos(&seen);
-
     let (images, labels, trained_on) = held_out::probe_images(job, side as u32, plan.probe_images)?;
     let config = ProbeConfig {
         seed: plan.seed,
@@ -104,8 +97,49 @@ pub fn measure(
     let index = Tensor::from_slice(&index);
     let ceiling = probes.accuracy(&held.images.index_select(0, &index), &truth)?;
     let through_dvae = probes.accuracy(&reconstructions.index_select(0, &index), &truth)?;
+    let report = ProbeReport {
+        trained_on: trained_on.into(),
+        images: labels.len(),
+        config,
+        ceiling,
+        ceiling_images: truth.len(),
+        through_dvae,
+        chance: AttributeAccuracy::chance(),
+    };
+    Ok(Ok(TrainedProbes {
+        probes,
+        report,
+        truth,
+    }))
+}
 
-    let prompts = fidelity::prompt_set(&truth, &unseen, plan.prompts);
+/// Measures fidelity with `trained` probes, or says why it cannot be
+/// measured; with a `reranker`, again for each N of `plan.rerank_candidates`.
+pub fn measure(
+    job: &JobConfig,
+    stage2: &Stage2,
+    trained: &TrainedProbes,
+    plan: &Plan,
+    reranker: Option<&best_of::Loaded>,
+    out: &Path,
+    device: Device,
+) -> Result<std::result::Result<FidelityReport, String>> {
+    if plan.prompts == 0 || plan.samples_per_prompt == 0 {
+        return Ok(Err("--prompts or --samples-per-prompt is 0".into()));
+    }
+    let (probes, truth) = (&trained.probes, &trained.truth);
+    let (seen, seen_from) = match held_out::training_combos(job) {
+        Ok(seen) => (seen, "training captions"),
+        Err(e) => {
+            tracing::warn!("cannot read the training captions ({e:#}); taking synth.unseen_combos");
+            let excluded = &job.synth.unseen_combos;
+            let seen: BTreeSet<Combo> = Combo::all().filter(|c| !excluded.contains(c)).collect();
+            (seen, "synth.unseen_combos")
+        }
+    };
+    let unseen = fidelity::unseen_combos(&seen);
+
+    let prompts = fidelity::prompt_set(truth, &unseen, plan.prompts);
     let k = plan.samples_per_prompt;
     let mut sampling = stage2.bundle.manifest.sampling.clone();
     sampling.seed = plan.seed;
@@ -134,7 +168,7 @@ pub fn measure(
     // Judges one sample per (prompt, slot) and saves them as `picture`.
     let judge = |samples: &[Vec<image::RgbImage>], picture: &str| -> Result<Scores> {
         let flat: Vec<_> = samples.iter().flatten().cloned().collect();
-        let scores = fidelity::judge(&probes, &scenes::images_to_tensor(&flat), &wanted, &flags)?;
+        let scores = fidelity::judge(probes, &scenes::images_to_tensor(&flat), &wanted, &flags)?;
         save_png(&grid(samples, 2), &out.join(picture))?;
         Ok(scores)
     };
@@ -174,15 +208,6 @@ pub fn measure(
         .with_context(|| format!("writing {}", path.display()))?;
 
     Ok(Ok(FidelityReport {
-        probes: ProbeReport {
-            trained_on: trained_on.into(),
-            images: labels.len(),
-            config,
-            ceiling,
-            ceiling_images: truth.len(),
-            through_dvae,
-            chance: AttributeAccuracy::chance(),
-        },
         prompts: prompts.len(),
         samples_per_prompt: k,
         sampling,

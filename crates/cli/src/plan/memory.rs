@@ -249,11 +249,7 @@ impl ResBlockShape {
 /// The blocks of each of the encoder's groups, then the decoder's.
 fn dvae_groups(c: &DvaeConfig) -> Vec<Vec<ResBlockShape>> {
     use dalle_model::dvae::config::GROUP_COUNT;
-    let (s, n, nb) = (
-        c.image_size as u64,
-        c.n_hid as u64,
-        c.n_blk_per_group as u64,
-    );
+    let (n, nb) = (c.n_hid as u64, c.n_blk_per_group as u64);
     let group = |first_in: u64, width: u64, side: u64| -> Vec<ResBlockShape> {
         (0..nb)
             .map(|i| ResBlockShape {
@@ -267,13 +263,13 @@ fn dvae_groups(c: &DvaeConfig) -> Vec<Vec<ResBlockShape>> {
     let mut width = n;
     for g in 0..GROUP_COUNT as u32 {
         let w = n << g;
-        groups.push(group(width, w, s >> g));
+        groups.push(group(width, w, c.encoder_side(g as i64) as u64));
         width = w;
     }
     let mut width = c.n_init as u64;
     for g in 0..GROUP_COUNT as u32 {
         let w = n << (GROUP_COUNT as u32 - 1 - g);
-        groups.push(group(width, w, (s / 8) << g));
+        groups.push(group(width, w, c.decoder_side(g as i64) as u64));
         width = w;
     }
     groups
@@ -334,7 +330,8 @@ impl DvaeActivations {
 /// [`DvaeActivations`] of a micro-batch of `micro` images.
 pub fn dvae_activations(c: &DvaeConfig, relaxation: Relaxation, micro: u64) -> DvaeActivations {
     let (s, ch, k) = (c.image_size as u64, c.channels as u64, c.vocab_size as u64);
-    let codes = k * (s / 8) * (s / 8);
+    let grid = c.grid_size() as u64;
+    let codes = k * grid * grid;
     let groups = dvae_groups(c);
     let half = groups.len() / 2;
     let map = |b: &ResBlockShape| b.side * b.side * b.n_out;
@@ -348,7 +345,8 @@ pub fn dvae_activations(c: &DvaeConfig, relaxation: Relaxation, micro: u64) -> D
                 // The input convolution reads the mapped pixels.
                 bytes += ch * s * s * F32;
             }
-            if i + 1 < half {
+            let pooled = i + 1 < half && c.encoder_side(i as i64 + 1) < c.encoder_side(i as i64);
+            if pooled {
                 // Max-pooling keeps its input (4 B) and int64 indices of a
                 // quarter of it (2 B per input element).
                 bytes += map(&last) * 6;

@@ -4,16 +4,25 @@
 use crate::{ModelError, Result};
 use serde::{Deserialize, Serialize};
 
-/// Number of resolution groups; fixed by the architecture (downsampling ×8).
+/// Number of resolution groups; fixed by the architecture.
 pub const GROUP_COUNT: i64 = 4;
-/// Total down-sampling factor of the encoder (three 2×2 poolings).
-pub const DOWNSAMPLE: i64 = 8;
+/// The largest down-sampling factor: a 2×2 pooling after every group but
+/// the last, as in OpenAI's model.
+pub const MAX_DOWNSAMPLE: i64 = 1 << (GROUP_COUNT - 1);
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DvaeConfig {
-    /// Side of the square input images, in pixels; a multiple of 8.
+    /// Side of the square input images, in pixels; a multiple of
+    /// `downsample`.
     pub image_size: i64,
+    /// How many pixels of the image's side one token covers: 8 (OpenAI's),
+    /// 4, 2 or 1. Below 8 the first groups pool and the last ones keep the
+    /// token grid's resolution (the decoder mirrors it), so the parameters
+    /// are the same and only the grid is finer. A small image wants a finer
+    /// grid: 8×8 tokens of a 64 px image leave a small shape one or two
+    /// tokens and lose its outline (QUALITY.md).
+    pub downsample: i64,
     /// Image channels (3 for RGB).
     pub channels: i64,
     /// Base width of the residual groups (widths are 1, 2, 4, 8 × n_hid).
@@ -35,6 +44,7 @@ impl Default for DvaeConfig {
     fn default() -> Self {
         Self {
             image_size: 256,
+            downsample: MAX_DOWNSAMPLE,
             channels: 3,
             n_hid: 256,
             n_blk_per_group: 2,
@@ -48,7 +58,25 @@ impl Default for DvaeConfig {
 impl DvaeConfig {
     /// Side of the token grid an image encodes to.
     pub fn grid_size(&self) -> i64 {
-        self.image_size / DOWNSAMPLE
+        self.image_size / self.downsample
+    }
+
+    /// How many of the encoder's groups a 2×2 pooling follows.
+    fn poolings(&self) -> i64 {
+        self.downsample.max(1).ilog2() as i64
+    }
+
+    /// Side, in pixels, of the feature maps encoder group `g` (from 0)
+    /// works on: the image's side, halved after each of the first
+    /// [`poolings`](Self::poolings) groups.
+    pub fn encoder_side(&self, g: i64) -> i64 {
+        self.image_size >> g.min(self.poolings())
+    }
+
+    /// Side of the feature maps decoder group `g` (from 0) works on: the
+    /// encoder's, in reverse order.
+    pub fn decoder_side(&self, g: i64) -> i64 {
+        self.encoder_side(GROUP_COUNT - 1 - g)
     }
 
     /// The scale of every residual path (see [`DvaeConfig::post_gain`]).
@@ -76,10 +104,19 @@ impl DvaeConfig {
                 "dvae.post_gain must be positive, got {gain}"
             )));
         }
-        if self.image_size % DOWNSAMPLE != 0 {
+        let factors = (0..GROUP_COUNT).map(|p| 1i64 << p);
+        if !factors.clone().any(|f| f == self.downsample) {
+            let allowed: Vec<String> = factors.map(|f| f.to_string()).collect();
             return Err(ModelError::Config(format!(
-                "dvae.image_size must be a multiple of {DOWNSAMPLE}, got {}",
-                self.image_size
+                "dvae.downsample must be one of {}, got {}",
+                allowed.join(", "),
+                self.downsample
+            )));
+        }
+        if self.image_size % self.downsample != 0 {
+            return Err(ModelError::Config(format!(
+                "dvae.image_size must be a multiple of dvae.downsample ({}), got {}",
+                self.downsample, self.image_size
             )));
         }
         if self.n_hid % 4 != 0 {

@@ -11,8 +11,11 @@ use tch::{Tensor, nn};
 #[derive(Debug)]
 pub struct Decoder {
     input: Conv2d,
-    /// Blocks of each group; nearest ×2 upsampling follows all but the last.
+    /// Blocks of each group.
     groups: Vec<Vec<ResBlock>>,
+    /// Whether nearest ×2 upsampling follows each group: the last log2(d)
+    /// before the last group, mirroring the encoder's poolings.
+    upsampled: Vec<bool>,
     output: Conv2d,
 }
 
@@ -38,22 +41,26 @@ impl Decoder {
             })
             .collect();
         let output = Conv2d::new(&blocks / "output" / "conv", width, 2 * cfg.channels, 1);
+        let upsampled = (0..GROUP_COUNT)
+            .map(|g| g + 1 < GROUP_COUNT && cfg.decoder_side(g + 1) > cfg.decoder_side(g))
+            .collect();
         Self {
             input,
             groups,
+            upsampled,
             output,
         }
     }
 
     /// # Shapes
-    /// `(N, vocab, h, w)` codes → `(N, 2·C, 8h, 8w)` logit-Laplace statistics
+    /// `(N, vocab, h, w)` codes → `(N, 2·C, d·h, d·w)` logit-Laplace statistics
     pub fn forward(&self, z: &Tensor) -> Tensor {
         (0..self.groups.len()).fold(z.shallow_clone(), |h, g| self.segment(g, &h))
     }
 
     /// Group `g` as one checkpointing segment: the input conv (the
-    /// codebook) before the first group, nearest ×2 upsampling after every
-    /// group but the last, the ReLU and output conv after the last.
+    /// codebook) before the first group, nearest ×2 upsampling after each
+    /// upsampling group, the ReLU and output conv after the last.
     /// [`Decoder::forward`] is these segments in turn.
     pub fn segment(&self, g: usize, x: &Tensor) -> Tensor {
         let h = if g == 0 {
@@ -62,11 +69,13 @@ impl Decoder {
             x.shallow_clone()
         };
         let h = self.groups[g].iter().fold(h, |h, b| b.forward(&h));
-        if g + 1 < self.groups.len() {
+        if g + 1 == self.groups.len() {
+            self.output.forward(&h.relu())
+        } else if self.upsampled[g] {
             let (height, width) = (h.size()[2], h.size()[3]);
             h.upsample_nearest2d([2 * height, 2 * width], None, None)
         } else {
-            self.output.forward(&h.relu())
+            h
         }
     }
 

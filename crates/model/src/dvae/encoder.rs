@@ -1,5 +1,5 @@
 //! The dVAE encoder: mapped pixels → logits over the codebook on an
-//! (H/8)×(W/8) grid. Parameter names follow OpenAI's `dall_e/encoder.py`:
+//! (H/d)×(W/d) grid, d = `downsample`. Parameter names follow OpenAI's `dall_e/encoder.py`:
 //! `blocks.input`, `blocks.group_{1..4}.block_{i}`, `blocks.output.conv`.
 
 use super::block::{ENCODER_KERNELS, ResBlock};
@@ -10,8 +10,10 @@ use tch::{Tensor, nn};
 #[derive(Debug)]
 pub struct Encoder {
     input: Conv2d,
-    /// Blocks of each group; a 2×2 max-pool follows every group but the last.
+    /// Blocks of each group.
     groups: Vec<Vec<ResBlock>>,
+    /// Whether a 2×2 max-pool follows each group: the first log2(d).
+    pooled: Vec<bool>,
     output: Conv2d,
 }
 
@@ -37,22 +39,26 @@ impl Encoder {
             })
             .collect();
         let output = Conv2d::new(&blocks / "output" / "conv", width, cfg.vocab_size, 1);
+        let pooled = (0..GROUP_COUNT)
+            .map(|g| g + 1 < GROUP_COUNT && cfg.encoder_side(g + 1) < cfg.encoder_side(g))
+            .collect();
         Self {
             input,
             groups,
+            pooled,
             output,
         }
     }
 
     /// # Shapes
-    /// `(N, C, H, W)` mapped pixels → `(N, vocab, H/8, W/8)` logits
+    /// `(N, C, H, W)` mapped pixels → `(N, vocab, H/d, W/d)` logits
     pub fn forward(&self, x: &Tensor) -> Tensor {
         (0..self.groups.len()).fold(x.shallow_clone(), |h, g| self.segment(g, &h))
     }
 
     /// Group `g` as one checkpointing segment: the input conv before the
-    /// first group, the 2×2 max-pool after every group but the last, the
-    /// ReLU and output conv after the last. [`Encoder::forward`] is these
+    /// first group, the 2×2 max-pool after each pooling group, the ReLU and
+    /// output conv after the last. [`Encoder::forward`] is these
     /// segments in turn.
     pub fn segment(&self, g: usize, x: &Tensor) -> Tensor {
         let h = if g == 0 {
@@ -61,10 +67,12 @@ impl Encoder {
             x.shallow_clone()
         };
         let h = self.groups[g].iter().fold(h, |h, b| b.forward(&h));
-        if g + 1 < self.groups.len() {
+        if g + 1 == self.groups.len() {
+            self.output.forward(&h.relu())
+        } else if self.pooled[g] {
             h.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false)
         } else {
-            self.output.forward(&h.relu())
+            h
         }
     }
 

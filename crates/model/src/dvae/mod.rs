@@ -187,7 +187,7 @@ impl Dvae {
     /// Encoder logits for `[0, 1]` images.
     ///
     /// # Shapes
-    /// `(N, C, S, S)` → `(N, vocab, S/8, S/8)`
+    /// `(N, C, S, S)` → `(N, vocab, S/d, S/d)`
     pub fn encoder_logits(&self, images: &Tensor) -> Result<Tensor> {
         self.check_images(images)?;
         let x = images.to_device(self.device()).to_kind(Kind::Float);
@@ -202,7 +202,7 @@ impl Dvae {
     /// Image tokens: the argmax code at each grid position, no noise.
     ///
     /// # Shapes
-    /// `(N, C, S, S)` → `(N, S/8, S/8)` int64
+    /// `(N, C, S, S)` → `(N, S/d, S/d)` int64, d = `downsample`
     pub fn encode(&self, images: &Tensor) -> Result<Tensor> {
         tch::no_grad(|| Ok(self.encoder_logits(images)?.argmax(1, false)))
     }
@@ -210,7 +210,7 @@ impl Dvae {
     /// Images `[0, 1]` for a grid of tokens.
     ///
     /// # Shapes
-    /// `(N, h, w)` int64 → `(N, C, 8h, 8w)`
+    /// `(N, h, w)` int64 → `(N, C, d·h, d·w)`
     pub fn decode(&self, tokens: &Tensor) -> Result<Tensor> {
         decode_tokens(&self.decoder, &self.config, self.device(), tokens)
     }
@@ -409,6 +409,7 @@ impl Dvae {
             .count() as i64;
         let config = DvaeConfig {
             image_size,
+            downsample: config::MAX_DOWNSAMPLE,
             channels: input[1],
             n_hid: input[0],
             n_blk_per_group,

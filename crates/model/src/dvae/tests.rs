@@ -4,6 +4,7 @@ use tch::{Device, Kind, Tensor};
 fn tiny() -> DvaeConfig {
     DvaeConfig {
         image_size: 16,
+        downsample: 8,
         channels: 3,
         n_hid: 8,
         n_blk_per_group: 1,
@@ -46,6 +47,68 @@ fn shapes_through_the_network() {
     let step = m.train_forward(&x, &objective(Relaxation::Soft)).unwrap();
     assert_eq!(step.loss.size(), Vec::<i64>::new());
     assert_eq!(step.tokens.size(), [2, 2, 2]);
+}
+
+#[test]
+fn a_finer_downsampling_keeps_the_parameters_and_refines_the_grid() {
+    let names_and_shapes = |m: &Dvae| -> Vec<(String, Vec<i64>)> {
+        let mut v: Vec<_> = m
+            .named_parameters()
+            .into_iter()
+            .map(|(n, t)| (n, t.size()))
+            .collect();
+        v.sort();
+        v
+    };
+    let coarse = model(3);
+    for (downsample, grid) in [(4, 4), (2, 8), (1, 16)] {
+        tch::manual_seed(3);
+        let cfg = DvaeConfig {
+            downsample,
+            ..tiny()
+        };
+        let m = Dvae::new(cfg.clone(), Device::Cpu).unwrap();
+        assert_eq!(names_and_shapes(&m), names_and_shapes(&coarse));
+        let x = images(2);
+        assert_eq!(m.encoder_logits(&x).unwrap().size(), [2, 16, grid, grid]);
+        let tokens = m.encode(&x).unwrap();
+        assert_eq!(m.decode(&tokens).unwrap().size(), [2, 3, 16, 16]);
+        let step = m.train_forward(&x, &objective(Relaxation::Soft)).unwrap();
+        assert_eq!(step.tokens.size(), [2, grid, grid]);
+        // The grid is part of the saved config: a file loads as it trained.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dvae.safetensors");
+        m.save(&path).unwrap();
+        let loaded = Dvae::load(&path, Device::Cpu).unwrap();
+        assert_eq!(loaded.config(), &cfg);
+        assert!(loaded.encode(&x).unwrap().equal(&tokens));
+    }
+    for bad in [0, 3, 16] {
+        let cfg = DvaeConfig {
+            downsample: bad,
+            ..tiny()
+        };
+        let err = Dvae::new(cfg, Device::Cpu).err().unwrap().to_string();
+        assert!(
+            err.contains("dvae.downsample") && err.contains(&bad.to_string()),
+            "{err}"
+        );
+    }
+    let err = Dvae::new(
+        DvaeConfig {
+            image_size: 18,
+            downsample: 4,
+            ..tiny()
+        },
+        Device::Cpu,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        err.contains("dvae.image_size") && err.contains("(4)"),
+        "{err}"
+    );
 }
 
 #[test]
