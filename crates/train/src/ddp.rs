@@ -53,7 +53,10 @@ pub const DEFAULT_BUCKET_BYTES: usize = 25 * 1024 * 1024;
 pub struct StepEnd {
     /// Steps finished (global, the same on every rank).
     pub step: u64,
-    /// The step's loss (mean over every rank's samples).
+    /// The loss (mean over every rank's samples) of the latest step whose
+    /// losses were read off the device: they are read at log and
+    /// checkpoint steps (`crate::deferred`), so this trails by up to a log
+    /// window; NaN before the first read.
     pub loss: f64,
     /// Samples per second this rank trained on (a coordinator sums them).
     pub samples_per_second: f64,
@@ -295,6 +298,43 @@ impl DataParallel {
         Ok((means, total as usize))
     }
 
+    /// [`DataParallel::global_means`] of several steps at once, in one
+    /// collective: `values[i]` are this rank's means at step i over
+    /// `samples[i]` samples. Each step's figures are those its own
+    /// `global_means` would give.
+    pub fn global_means_of_steps(
+        &mut self,
+        values: &[Vec<f64>],
+        samples: &[usize],
+    ) -> Result<Vec<(Vec<f64>, usize)>> {
+        if self.world_size() == 1 {
+            return Ok(values
+                .iter()
+                .cloned()
+                .zip(samples.iter().copied())
+                .collect());
+        }
+        let mut sums: Vec<f32> = values
+            .iter()
+            .zip(samples)
+            .flat_map(|(v, &n)| v.iter().map(move |x| (x * n as f64) as f32))
+            .collect();
+        sums.extend(samples.iter().map(|&n| n as f32));
+        self.sum(&mut sums)?;
+        let (sums, totals) = sums.split_at(sums.len() - samples.len());
+        let width = sums.len() / samples.len().max(1);
+        let mut rows = sums.chunks(width.max(1));
+        Ok(totals
+            .iter()
+            .map(|&total| {
+                let total = f64::from(total);
+                let row = rows.next().unwrap_or_default();
+                let means = row.iter().map(|s| f64::from(*s) / total.max(1.0)).collect();
+                (means, total as usize)
+            })
+            .collect())
+    }
+
     /// The mean over every rank's samples of a per-rank mean `local`
     /// (any shape, over `samples` samples), detached, on `local`'s device.
     /// One process returns it as it is.
@@ -435,7 +475,7 @@ impl DataParallel {
         }
         Ok(Update {
             samples,
-            grad_norm: norm.double_value(&[]),
+            grad_norm: norm.detach(),
         })
     }
 
@@ -563,12 +603,14 @@ impl DataParallel {
 }
 
 /// What one optimizer step of the group gave.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Debug)]
 pub struct Update {
     /// Samples over every rank this step.
     pub samples: usize,
-    /// The global gradient norm before clipping.
-    pub grad_norm: f64,
+    /// The global gradient norm before clipping: a scalar on the device,
+    /// read when a log line needs it (reading it here would wait for the
+    /// step's kernels).
+    pub grad_norm: Tensor,
 }
 
 /// What happens to one bucket of a flat buffer.

@@ -4,21 +4,22 @@
 //! every `eval_every` steps (the same file, marked `"kind": "validation"`),
 //! and weights written atomically during and at the end of training.
 
+use crate::Result;
 use crate::config::JobConfig;
 use crate::ddp::{DataParallel, seeded, step_seed};
+use crate::deferred::Pending;
 use crate::feed::{EpochSummary, batch_tensor, loader_config, next_nonempty, runtime_device};
 use crate::flops::{self, Utilisation};
 use crate::metrics::{DvaeLog, DvaeStepMetrics, Progress, Window};
 use crate::stage_run::{StagePlan, StageRun, StepTiming};
 use crate::validation::{self, DvaeValidation, HeldOut};
-use crate::{Result, TrainError};
 use dalle_data::loader::ImageLoader;
 use dalle_data::order::Sharding;
 use dalle_model::dvae::{Dvae, Objective, loss};
 use dalle_precision::Autocast;
 use std::path::PathBuf;
-use std::time::Instant;
-use tch::{Device, Kind, Tensor};
+use std::time::{Duration, Instant};
+use tch::{Kind, Tensor};
 
 #[derive(Debug)]
 pub struct TrainReport {
@@ -126,6 +127,13 @@ pub fn accumulate_gradients(
     })
 }
 
+/// What the host knows of a step whose losses are still on the device.
+struct DvaeHostMetrics {
+    data_wait: Duration,
+    comm: Duration,
+    step_time: Duration,
+}
+
 /// Trains a dVAE as configured by `job` on this rank's slice of every
 /// global batch (all of it with [`DataParallel::solo`]), calling
 /// `on_progress` with every log line and every held-out evaluation. Only
@@ -186,6 +194,10 @@ pub fn train(
     let mut logs = Vec::new();
     let mut validations = Vec::new();
 
+    let mut pending = Pending::default();
+    let no_global = Tensor::zeros([0], (Kind::Float, device));
+    // The loss the step hook reports: that of the last step read.
+    let mut last_loss = f64::NAN;
     for step in first_step..cfg.steps {
         let started = Instant::now();
         let batch = next_nonempty(&mut loader, step, &mut epoch)?;
@@ -217,28 +229,37 @@ pub fn train(
         ddp.update(&mut optimizer, batch.len(), lr, cfg.grad_clip)?;
         ddp.verify_every(step + 1, job.run.verify_every, &params)?;
 
-        let scalars = Tensor::stack(&[out.loss, out.recon, out.kl, out.mse, out.usage], 0)
-            .to_device(Device::Cpu)
-            .to_kind(Kind::Double);
-        let (means, images) = ddp.global_means(&Vec::<f64>::try_from(scalars)?, batch.len())?;
-        let [loss_v, recon, kl, mse, usage] = <[f64; 5]>::try_from(means).expect("five scalars");
-        if !loss_v.is_finite() {
-            return Err(TrainError::Diverged { step, loss: loss_v });
-        }
-        window.add(DvaeStepMetrics {
-            loss: loss_v,
-            recon,
-            kl,
-            mse,
-            usage,
-            images,
+        // The loss terms stay on the device until a step that reads them
+        // (crate::deferred); what the host knows waits with them.
+        let scalars = Tensor::stack(&[out.loss, out.recon, out.kl, out.mse, out.usage], 0);
+        let host = DvaeHostMetrics {
             data_wait,
             comm: ddp.take_comm_time(),
             step_time: started.elapsed(),
-        });
+        };
+        pending.push(step, &scalars, &no_global, batch.len(), host);
+        let done = step + 1;
+        if run.reads_due(done) {
+            for ready in pending.drain(ddp)? {
+                let [loss, recon, kl, mse, usage] =
+                    <[f64; 5]>::try_from(ready.means).expect("five scalars");
+                let h = ready.host;
+                window.add(DvaeStepMetrics {
+                    loss,
+                    recon,
+                    kl,
+                    mse,
+                    usage,
+                    images: ready.samples,
+                    data_wait: h.data_wait,
+                    comm: h.comm,
+                    step_time: h.step_time,
+                });
+                last_loss = loss;
+            }
+        }
         let timing = StepTiming::since(started, data_wait);
 
-        let done = step + 1;
         if run.log_due(done) {
             let (codes_used, code_perplexity) =
                 loss::codebook_usage(&out.tokens, job.dvae.model.vocab_size);
@@ -272,7 +293,9 @@ pub fn train(
             validations.push(line);
         }
         let save = |path: &std::path::Path| model.save(path);
-        run.end_step(ddp, done, &batch, timing, loss_v, save, &params, &optimizer)?;
+        run.end_step(
+            ddp, done, &batch, timing, last_loss, save, &params, &optimizer,
+        )?;
     }
     run.finish(|path| model.save(path))?;
     let weights = run.weights().to_path_buf();

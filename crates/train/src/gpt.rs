@@ -8,6 +8,7 @@
 
 use crate::config::JobConfig;
 use crate::ddp::{DataParallel, seeded, step_seed};
+use crate::deferred::Pending;
 use crate::feed::{EpochSummary, batch_tensor, loader_config, next_nonempty, runtime_device};
 use crate::flops::{self, Utilisation};
 use crate::metrics::{GptLog, GptStepMetrics, GptWindow, Progress};
@@ -24,7 +25,7 @@ use dalle_precision::Autocast;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
 /// The transformer's full config: the job's architecture plus what the
@@ -273,6 +274,14 @@ pub struct GptTrainReport {
     pub truncated_captions: usize,
 }
 
+/// What the host knows of a step whose losses are still on the device.
+struct GptHostMetrics {
+    truncated_captions: usize,
+    data_wait: Duration,
+    comm: Duration,
+    step_time: Duration,
+}
+
 /// Trains the transformer as configured by `job` on this rank's slice of
 /// every global batch (all of it with [`DataParallel::solo`]), calling
 /// `on_progress` with every log line and every held-out evaluation. Only
@@ -379,6 +388,9 @@ pub fn train(
     );
     let peak = flops::job_peak(job);
 
+    let mut pending = Pending::default();
+    // The loss the step hook reports: that of the last step read.
+    let mut last_loss = f64::NAN;
     for step in first_step..cfg.steps {
         let started = Instant::now();
         let batch = next_nonempty(&mut loader, step, &mut epoch)?;
@@ -404,31 +416,45 @@ pub fn train(
                 cfg.activation_checkpointing,
             )?
         };
-        let grad_norm = ddp
-            .update(&mut optimizer, batch.len(), lr, cfg.grad_clip)?
-            .grad_norm;
+        let update = ddp.update(&mut optimizer, batch.len(), lr, cfg.grad_clip)?;
         ddp.verify_every(step + 1, job.run.verify_every, &params)?;
 
-        let local = Vec::<f64>::try_from(parts.to_kind(Kind::Double))?;
-        let (means, images) = ddp.global_means(&local, batch.len())?;
-        let [loss, text_loss, image_loss] = <[f64; 3]>::try_from(means).expect("three scalars");
-        if !loss.is_finite() {
-            return Err(TrainError::Diverged { step, loss });
-        }
-        window.add(GptStepMetrics {
-            loss,
-            text_loss,
-            image_loss,
-            grad_norm,
-            images,
-            tokens: images * positions_per_sample,
-            truncated_captions: truncated,
-            data_wait,
-            comm: ddp.take_comm_time(),
-            step_time: started.elapsed(),
-        });
-        let timing = StepTiming::since(started, data_wait);
+        // The losses and the norm stay on the device until a step that
+        // reads them (crate::deferred); what the host knows waits with them.
+        pending.push(
+            step,
+            &parts,
+            &update.grad_norm,
+            batch.len(),
+            GptHostMetrics {
+                truncated_captions: truncated,
+                data_wait,
+                comm: ddp.take_comm_time(),
+                step_time: started.elapsed(),
+            },
+        );
         let done = step + 1;
+        if run.reads_due(done) {
+            for ready in pending.drain(ddp)? {
+                let [loss, text_loss, image_loss, grad_norm] =
+                    <[f64; 4]>::try_from(ready.means).expect("three means and the norm");
+                let h = ready.host;
+                window.add(GptStepMetrics {
+                    loss,
+                    text_loss,
+                    image_loss,
+                    grad_norm,
+                    images: ready.samples,
+                    tokens: ready.samples * positions_per_sample,
+                    truncated_captions: h.truncated_captions,
+                    data_wait: h.data_wait,
+                    comm: h.comm,
+                    step_time: h.step_time,
+                });
+                last_loss = loss;
+            }
+        }
+        let timing = StepTiming::since(started, data_wait);
         if run.log_due(done) {
             let mut line = window.finish(done, lr);
             line.flops = Utilisation::of(flops_per_token * line.tokens_per_s, peak);
@@ -447,7 +473,9 @@ pub fn train(
             validations.push(line);
         }
         let save = |path: &std::path::Path| model.save(path);
-        run.end_step(ddp, done, &batch, timing, loss, save, &params, &optimizer)?;
+        run.end_step(
+            ddp, done, &batch, timing, last_loss, save, &params, &optimizer,
+        )?;
     }
     run.finish(|path| model.save(path))?;
     let weights = run.weights().to_path_buf();

@@ -6,6 +6,7 @@
 pub mod checkpointing;
 pub mod config;
 pub mod ddp;
+pub mod deferred;
 pub mod dvae;
 pub mod error;
 pub mod eval;

@@ -428,9 +428,12 @@ pub fn train(
             global.surrogate.backward();
             global
         };
+        // The reranker's loss is already global (one contrast over every
+        // rank's batch) and read every step; its steps are few and small.
         let grad_norm = ddp
             .update(&mut optimizer, batch.len(), lr, cfg.grad_clip)?
-            .grad_norm;
+            .grad_norm
+            .double_value(&[]);
         ddp.verify_every(step + 1, job.run.verify_every, &params)?;
 
         let loss = global.loss.double_value(&[]);

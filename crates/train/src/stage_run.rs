@@ -105,6 +105,14 @@ impl StageRun {
         done.is_multiple_of(self.plan.log_every.max(1)) || done == self.plan.steps
     }
 
+    /// Whether step `done` must read the steps' scalars kept on the device
+    /// ([`crate::deferred`]): it ends a log window, or writes weights or a
+    /// checkpoint, which must not hold the result of a step that diverged.
+    pub fn reads_due(&self, done: u64) -> bool {
+        let weights = self.plan.save_every > 0 && done.is_multiple_of(self.plan.save_every);
+        self.log_due(done) || weights || self.checkpoints.due(done, self.plan.steps)
+    }
+
     /// Writes a log line to the log and the metrics file.
     pub fn log(&mut self, line: &(impl Display + Serialize)) -> Result<()> {
         // The line's step and model FLOP/s as fields too, for JSON logs and

@@ -154,6 +154,7 @@ fn a_step_hook_sees_every_step_and_can_stop_training_at_a_boundary() {
     let mut job = job(dir.path());
     prepare(&job);
     job.gpt.train.data_url = Some(job.data_url());
+    job.gpt.train.log_every = 2;
     let (tx, rx) = std::sync::mpsc::channel();
     let hook = Box::new(move |end: &dalle_train::ddp::StepEnd| {
         tx.send(*end).unwrap();
@@ -172,8 +173,44 @@ fn a_step_hook_sees_every_step_and_can_stop_training_at_a_boundary() {
         seen.iter().map(|e| e.step).collect::<Vec<_>>(),
         vec![1, 2, 3, 4, 5]
     );
+    assert!(seen.iter().all(|e| e.samples_per_second > 0.0));
+    // The loss is that of the last step read off the device: none before
+    // the first log step, then every step's.
+    assert!(seen[0].loss.is_nan(), "{:?}", seen[0]);
+    assert!(seen[1..].iter().all(|e| e.loss.is_finite()), "{seen:?}");
+}
+
+/// The steps' losses are read from the device only at log and checkpoint
+/// steps: a run that diverges between them still fails naming the first
+/// step whose loss was not finite, and writes no checkpoint after it.
+#[test]
+fn divergence_between_log_steps_is_named_and_never_checkpointed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut job = job(dir.path());
+    prepare(&job);
+    job.gpt.train.data_url = Some(job.data_url());
+    job.gpt.train.steps = 12;
+    job.gpt.train.log_every = 100;
+    job.gpt.train.grad_clip = None;
+    // Weights of ~1e30 after the first update overflow every matmul.
+    job.gpt.train.lr = dalle_train::schedule::Cosine::new(1e30, 1e30, 12);
+    job.checkpoint.every = 3;
+    let err = dalle_train::gpt::train(&job, &mut DataParallel::solo(), |_| {}).unwrap_err();
+    let dalle_train::TrainError::Diverged { step, loss } = err else {
+        panic!("expected divergence, got {err}");
+    };
+    assert!(!loss.is_finite());
+    assert!((1..3).contains(&step), "diverged at step {step}");
+    // Step `step` (0-based) is the first bad one: a checkpoint of a later
+    // step would hold its weights.
+    let saved = job.run.dir.join("checkpoints").join("gpt");
+    let later: Vec<_> = std::fs::read_dir(&saved)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
     assert!(
-        seen.iter()
-            .all(|e| e.loss.is_finite() && e.samples_per_second > 0.0)
+        later
+            .iter()
+            .all(|n| !n.to_string_lossy().starts_with("step-")),
+        "checkpoints written after divergence: {later:?}"
     );
 }

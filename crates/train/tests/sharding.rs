@@ -77,7 +77,8 @@ fn train(ddp: &mut DataParallel, sharding: StateSharding, steps: u64) -> Vec<Vec
         let update = ddp
             .update(&mut optimizer, samples, 0.01, Some(max_norm))
             .unwrap();
-        assert!(update.grad_norm.is_finite() && update.grad_norm > 0.0);
+        let norm = update.grad_norm.double_value(&[]);
+        assert!(norm.is_finite() && norm > 0.0);
         after.push(named.iter().map(|(_, p)| p.detach().copy()).collect());
     }
     after

@@ -561,6 +561,16 @@ mod tests {
         );
         let b = dvae_activations(&dvae, Relaxation::Soft, 4);
         assert_eq!(b.total(false), 2 * a.total(false));
+        // A finer grid: the encoder's last group and the decoder's first
+        // run at twice the side, four times the area.
+        let finer = DvaeConfig {
+            downsample: 4,
+            ..dvae
+        };
+        let f = dvae_activations(&finer, Relaxation::Soft, 2);
+        assert_eq!(f.segments[3], 4 * a.segments[3], "{f:?}");
+        assert_eq!(f.segments[4], 4 * a.segments[4], "{f:?}");
+        assert!(f.outside > a.outside && f.total(false) > a.total(false));
     }
 
     #[test]

@@ -701,7 +701,7 @@ impl State {
             .filter(|m| m.stage == self.completed)
             .map(|m| m.step)
             .collect::<Option<Vec<_>>>();
-        let losses: Vec<f64> = active().filter_map(|m| m.metrics.map(|x| x.loss)).collect();
+        let losses: Vec<f64> = active().filter_map(|m| known_loss(m.metrics)).collect();
         JobStatus {
             phase,
             generation: self.generation,
@@ -736,7 +736,7 @@ impl State {
                     state: m.state.as_str(),
                     step: m.step,
                     heartbeat_age: now.saturating_duration_since(m.last_seen),
-                    loss: m.metrics.map(|x| x.loss),
+                    loss: known_loss(m.metrics),
                     samples_per_second: m.metrics.map(|x| x.samples_per_second),
                     data_wait_share: m.metrics.map(|x| x.data_wait_share),
                     stage: m.stage,
@@ -1277,7 +1277,14 @@ impl State {
             return;
         }
         let n = metrics.len() as f64;
-        let loss = metrics.iter().map(|m| m.loss).sum::<f64>() / n;
+        let losses: Vec<f64> = metrics
+            .iter()
+            .filter_map(|&m| known_loss(Some(m)))
+            .collect();
+        let loss = match losses.len() {
+            0 => "not read yet".to_string(),
+            k => format!("{:.4}", losses.iter().sum::<f64>() / k as f64),
+        };
         let samples_per_second: f64 = metrics.iter().map(|m| m.samples_per_second).sum();
         let wait = metrics.iter().map(|m| m.data_wait_share).sum::<f64>() / n;
         let stage = self
@@ -1287,7 +1294,7 @@ impl State {
             .map(|s| format!("{} ", s.name))
             .unwrap_or_default();
         tracing::info!(
-            "{stage}step {step}: loss {loss:.4}, {samples_per_second:.1} samples/s across {} workers, \
+            "{stage}step {step}: loss {loss}, {samples_per_second:.1} samples/s across {} workers, \
              data wait {:.0}%, generation {}",
             active.len(),
             wait * 100.0,
@@ -1362,6 +1369,13 @@ fn millis(d: Duration) -> u32 {
 fn looks_like_host_port(addr: &str) -> bool {
     addr.rsplit_once(':')
         .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+}
+
+/// A worker's reported loss, if it has one: workers read their losses off
+/// the device only at log and checkpoint steps and report NaN before the
+/// first such read.
+fn known_loss(metrics: Option<proto::StepMetrics>) -> Option<f64> {
+    metrics.map(|m| m.loss).filter(|l| l.is_finite())
 }
 
 #[cfg(test)]
