@@ -4,7 +4,7 @@
 Does what dalle-rs does per sample, on one thread: decode the bytes, convert
 to RGB, resize the shorter side to SIZE (bilinear with antialiasing, Pillow's
 default for downscaling), centre-crop SIZE×SIZE, and lay the pixels out as
-CHW float32 in [0, 1]. Files are read into memory first, so disk is not
+contiguous CHW bytes (batches are scaled to [0, 1] on the device). Files are read into memory first, so disk is not
 timed. Prints one JSON line.
 
     python decode_reference.py --images DIR [--size 256] [--passes 3]
@@ -28,7 +28,7 @@ def preprocess(data: bytes, size: int) -> np.ndarray:
     img = img.resize((nw, nh), Image.BILINEAR)
     left, top = (nw - size) // 2, (nh - size) // 2
     img = img.crop((left, top, left + size, top + size))
-    return np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
 
 
 def main():

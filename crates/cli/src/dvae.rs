@@ -7,7 +7,7 @@ use clap::Subcommand;
 use dalle_data::image_ops::{Crop, Preprocess};
 use dalle_model::device::parse_device;
 use dalle_model::dvae::Dvae;
-use dalle_model::images::{grid, to_rgb_images};
+use dalle_model::images::{from_bytes, grid, to_rgb_images};
 use dalle_train::config::JobConfig;
 use dalle_train::ddp::DataParallel;
 use serde::{Deserialize, Serialize};
@@ -179,14 +179,12 @@ fn batches<'a>(
 ) -> impl Iterator<Item = (&'a [InputImage], Tensor)> {
     let s = model.config().image_size;
     images.chunks(batch).map(move |chunk| {
-        let pixels: Vec<f32> = chunk
+        let pixels: Vec<u8> = chunk
             .iter()
             .flat_map(|i| i.pixels.iter().copied())
             .collect();
-        (
-            chunk,
-            Tensor::from_slice(&pixels).view([chunk.len() as i64, 3, s, s]),
-        )
+        let shape = [chunk.len() as i64, 3, s, s];
+        (chunk, from_bytes(&pixels, shape, model.device()))
     })
 }
 

@@ -12,7 +12,8 @@ use std::path::Path;
 /// A decoded input image, CHW floats in [0, 1].
 pub struct InputImage {
     pub key: String,
-    pub pixels: Vec<f32>,
+    /// CHW bytes.
+    pub pixels: Vec<u8>,
 }
 
 /// A dataset rather than one image file: a URL, a directory, Parquet, a glob.

@@ -15,11 +15,12 @@ use dalle_data::loader::{Decoded, decode_sample};
 use dalle_data::parquet_source::{self, RawSample, Unit};
 use dalle_data::tokens::{self, TokenRow};
 use dalle_model::dvae::Dvae;
+use dalle_model::images::from_bytes;
 use dalle_store::Location;
 use dalle_train::config::JobConfig;
 use rayon::prelude::*;
 use std::sync::Arc;
-use tch::{Device, Tensor};
+use tch::Device;
 
 /// Rows per row group of the token files.
 const ROWS_PER_GROUP: usize = 1024;
@@ -113,11 +114,11 @@ fn encode(model: &Dvae, samples: Vec<Decoded>, batch: usize, size: u32) -> Resul
     let s = i64::from(size);
     let mut rows = Vec::with_capacity(samples.len());
     for chunk in samples.chunks(batch.max(1)) {
-        let pixels: Vec<f32> = chunk
+        let pixels: Vec<u8> = chunk
             .iter()
             .flat_map(|d| d.pixels.iter().copied())
             .collect();
-        let x = Tensor::from_slice(&pixels).view([chunk.len() as i64, 3, s, s]);
+        let x = from_bytes(&pixels, [chunk.len() as i64, 3, s, s], model.device());
         let tokens = model.encode(&x)?.to_device(Device::Cpu).flatten(1, -1);
         let n = tokens.size()[1] as usize;
         let flat = Vec::<i64>::try_from(tokens.flatten(0, -1))?;

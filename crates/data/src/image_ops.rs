@@ -81,21 +81,24 @@ pub fn resize_crop(image: RgbImage, size: u32, crop: Crop, offset_seed: u64) -> 
     image::imageops::crop_imm(&resized, x, y, size, size).to_image()
 }
 
-/// Appends the image as CHW floats in [0, 1] to `out`.
-pub fn append_chw(image: &RgbImage, out: &mut Vec<f32>) {
+/// Appends the image as CHW bytes to `out`. Batches stay bytes until they
+/// reach the device, a quarter of the floats' size, and are scaled to
+/// [0, 1] there (`dalle_model::images::from_bytes`).
+pub fn append_chw(image: &RgbImage, out: &mut Vec<u8>) {
     let plane = (image.width() * image.height()) as usize;
     let start = out.len();
-    out.resize(start + 3 * plane, 0.0);
+    out.resize(start + 3 * plane, 0);
     for (i, px) in image.pixels().enumerate() {
         for c in 0..3 {
-            out[start + c * plane + i] = f32::from(px[c]) / 255.0;
+            out[start + c * plane + i] = px[c];
         }
     }
 }
 
 impl Preprocess {
-    /// Bytes → CHW floats of `size`×`size`, appended to `out`.
-    pub fn apply(&self, bytes: &[u8], key: &str, crop_seed: u64, out: &mut Vec<f32>) -> Result<()> {
+    /// Encoded image bytes → CHW pixel bytes of `size`×`size`, appended
+    /// to `out`.
+    pub fn apply(&self, bytes: &[u8], key: &str, crop_seed: u64, out: &mut Vec<u8>) -> Result<()> {
         let rgb = decode_rgb(bytes, self.max_pixels, key)?;
         append_chw(&resize_crop(rgb, self.size, self.crop, crop_seed), out);
         Ok(())
@@ -131,11 +134,11 @@ mod tests {
     }
 
     #[test]
-    fn chw_layout_and_range() {
-        let img = RgbImage::from_fn(2, 1, |x, _| Rgb([255, (x * 255) as u8, 0]));
+    fn chw_layout() {
+        let img = RgbImage::from_fn(2, 1, |x, _| Rgb([255, (x * 200) as u8, 7]));
         let mut out = Vec::new();
         append_chw(&img, &mut out);
-        assert_eq!(out, vec![1.0, 1.0, 0.0, 1.0, 0.0, 0.0]);
+        assert_eq!(out, vec![255, 255, 0, 200, 7, 7]);
     }
 
     #[test]

@@ -66,8 +66,9 @@ pub struct Batch {
     pub cursor: Cursor,
     pub keys: Vec<String>,
     pub captions: Vec<String>,
-    /// Images, `(N, 3, size, size)` row-major, in [0, 1]; empty for tokens.
-    pub pixels: Vec<f32>,
+    /// Images, `(N, 3, size, size)` row-major bytes (0..=255; scaled to
+    /// [0, 1] on the device); empty for tokens.
+    pub pixels: Vec<u8>,
     /// Side of the images in `pixels`; 0 for token batches.
     pub size: u32,
     /// Token grids, `(N, token_len)` row-major; empty for images.
@@ -259,12 +260,12 @@ struct Worker {
     tx: Sender<Result<Batch>>,
 }
 
-/// A sample that survived decoding: an image as CHW floats in [0, 1] in
-/// `pixels`, or a token grid in `tokens` (the other is empty).
+/// A sample that survived decoding: an image as CHW bytes in `pixels`, or
+/// a token grid in `tokens` (the other is empty).
 pub struct Decoded {
     pub key: String,
     pub caption: String,
-    pub pixels: Vec<f32>,
+    pub pixels: Vec<u8>,
     pub tokens: Vec<u16>,
 }
 

@@ -160,8 +160,8 @@ impl ValidationSet {
         self.keys.is_empty()
     }
 
-    /// Samples `range` of this slice as a loader batch (pixels back in
-    /// [0, 1] floats), so trainers feed them as they feed training batches.
+    /// Samples `range` of this slice as a loader batch, so trainers feed
+    /// them as they feed training batches.
     /// Its epoch and cursor mean nothing.
     pub fn batch(&self, range: std::ops::Range<usize>) -> Batch {
         let image = 3 * (self.size as usize).pow(2);
@@ -170,10 +170,7 @@ impl ValidationSet {
             cursor: Cursor::start(0),
             keys: self.keys[range.clone()].to_vec(),
             captions: self.captions[range.clone()].to_vec(),
-            pixels: self.pixels[range.start * image..range.end * image]
-                .iter()
-                .map(|&p| f32::from(p) / 255.0)
-                .collect(),
+            pixels: self.pixels[range.start * image..range.end * image].to_vec(),
             size: self.size,
             tokens: self.tokens[range.start * self.token_len..range.end * self.token_len].to_vec(),
             token_len: self.token_len,
@@ -246,9 +243,7 @@ pub fn read(location: &Location, request: &ValidationRead) -> Result<ValidationS
             Ok(sample) => {
                 set.keys.push(sample.key);
                 set.captions.push(sample.caption);
-                // Decoded pixels are bytes / 255: rounding gives them back.
-                set.pixels
-                    .extend(sample.pixels.iter().map(|&p| (p * 255.0).round() as u8));
+                set.pixels.extend_from_slice(&sample.pixels);
                 set.tokens.extend_from_slice(&sample.tokens);
             }
             Err(reason) => set.skipped.count(reason),

@@ -27,7 +27,8 @@ pub fn images_to_tensor(images: &[RgbImage]) -> Tensor {
         );
         append_chw(image, &mut pixels);
     }
-    Tensor::from_slice(&pixels).view([images.len() as i64, 3, h as i64, w as i64])
+    let shape = [images.len() as i64, 3, h as i64, w as i64];
+    dalle_model::images::from_bytes(&pixels, shape, tch::Device::Cpu)
 }
 
 /// Scenes `indices` of `seed`, rendered at `side`×`side`, with their labels.

@@ -30,12 +30,11 @@ pub fn loader_config(job: &JobConfig, image_size: u32, sharding: Sharding) -> Lo
     }
 }
 
-/// A loader batch as a `(N, 3, S, S)` tensor on `device`.
+/// A loader batch as a `(N, 3, S, S)` tensor of [0, 1] floats on `device`
+/// (bytes until they get there).
 pub fn batch_tensor(batch: &Batch, device: Device) -> Tensor {
     let s = i64::from(batch.size);
-    Tensor::from_slice(&batch.pixels)
-        .view([batch.len() as i64, 3, s, s])
-        .to_device(device)
+    dalle_model::images::from_bytes(&batch.pixels, [batch.len() as i64, 3, s, s], device)
 }
 
 /// Samples read and skipped in the current epoch, logged when it ends.

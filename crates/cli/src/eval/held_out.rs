@@ -15,6 +15,7 @@ use dalle_eval::fidelity::combo_of;
 use dalle_eval::report::HeldOutSource;
 use dalle_eval::{Attributes, parse_caption, scenes};
 use dalle_model::dvae::Dvae;
+use dalle_model::images::from_bytes;
 use dalle_store::Location;
 use dalle_train::config::JobConfig;
 use dalle_train::ddp::DataParallel;
@@ -118,7 +119,7 @@ pub fn read(job: &JobConfig, inputs: &[String], dvae: &Dvae, count: usize) -> Re
             if Path::new(input).is_file() && !input.ends_with(".parquet") {
                 let image = read_inputs(dvae, job, std::slice::from_ref(input), Some(1))?.remove(0);
                 let s = i64::from(side);
-                parts.push(Tensor::from_slice(&image.pixels).view([1, 3, s, s]));
+                parts.push(from_bytes(&image.pixels, [1, 3, s, s], Device::Cpu));
                 keys.push(image.key);
                 captions.push(String::new());
                 continue;
