@@ -1,9 +1,10 @@
 //! `dalle eval`: what a trained run is worth, as `<out>/eval.json`, pictures
 //! and a summary. On held-out images (see [`held_out`]): the dVAE's
 //! reconstructions against both baselines, its codebook usage and
-//! per-colour errors; the transformer's held-out loss ([`stage2`]); and
-//! prompt fidelity, samples for held-out and unseen captions judged by
-//! attribute probes ([`fidelity`]). A section the run cannot fill (no
+//! per-colour errors; the attribute probes' accuracy on the held-out images
+//! and on their reconstructions (no transformer needed); the transformer's
+//! held-out loss ([`stage2`]); and prompt fidelity, samples for held-out
+//! and unseen captions judged by those probes ([`fidelity`]). A section the run cannot fill (no
 //! transformer yet, captions that are not synthetic) is left out with a
 //! note saying why. With a reranker (the optional `rerank` stage), fidelity
 //! again with each sample the reranker's best of N candidates ([`best_of`]).
