@@ -272,6 +272,51 @@ fn sigterm_stops_launch_the_same_way_and_launch_again_resumes() {
     assert_eq!(ledger(&run).len(), 600);
 }
 
+/// Whether `pid` runs (a zombie no longer does: nobody may reap an orphan
+/// in a container).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let state = stat.rsplit_once(')')?.1.trim_start().chars().next()?;
+            Some(state != 'Z' && state != 'X')
+        })
+        .unwrap_or(false)
+}
+
+#[test]
+fn a_node_killed_outright_takes_its_workers_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let config = dvae_job(dir.path());
+    let (coordinator, url) = start_coordinator(&config, &STAGE1_LONG);
+    let mut node = start_node(&url);
+    let workers = training(&mut node, &run);
+    signal(node.pid(), "KILL");
+    let _ = node.child.wait();
+    // Orphaned, they would train on until a log line hit their closed
+    // pipe: each gets SIGTERM from the kernel instead and stops at its next
+    // step boundary.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while workers.iter().any(|&w| alive(w)) {
+        assert!(
+            Instant::now() < deadline,
+            "workers {workers:?} outlived their node by a minute"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // They stopped, not crashed on a closed pipe: each told the coordinator
+    // it stopped on SIGTERM, after the checkpoint its step was due.
+    let said = coordinator.stderr.text();
+    for pid in &workers {
+        assert!(
+            said.lines()
+                .any(|l| l.contains(&format!("pid {pid},")) && l.contains("stopped by SIGTERM")),
+            "worker {pid} did not stop on SIGTERM:\n{said}"
+        );
+    }
+}
+
 #[test]
 fn a_node_is_refused_without_a_worker_count_or_a_token() {
     let url = "http://127.0.0.1:1";

@@ -49,6 +49,7 @@ impl WorkerCommand {
         if let Some(host) = &self.advertise {
             worker.arg("--advertise").arg(host);
         }
+        stop_with_this_process(&mut worker);
         if let Some(ca) = &self.tls_ca {
             worker.arg("--tls-ca").arg(ca);
         }
@@ -68,6 +69,35 @@ impl WorkerCommand {
         Ok(child)
     }
 }
+
+/// Has the worker receive SIGTERM (a stop at its next step boundary) if
+/// this agent dies without stopping it, killed outright (SIGKILL, the OOM
+/// killer): otherwise it would train on, orphaned, holding its GPU, with
+/// nobody to restart or stop it. Linux ties the signal to the thread that
+/// spawned the child; workers are spawned from the agent's main thread,
+/// which lives as long as the agent.
+#[cfg(target_os = "linux")]
+fn stop_with_this_process(worker: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let agent = std::process::id();
+    // SAFETY: between fork and exec the closure calls only prctl, getppid
+    // and errno reads, which are async-signal-safe, and allocates nothing.
+    unsafe {
+        worker.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The agent may have died before the signal was armed.
+            if libc::getppid() as u32 != agent {
+                return Err(std::io::Error::other("the agent exited"));
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn stop_with_this_process(_worker: &mut Command) {}
 
 /// Copies `stream` to `sink` a whole line at a time, each under `prefix`,
 /// so that lines of several workers never interleave mid-line. JSON logs
