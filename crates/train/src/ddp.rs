@@ -283,19 +283,8 @@ impl DataParallel {
     /// `samples` samples each, and the global sample count (for log lines;
     /// one process keeps its f64 values untouched).
     pub fn global_means(&mut self, values: &[f64], samples: usize) -> Result<(Vec<f64>, usize)> {
-        if self.world_size() == 1 {
-            return Ok((values.to_vec(), samples));
-        }
-        let n = samples as f64;
-        let mut sums: Vec<f32> = values.iter().map(|v| (v * n) as f32).collect();
-        sums.push(samples as f32);
-        self.sum(&mut sums)?;
-        let total = f64::from(sums.pop().expect("count pushed"));
-        let means = sums
-            .iter()
-            .map(|s| f64::from(*s) / total.max(1.0))
-            .collect();
-        Ok((means, total as usize))
+        let mut steps = self.global_means_of_steps(&[values.to_vec()], &[samples])?;
+        Ok(steps.pop().expect("one step in, one out"))
     }
 
     /// [`DataParallel::global_means`] of several steps at once, in one

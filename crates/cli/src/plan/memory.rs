@@ -345,8 +345,7 @@ pub fn dvae_activations(c: &DvaeConfig, relaxation: Relaxation, micro: u64) -> D
                 // The input convolution reads the mapped pixels.
                 bytes += ch * s * s * F32;
             }
-            let pooled = i + 1 < half && c.encoder_side(i as i64 + 1) < c.encoder_side(i as i64);
-            if pooled {
+            if i < half && c.encoder_pools_after(i as i64) {
                 // Max-pooling keeps its input (4 B) and int64 indices of a
                 // quarter of it (2 B per input element).
                 bytes += map(&last) * 6;

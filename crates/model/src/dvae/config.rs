@@ -79,6 +79,16 @@ impl DvaeConfig {
         self.encoder_side(GROUP_COUNT - 1 - g)
     }
 
+    /// Whether a 2×2 max-pool follows encoder group `g`.
+    pub fn encoder_pools_after(&self, g: i64) -> bool {
+        g + 1 < GROUP_COUNT && self.encoder_side(g + 1) < self.encoder_side(g)
+    }
+
+    /// Whether nearest ×2 upsampling follows decoder group `g`.
+    pub fn decoder_upsamples_after(&self, g: i64) -> bool {
+        g + 1 < GROUP_COUNT && self.decoder_side(g + 1) > self.decoder_side(g)
+    }
+
     /// The scale of every residual path (see [`DvaeConfig::post_gain`]).
     pub fn residual_gain(&self) -> f64 {
         let n_layers = GROUP_COUNT * self.n_blk_per_group;

@@ -42,7 +42,7 @@ impl Decoder {
             .collect();
         let output = Conv2d::new(&blocks / "output" / "conv", width, 2 * cfg.channels, 1);
         let upsampled = (0..GROUP_COUNT)
-            .map(|g| g + 1 < GROUP_COUNT && cfg.decoder_side(g + 1) > cfg.decoder_side(g))
+            .map(|g| cfg.decoder_upsamples_after(g))
             .collect();
         Self {
             input,

@@ -40,7 +40,7 @@ impl Encoder {
             .collect();
         let output = Conv2d::new(&blocks / "output" / "conv", width, cfg.vocab_size, 1);
         let pooled = (0..GROUP_COUNT)
-            .map(|g| g + 1 < GROUP_COUNT && cfg.encoder_side(g + 1) < cfg.encoder_side(g))
+            .map(|g| cfg.encoder_pools_after(g))
             .collect();
         Self {
             input,
