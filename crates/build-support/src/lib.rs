@@ -37,3 +37,43 @@ pub fn link_libtorch() {
     }
     println!("cargo:rustc-check-cfg=cfg(libtorch_cuda_linked)");
 }
+
+/// Compiles `source` (a C++ shim over libtorch, relative to the package)
+/// into the static library `name`, against the headers of the libtorch
+/// torch-sys links and with the flags torch-sys compiles its own C++ with
+/// (C++17, the same `_GLIBCXX_USE_CXX11_ABI`), so both sides agree on every
+/// type's layout and every symbol's mangled name. Also links libtorch as
+/// [`link_libtorch`] does.
+pub fn compile_libtorch_shim(source: &str, name: &str) {
+    println!("cargo:rerun-if-changed={source}");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    link_libtorch();
+    let lib_dir = std::env::var_os("DEP_TCH_LIBTORCH_LIB")
+        .map(PathBuf::from)
+        .expect("DEP_TCH_LIBTORCH_LIB: torch-sys must be a direct dependency");
+    // The wheel (and the libtorch archive) keep the headers beside `lib`.
+    let root = lib_dir
+        .parent()
+        .expect("libtorch's lib directory has a parent")
+        .to_path_buf();
+    let include = root.join("include");
+    assert!(
+        include.join("ATen/Tensor.h").is_file(),
+        "no libtorch headers at {}",
+        include.display()
+    );
+    // torch-sys's default when it is not asked python: libtorch ≥ 2.x
+    // wheels are built with the C++11 ABI.
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .file(source)
+        .compile(name);
+}

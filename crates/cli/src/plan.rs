@@ -6,8 +6,8 @@
 //!
 //! Per rank, for P parameters over a group of W ranks:
 //! - parameters: 4 B × P (fp32);
-//! - gradients: 4 B × P (÷ W with ZeRO-2's `run.sharding = "gradients"`,
-//!   where the config has it);
+//! - gradients: 4 B × P, or with ZeRO-2's `run.sharding = "gradients"`
+//!   4 B × P ÷ W plus two gradient buckets in flight;
 //! - AdamW moments: 8 B × P, ÷ W when `run.sharding` shards the optimizer;
 //! - activations at the micro-batch ([`memory`] counts them);
 //! - the optimizer step's working set on CUDA, 8 B per element this rank
@@ -230,7 +230,11 @@ pub fn stage_need(
     let w = world as u64;
     let sharded = |bytes: u64, on: bool| if on { bytes.div_ceil(w) } else { bytes };
     let parameter_bytes = 4 * parameters;
-    let gradient_bytes = sharded(4 * parameters, shards_gradients(knobs.sharding));
+    let gradient_bytes = if shards_gradients(knobs.sharding) {
+        (4 * parameters).div_ceil(w) + zero2_staging_bytes(parameters)
+    } else {
+        4 * parameters
+    };
     let moment_bytes = sharded(8 * parameters, knobs.sharding.shards_optimizer());
     let updated = sharded(parameters, knobs.sharding.shards_optimizer());
     let step_bytes = match target {
@@ -274,26 +278,28 @@ pub struct Plan<'a> {
     pub needs: Vec<StageNeed>,
 }
 
-/// The settings of `run.sharding` this build knows, weakest first: read
-/// by name, so ZeRO-2's `"gradients"` is planned for where the config has it.
+/// The settings of `run.sharding`, weakest first.
 fn shardings() -> Vec<StateSharding> {
-    ["none", "optimizer", "gradients"]
-        .into_iter()
-        .filter_map(|name| serde_json::from_value(serde_json::Value::from(name)).ok())
-        .collect()
+    StateSharding::ALL.to_vec()
 }
 
 /// The name of a sharding in configs.
-fn sharding_name(s: StateSharding) -> String {
-    match serde_json::to_value(s) {
-        Ok(serde_json::Value::String(name)) => name,
-        _ => format!("{s:?}").to_lowercase(),
-    }
+fn sharding_name(s: StateSharding) -> &'static str {
+    s.name()
+}
+
+/// What sharded gradients hold beyond this rank's shard: the buckets
+/// between backward writing them and their reduce-scatter, two at a time
+/// once the order backward completes them in is learnt (the first step
+/// may hold more, but it holds no gradient in its forward pass, where the
+/// activations peak), and never more than the whole gradient.
+fn zero2_staging_bytes(parameters: u64) -> u64 {
+    (2 * dalle_train::ddp::DEFAULT_BUCKET_BYTES as u64).min(4 * parameters)
 }
 
 /// Whether `s` splits the reduced gradients too (ZeRO-2).
 fn shards_gradients(s: StateSharding) -> bool {
-    sharding_name(s) == "gradients"
+    s.shards_gradients()
 }
 
 fn gib(bytes: u64) -> f64 {
@@ -680,13 +686,13 @@ mod tests {
         assert_eq!(sharding_name(StateSharding::Optimizer), "optimizer");
         let all = shardings();
         assert_eq!(all[..2], [StateSharding::None, StateSharding::Optimizer]);
-        // ZeRO-2, where the config has it.
-        if let Some(&zero2) = all.get(2) {
-            let grads = need(zero2);
-            assert_eq!(grads.gradient_bytes, none.gradient_bytes.div_ceil(8));
-            assert_eq!(grads.moment_bytes, opt.moment_bytes);
-            assert!(grads.total() < opt.total());
-        }
+        let grads = need(StateSharding::Gradients);
+        assert_eq!(
+            grads.gradient_bytes,
+            none.gradient_bytes.div_ceil(8) + zero2_staging_bytes(none.parameters)
+        );
+        assert_eq!(grads.moment_bytes, opt.moment_bytes);
+        assert!(grads.total() < opt.total());
     }
 
     #[test]

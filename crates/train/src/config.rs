@@ -88,9 +88,10 @@ pub struct RunConfig {
     /// known GPUs (`dalle_train::flops::peak_tflops`), none on CPU.
     pub peak_tflops: Option<f64>,
     /// What each rank keeps of the training state: `none` (every rank
-    /// holds everything) or `optimizer` (ZeRO-1: each rank keeps the Adam
+    /// holds everything), `optimizer` (ZeRO-1: each rank keeps the Adam
     /// moments of its 1/W of the parameters, updates that share and
-    /// all-gathers the rest).
+    /// all-gathers the rest) or `gradients` (ZeRO-2: also only that
+    /// share's gradients, reduce-scattered during backward).
     pub sharding: StateSharding,
     /// What the training stages, their evaluations and sampling compute in:
     /// `auto` (bf16 on a GPU of compute capability 8.0 or newer, fp32
@@ -116,12 +117,35 @@ pub enum StateSharding {
     None,
     /// Optimizer state sharded (ZeRO-1).
     Optimizer,
+    /// Optimizer state and gradients sharded (ZeRO-2).
+    Gradients,
 }
 
 impl StateSharding {
+    /// Every setting, from holding the most to the least.
+    pub const ALL: [StateSharding; 3] = [
+        StateSharding::None,
+        StateSharding::Optimizer,
+        StateSharding::Gradients,
+    ];
+
     /// Whether the optimizer state is split across ranks.
     pub fn shards_optimizer(self) -> bool {
-        matches!(self, StateSharding::Optimizer)
+        matches!(self, StateSharding::Optimizer | StateSharding::Gradients)
+    }
+
+    /// Whether the gradients are split across ranks too.
+    pub fn shards_gradients(self) -> bool {
+        matches!(self, StateSharding::Gradients)
+    }
+
+    /// The name in the config (`run.sharding`).
+    pub fn name(self) -> &'static str {
+        match self {
+            StateSharding::None => "none",
+            StateSharding::Optimizer => "optimizer",
+            StateSharding::Gradients => "gradients",
+        }
     }
 }
 

@@ -10,10 +10,13 @@
 //! when it is built.
 
 use crate::config::StateSharding;
+use crate::grad_shards::GradShards;
 use crate::optim::{AdamW, AdamWConfig};
 use crate::{Result, TrainError};
 use dalle_collective::{Collective, NcclCollective, shard_range};
 use std::ops::Range;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
 /// One process, no peers: every collective is the identity.
@@ -76,21 +79,167 @@ enum Carrier {
     Nccl(NcclCollective),
 }
 
-pub struct DataParallel {
-    comm: Carrier,
-    bucket_elems: usize,
+/// The group's connection: what carries the bytes, the host staging of
+/// one bucket, and the time spent in collectives. Shared (behind a mutex)
+/// between the training thread and the gradient hooks of sharded
+/// gradients, which reduce buckets from inside backward; never both at
+/// once, since the training thread is inside backward meanwhile.
+pub(crate) struct Link {
+    carrier: Carrier,
     /// Host staging for one bucket, kept between steps.
     host: Vec<f32>,
-    hook: Option<StepHook>,
     /// Time spent in collectives since [`DataParallel::take_comm_time`].
-    comm_time: std::time::Duration,
+    comm_time: Duration,
+}
+
+/// A [`Link`] shared with gradient hooks.
+pub(crate) type SharedLink = Arc<Mutex<Link>>;
+
+/// Locks `link`; a panic elsewhere while holding it leaves it usable (the
+/// collective itself reports a broken group).
+pub(crate) fn lock(link: &SharedLink) -> MutexGuard<'_, Link> {
+    link.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Link {
+    /// The collective as seen by host-memory calls.
+    fn collective(&mut self) -> &mut dyn Collective {
+        match &mut self.carrier {
+            Carrier::Host(c) => c.as_mut(),
+            Carrier::Nccl(c) => c,
+        }
+    }
+
+    /// Gives every rank rank `root`'s `bytes`.
+    pub(crate) fn broadcast(&mut self, bytes: &mut [u8], root: usize, what: &str) -> Result<()> {
+        self.collective()
+            .broadcast(bytes, root)
+            .map_err(collective_error(what))
+    }
+
+    /// Runs `call` on the collective, its time counted as communication.
+    fn timed<T>(&mut self, call: impl FnOnce(&mut dyn Collective) -> T) -> T {
+        let started = Instant::now();
+        let result = call(self.collective());
+        self.comm_time += started.elapsed();
+        result
+    }
+
+    /// Runs `reduction` on `bucket` (a contiguous slice of a flat buffer),
+    /// in place.
+    pub(crate) fn reduce(&mut self, bucket: &Tensor, reduction: Reduction) -> Result<()> {
+        let started = Instant::now();
+        let result = self.reduce_untimed(bucket, reduction);
+        self.comm_time += started.elapsed();
+        result
+    }
+
+    fn reduce_untimed(&mut self, bucket: &Tensor, reduction: Reduction) -> Result<()> {
+        let elems = bucket.numel();
+        let mut bucket = bucket.shallow_clone();
+        if let Reduction::Sum(scale) | Reduction::Scatter(scale) = reduction {
+            tch::no_grad(|| {
+                let _ = bucket.g_mul_scalar_(scale);
+            });
+        }
+        let what = reduction.describe();
+        match &mut self.carrier {
+            Carrier::Nccl(nccl) if bucket.device().is_cuda() && bucket.kind() == Kind::Float => {
+                let ptr = bucket.data_ptr() as u64;
+                // SAFETY: `bucket` is a contiguous f32 CUDA slice of `elems`
+                // values that outlives the call, which returns once NCCL is
+                // done with it (after waiting on libtorch's stream).
+                unsafe {
+                    match reduction {
+                        Reduction::Sum(_) => nccl.all_reduce_sum_raw(ptr, elems),
+                        Reduction::Scatter(_) => nccl.reduce_scatter_sum_raw(ptr, elems),
+                        Reduction::Gather => nccl.all_gather_raw(ptr, elems),
+                    }
+                }
+                .map_err(collective_error(what))?;
+            }
+            _ => {
+                let host = bucket.to_device(Device::Cpu).to_kind(Kind::Float);
+                self.host.resize(elems, 0.0);
+                host.copy_data(&mut self.host, elems);
+                let mut values = std::mem::take(&mut self.host);
+                let comm = self.collective();
+                let reduced = match reduction {
+                    Reduction::Sum(_) => comm.all_reduce_sum(&mut values),
+                    Reduction::Scatter(_) => comm.reduce_scatter_sum(&mut values),
+                    Reduction::Gather => comm.all_gather(&mut values),
+                }
+                .map_err(collective_error(what));
+                self.host = values;
+                reduced?;
+                let summed = Tensor::from_slice(&self.host)
+                    .to_device(bucket.device())
+                    .to_kind(bucket.kind());
+                tch::no_grad(|| bucket.copy_(&summed));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How flat buffers split into buckets (the unit of reduction) and each
+/// bucket into the ranks' shards, for one rank of a group.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Buckets {
+    elems: usize,
+    rank: usize,
+    world: usize,
+}
+
+impl Buckets {
+    /// The buckets of a flat buffer of `elements`.
+    pub(crate) fn of(&self, elements: i64) -> impl Iterator<Item = Range<i64>> + use<> {
+        let bucket = self.elems as i64;
+        (0..elements)
+            .step_by(bucket.max(1) as usize)
+            .map(move |start| start..(start + bucket).min(elements))
+    }
+
+    /// This rank's shard of `bucket`.
+    pub(crate) fn shard_of(&self, bucket: &Range<i64>, rank: usize) -> Range<i64> {
+        let shard = shard_range((bucket.end - bucket.start) as usize, self.world, rank);
+        bucket.start + shard.start as i64..bucket.start + shard.end as i64
+    }
+
+    /// Every rank's shard of every bucket, bucket by bucket, rank by rank:
+    /// where a reduction leaves each rank's share, and the pieces a
+    /// global gradient norm is summed from (in this order, whatever the
+    /// sharding, so sharded and unsharded training agree bitwise).
+    pub(crate) fn shards(&self, elements: i64) -> Vec<Range<i64>> {
+        let this = *self;
+        self.of(elements)
+            .flat_map(|bucket| (0..this.world).map(move |rank| this.shard_of(&bucket, rank)))
+            .collect()
+    }
+
+    /// This rank's shards of a flat buffer of `elements`.
+    pub(crate) fn owned(&self, elements: i64) -> Vec<Range<i64>> {
+        self.of(elements)
+            .map(|bucket| self.shard_of(&bucket, self.rank))
+            .collect()
+    }
+}
+
+pub struct DataParallel {
+    link: SharedLink,
+    rank: usize,
+    world: usize,
+    bucket_elems: usize,
+    hook: Option<StepHook>,
     /// Which group of which job this is, for fencing its checkpoints.
     group: Option<Fence>,
 }
 
 use dalle_store::checkpoint::Fence;
 
-fn collective_error(what: &str) -> impl FnOnce(dalle_collective::Error) -> TrainError + '_ {
+pub(crate) fn collective_error(
+    what: &str,
+) -> impl FnOnce(dalle_collective::Error) -> TrainError + '_ {
     move |e| TrainError::Collective(format!("{what}: {e}"))
 }
 
@@ -105,13 +254,21 @@ impl DataParallel {
         Self::with_carrier(Carrier::Nccl(comm), bucket_bytes)
     }
 
-    fn with_carrier(comm: Carrier, bucket_bytes: usize) -> Self {
+    fn with_carrier(carrier: Carrier, bucket_bytes: usize) -> Self {
+        let (rank, world) = match &carrier {
+            Carrier::Host(c) => (c.rank(), c.world_size()),
+            Carrier::Nccl(c) => (c.rank(), c.world_size()),
+        };
         Self {
-            comm,
+            link: Arc::new(Mutex::new(Link {
+                carrier,
+                host: Vec::new(),
+                comm_time: Duration::ZERO,
+            })),
+            rank,
+            world,
             bucket_elems: (bucket_bytes / 4).max(1),
-            host: Vec::new(),
             hook: None,
-            comm_time: std::time::Duration::ZERO,
             group: None,
         }
     }
@@ -136,9 +293,7 @@ impl DataParallel {
 
     /// Gives every rank rank `root`'s `bytes`.
     pub fn broadcast_from(&mut self, root: usize, bytes: &mut [u8], what: &str) -> Result<()> {
-        self.host()
-            .broadcast(bytes, root)
-            .map_err(collective_error(what))
+        lock(&self.link).broadcast(bytes, root, what)
     }
 
     /// Calls `hook` at the end of every step (see [`StepHook`]).
@@ -160,25 +315,20 @@ impl DataParallel {
         Self::new(Box::new(Solo), DEFAULT_BUCKET_BYTES)
     }
 
-    /// The collective as seen by host-memory calls.
-    fn host(&mut self) -> &mut dyn Collective {
-        match &mut self.comm {
-            Carrier::Host(c) => c.as_mut(),
-            Carrier::Nccl(c) => c,
-        }
-    }
-
     pub fn rank(&self) -> usize {
-        match &self.comm {
-            Carrier::Host(c) => c.rank(),
-            Carrier::Nccl(c) => c.rank(),
-        }
+        self.rank
     }
 
     pub fn world_size(&self) -> usize {
-        match &self.comm {
-            Carrier::Host(c) => c.world_size(),
-            Carrier::Nccl(c) => c.world_size(),
+        self.world
+    }
+
+    /// How this rank's flat buffers split into buckets and shards.
+    pub(crate) fn bucket_layout(&self) -> Buckets {
+        Buckets {
+            elems: self.bucket_elems,
+            rank: self.rank,
+            world: self.world,
         }
     }
 
@@ -204,9 +354,7 @@ impl DataParallel {
                 .iter()
                 .flat_map(|v| v.to_le_bytes())
                 .collect();
-            self.host()
-                .broadcast(&mut bytes, 0)
-                .map_err(collective_error("sharing initial weights"))?;
+            self.broadcast_from_leader(&mut bytes, "sharing initial weights")?;
             let values: Vec<f32> = bytes
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -226,9 +374,7 @@ impl DataParallel {
     pub fn verify_identical(&mut self, params: &[(String, Tensor)]) -> Result<()> {
         let mine = digest(params)?;
         let mut theirs = mine.to_le_bytes();
-        self.host()
-            .broadcast(&mut theirs, 0)
-            .map_err(collective_error("verifying initial weights"))?;
+        self.broadcast_from_leader(&mut theirs, "verifying initial weights")?;
         let leader = u64::from_le_bytes(theirs);
         if leader != mine {
             return Err(TrainError::Collective(format!(
@@ -258,25 +404,22 @@ impl DataParallel {
     /// Returns once every rank has called it (between stages that one rank
     /// prepares for all).
     pub fn barrier(&mut self) -> Result<()> {
-        self.host()
+        lock(&self.link)
+            .collective()
             .barrier()
             .map_err(collective_error("waiting for every rank"))
     }
 
     /// Sums `values` over ranks.
     pub fn sum(&mut self, values: &mut [f32]) -> Result<()> {
-        let started = std::time::Instant::now();
-        let result = self
-            .host()
-            .all_reduce_sum(values)
-            .map_err(collective_error("summing metrics"));
-        self.comm_time += started.elapsed();
-        result
+        lock(&self.link)
+            .timed(|c| c.all_reduce_sum(values))
+            .map_err(collective_error("summing metrics"))
     }
 
     /// Time spent in collectives since the last call.
-    pub fn take_comm_time(&mut self) -> std::time::Duration {
-        std::mem::take(&mut self.comm_time)
+    pub fn take_comm_time(&mut self) -> Duration {
+        std::mem::take(&mut lock(&self.link).comm_time)
     }
 
     /// Means over every rank's samples of per-rank means `values` over
@@ -384,53 +527,56 @@ impl DataParallel {
 
     /// An AdamW over `named` for this group: with `sharding` on, this rank
     /// keeps moments for and updates only its share of every gradient
-    /// bucket ([`DataParallel::update`] gathers the rest).
+    /// bucket ([`DataParallel::update`] gathers the rest); with
+    /// `"gradients"` it also keeps only that share of the gradients, which
+    /// hooks on the parameters reduce into it during backward
+    /// ([`crate::grad_shards`]).
     pub fn optimizer(
         &self,
         named: Vec<(String, Tensor)>,
         config: AdamWConfig,
         sharding: StateSharding,
-    ) -> AdamW {
-        if sharding.shards_optimizer() && self.world_size() > 1 {
-            AdamW::sharded(named, config, &|elements| self.owned(elements))
-        } else {
-            AdamW::new(named, config)
+    ) -> Result<AdamW> {
+        let layout = self.bucket_layout();
+        let owned = |elements| layout.owned(elements);
+        if self.world_size() == 1 || !sharding.shards_optimizer() {
+            return Ok(AdamW::new(named, config));
         }
+        if !sharding.shards_gradients() {
+            return Ok(AdamW::sharded(named, config, &owned));
+        }
+        let mut optimizer = AdamW::sharded_gradients(named, config, &owned);
+        let shards = GradShards::install(&optimizer, layout, self.link.clone())?;
+        optimizer.attach_grad_shards(shards);
+        Ok(optimizer)
     }
 
-    /// The buckets of a flat buffer of `elements`: the unit of reduction.
-    fn buckets(&self, elements: i64) -> impl Iterator<Item = Range<i64>> + use<> {
-        let bucket = self.bucket_elems as i64;
-        (0..elements)
-            .step_by(bucket.max(1) as usize)
-            .map(move |start| start..(start + bucket).min(elements))
-    }
-
-    /// Every rank's shard of every bucket, bucket by bucket, rank by rank:
-    /// where a reduction leaves each rank's share, and the pieces a
-    /// global gradient norm is summed from (in this order, whatever the
-    /// sharding, so sharded and unsharded training agree bitwise).
-    fn shards(&self, elements: i64) -> Vec<Range<i64>> {
-        let world = self.world_size();
-        self.buckets(elements)
-            .flat_map(|bucket| {
-                let len = (bucket.end - bucket.start) as usize;
-                (0..world).map(move |rank| {
-                    let shard = shard_range(len, world, rank);
-                    bucket.start + shard.start as i64..bucket.start + shard.end as i64
-                })
-            })
-            .collect()
-    }
-
-    /// This rank's shards of a flat buffer of `elements`.
-    fn owned(&self, elements: i64) -> Vec<Range<i64>> {
-        let (rank, world) = (self.rank(), self.world_size());
-        self.shards(elements)
-            .into_iter()
-            .skip(rank)
-            .step_by(world)
-            .collect()
+    /// Before the first backward of a step in which this rank trains on
+    /// `local_samples` in `passes` backward passes (micro-batches): with
+    /// sharded gradients the hooks reduce each pass's buckets as backward
+    /// writes them, scaled by this rank's share of the global batch, so the
+    /// global sample count is summed here, and so is the largest number of
+    /// passes: a rank with fewer (bad samples skipped) reduces zeros for
+    /// the rest, since every rank must run the same collectives. Nothing
+    /// to do otherwise ([`DataParallel::update`] sums the count).
+    pub fn begin_step(
+        &mut self,
+        optimizer: &mut AdamW,
+        local_samples: usize,
+        passes: usize,
+    ) -> Result<()> {
+        let Some(shards) = optimizer.grad_shards() else {
+            return Ok(());
+        };
+        // The count, then each rank's passes at its own place.
+        let mut counts = vec![0f32; 1 + self.world];
+        counts[0] = local_samples as f32;
+        counts[1 + self.rank] = passes as f32;
+        self.sum(&mut counts)?;
+        let total = global_samples(counts[0])?;
+        let most_passes = counts[1..].iter().fold(0f32, |a, &b| a.max(b)) as usize;
+        shards.begin(local_samples as f64 / total as f64, total, most_passes);
+        Ok(())
     }
 
     /// One optimizer step of the group: the gradients (each rank's the mean
@@ -444,6 +590,8 @@ impl DataParallel {
     /// A sharded optimizer has each bucket reduce-scattered instead of
     /// all-reduced, updates its share, and the parameters are all-gathered:
     /// after this, gradients outside the rank's share are meaningless.
+    /// Sharded gradients were reduced during backward (after
+    /// [`DataParallel::begin_step`]); what backward left is reduced here.
     pub fn update(
         &mut self,
         optimizer: &mut AdamW,
@@ -451,7 +599,10 @@ impl DataParallel {
         lr: f64,
         max_norm: Option<f64>,
     ) -> Result<Update> {
-        let samples = self.average_gradients(optimizer, local_samples)?;
+        let samples = match optimizer.grad_shards() {
+            Some(shards) => shards.finish()?,
+            None => self.average_gradients(optimizer, local_samples)?,
+        };
         let norm = self.grad_norm(optimizer)?;
         if let Some(max_norm) = max_norm {
             optimizer.clip_to(&norm, max_norm);
@@ -476,13 +627,8 @@ impl DataParallel {
         }
         let mut count = [local_samples as f32];
         self.sum(&mut count)?;
-        let total = count[0];
-        if total <= 0.0 {
-            return Err(TrainError::Collective(
-                "no rank had a sample this step".into(),
-            ));
-        }
-        let scale = local_samples as f64 / f64::from(total);
+        let total = global_samples(count[0])?;
+        let scale = local_samples as f64 / total as f64;
         let reduction = if optimizer.is_sharded() {
             Reduction::Scatter(scale)
         } else {
@@ -491,7 +637,7 @@ impl DataParallel {
         for flat in optimizer.flat_grads() {
             self.reduce_flat(&flat, reduction)?;
         }
-        Ok(total as usize)
+        Ok(total)
     }
 
     /// The global L2 norm of the reduced gradients, on the device: summed
@@ -499,14 +645,11 @@ impl DataParallel {
     /// sharded optimizer each rank sums its own shards and the rest come
     /// from the others.
     fn grad_norm(&mut self, optimizer: &AdamW) -> Result<Tensor> {
-        let flats = optimizer.flat_grads();
-        let shards: Vec<Vec<Range<i64>>> = flats
-            .iter()
-            .map(|f| self.shards(f.numel() as i64))
-            .collect();
+        let layout = self.bucket_layout();
+        let lengths = optimizer.flat_lengths();
+        let shards: Vec<Vec<Range<i64>>> = lengths.iter().map(|&n| layout.shards(n)).collect();
         let squares = if optimizer.is_sharded() {
-            let owned: Vec<Vec<Range<i64>>> =
-                flats.iter().map(|f| self.owned(f.numel() as i64)).collect();
+            let owned: Vec<Vec<Range<i64>>> = lengths.iter().map(|&n| layout.owned(n)).collect();
             let mine = Vec::<f32>::try_from(optimizer.square_sums(&owned).to_device(Device::Cpu))?;
             // Each rank's sums at their places in the fixed order, zeros
             // elsewhere: the sum over ranks is exact.
@@ -516,7 +659,10 @@ impl DataParallel {
                 all[at] = value;
             }
             self.sum(&mut all)?;
-            let device = flats.first().map_or(Device::Cpu, Tensor::device);
+            let device = optimizer
+                .flat_params()
+                .first()
+                .map_or(Device::Cpu, Tensor::device);
             Tensor::from_slice(&all).to_device(device)
         } else {
             optimizer.square_sums(&shards)
@@ -527,68 +673,34 @@ impl DataParallel {
     /// Runs `reduction` on a flat buffer, one bucket (a slice of it) at a
     /// time, in place.
     fn reduce_flat(&mut self, flat: &Tensor, reduction: Reduction) -> Result<()> {
-        for bucket in self.buckets(flat.numel() as i64) {
+        let mut link = lock(&self.link);
+        for bucket in self.bucket_layout().of(flat.numel() as i64) {
             let len = bucket.end - bucket.start;
-            self.reduce_bucket(&flat.narrow(0, bucket.start, len), reduction)?;
+            link.reduce(&flat.narrow(0, bucket.start, len), reduction)?;
         }
         Ok(())
     }
+}
 
-    fn reduce_bucket(&mut self, bucket: &Tensor, reduction: Reduction) -> Result<()> {
-        let started = std::time::Instant::now();
-        let result = self.reduce_bucket_timed(bucket, reduction);
-        self.comm_time += started.elapsed();
-        result
+/// Backward passes over `samples` in micro-batches of `micro` (0 or more
+/// than `samples`: one pass), as the training loops slice a batch.
+pub fn backward_passes(samples: usize, micro: usize) -> usize {
+    match (samples, micro) {
+        (0, _) => 0,
+        (_, 0) => 1,
+        _ => samples.div_ceil(micro.min(samples)),
     }
+}
 
-    /// Runs `reduction` on `bucket` (a contiguous slice of a flat buffer),
-    /// in place.
-    fn reduce_bucket_timed(&mut self, bucket: &Tensor, reduction: Reduction) -> Result<()> {
-        let elems = bucket.numel();
-        let mut bucket = bucket.shallow_clone();
-        if let Reduction::Sum(scale) | Reduction::Scatter(scale) = reduction {
-            tch::no_grad(|| {
-                let _ = bucket.g_mul_scalar_(scale);
-            });
-        }
-        let what = reduction.describe();
-        match &mut self.comm {
-            Carrier::Nccl(nccl) if bucket.device().is_cuda() && bucket.kind() == Kind::Float => {
-                let ptr = bucket.data_ptr() as u64;
-                // SAFETY: `bucket` is a contiguous f32 CUDA slice of `elems`
-                // values that outlives the call, which returns once NCCL is
-                // done with it (after waiting on libtorch's stream).
-                unsafe {
-                    match reduction {
-                        Reduction::Sum(_) => nccl.all_reduce_sum_raw(ptr, elems),
-                        Reduction::Scatter(_) => nccl.reduce_scatter_sum_raw(ptr, elems),
-                        Reduction::Gather => nccl.all_gather_raw(ptr, elems),
-                    }
-                }
-                .map_err(collective_error(what))?;
-            }
-            _ => {
-                let host = bucket.to_device(Device::Cpu).to_kind(Kind::Float);
-                self.host.resize(elems, 0.0);
-                host.copy_data(&mut self.host, elems);
-                let mut values = std::mem::take(&mut self.host);
-                let comm = self.host();
-                let reduced = match reduction {
-                    Reduction::Sum(_) => comm.all_reduce_sum(&mut values),
-                    Reduction::Scatter(_) => comm.reduce_scatter_sum(&mut values),
-                    Reduction::Gather => comm.all_gather(&mut values),
-                }
-                .map_err(collective_error(what));
-                self.host = values;
-                reduced?;
-                let summed = Tensor::from_slice(&self.host)
-                    .to_device(bucket.device())
-                    .to_kind(bucket.kind());
-                tch::no_grad(|| bucket.copy_(&summed));
-            }
-        }
-        Ok(())
+/// The global batch's sample count, summed over ranks as an f32; a step in
+/// which no rank had a sample cannot be averaged.
+fn global_samples(summed: f32) -> Result<usize> {
+    if summed <= 0.0 {
+        return Err(TrainError::Collective(
+            "no rank had a sample this step".into(),
+        ));
     }
+    Ok(summed as usize)
 }
 
 /// What one optimizer step of the group gave.
@@ -604,7 +716,7 @@ pub struct Update {
 
 /// What happens to one bucket of a flat buffer.
 #[derive(Clone, Copy, Debug)]
-enum Reduction {
+pub(crate) enum Reduction {
     /// Scaled, then summed over ranks on every rank.
     Sum(f64),
     /// Scaled, then summed over ranks into each rank's shard.

@@ -7,7 +7,7 @@
 //! `"kind": "validation"`).
 
 use crate::config::JobConfig;
-use crate::ddp::{DataParallel, seeded, step_seed};
+use crate::ddp::{DataParallel, backward_passes, seeded, step_seed};
 use crate::deferred::Pending;
 use crate::feed::{EpochSummary, batch_tensor, loader_config, next_nonempty, runtime_device};
 use crate::flops::{self, Utilisation};
@@ -303,7 +303,7 @@ pub fn train(
     let model = seeded(job.run.seed, || Gpt::new(config.clone(), device))?;
     let params = model.named_parameters();
     ddp.share_initial_parameters(&params)?;
-    let mut optimizer = ddp.optimizer(model.named_parameters(), cfg.adamw, job.run.sharding);
+    let mut optimizer = ddp.optimizer(model.named_parameters(), cfg.adamw, job.run.sharding)?;
     let plan = StagePlan {
         name: "gpt",
         steps: cfg.steps,
@@ -403,6 +403,11 @@ pub fn train(
         let lr = cfg.lr.at(step);
         tch::manual_seed(step_seed(job.run.seed, ddp.rank(), step));
         optimizer.zero_grad();
+        ddp.begin_step(
+            &mut optimizer,
+            batch.len(),
+            backward_passes(batch.len(), cfg.micro_batch()),
+        )?;
         // Forward and backward in the run's precision; the region (and
         // autocast's casts of the weights) ends before the optimizer steps.
         let parts = {

@@ -13,6 +13,7 @@ pub mod eval;
 pub mod feed;
 pub mod flops;
 pub mod gpt;
+pub mod grad_shards;
 pub mod metrics;
 pub mod optim;
 pub mod rerank;

@@ -5,6 +5,7 @@
 //! Weight decay is decoupled and applies to weight matrices and kernels
 //! (two or more dimensions), not to biases or gains.
 
+use crate::grad_shards::GradShards;
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
 use tch::{Device, Kind, Tensor};
@@ -38,9 +39,16 @@ const CPU_PIECE: i64 = 1 << 18;
 /// the elements this rank updates: all of them, or with a sharded
 /// optimizer its share. The decayed parameters (weight matrices and
 /// kernels) come first, so that weight decay is one kernel over a prefix.
+///
+/// With sharded gradients (ZeRO-2) `grads` holds only the owned elements,
+/// range after range like the moments: the parameters' `.grad`s are not
+/// views of it but short-lived tensors that data parallelism reduces into
+/// it as backward produces them (`crate::grad_shards`).
 struct Flat {
     params: Tensor,
     grads: Tensor,
+    /// Whether `grads` holds only the owned elements.
+    compact_grads: bool,
     /// The moments of the owned elements, range after range.
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
@@ -51,6 +59,20 @@ struct Flat {
 }
 
 impl Flat {
+    /// The gradient of the elements `range` (owned ones, with compact
+    /// gradients).
+    fn grads_over(&self, range: &Range<i64>) -> Tensor {
+        let len = range.end - range.start;
+        if !self.compact_grads {
+            return self.grads.narrow(0, range.start, len);
+        }
+        let (owned, at) = self
+            .owned_with_moments()
+            .find(|(owned, _)| owned.start <= range.start && range.end <= owned.end)
+            .expect("with sharded gradients only owned elements have a gradient");
+        self.grads.narrow(0, at + range.start - owned.start, len)
+    }
+
     /// The owned ranges, each with where its moments start.
     fn owned_with_moments(&self) -> impl Iterator<Item = (Range<i64>, i64)> + '_ {
         self.owned.iter().scan(0, |at, range| {
@@ -68,6 +90,8 @@ pub type Ownership<'a> = &'a dyn Fn(i64) -> Vec<Range<i64>>;
 /// Where one named parameter lives in the flat buffers.
 struct Member {
     name: String,
+    /// The parameter itself (its storage a view of the buffer).
+    leaf: Tensor,
     shape: Vec<i64>,
     flat: usize,
     offset: i64,
@@ -93,6 +117,8 @@ pub struct AdamW {
     step: u64,
     /// Whether this rank updates only a share of the parameters.
     sharded: bool,
+    /// With sharded gradients, the hooks that reduce them into `flats`.
+    grad_shards: Option<GradShards>,
 }
 
 impl AdamW {
@@ -101,20 +127,33 @@ impl AdamW {
     /// into flat buffers: the tensors keep their identity, so the model
     /// sees no change, but their storage is now the buffers'.
     pub fn new(named: Vec<(String, Tensor)>, config: AdamWConfig) -> Self {
-        Self::build(named, config, None)
+        Self::build(named, config, None, false)
     }
 
     /// An optimizer that keeps moments for, and updates, only the elements
     /// `owned` gives this rank (ZeRO-1); the rest of the parameters come
     /// from the ranks that own them ([`crate::ddp::DataParallel::update`]).
     pub fn sharded(named: Vec<(String, Tensor)>, config: AdamWConfig, owned: Ownership) -> Self {
-        Self::build(named, config, Some(owned))
+        Self::build(named, config, Some(owned), false)
+    }
+
+    /// [`AdamW::sharded`] that also keeps only the owned elements'
+    /// gradients (ZeRO-2): the parameters have no `.grad` between steps,
+    /// and during backward whatever [`crate::grad_shards`] installs takes
+    /// each one, adds its share here and drops it.
+    pub(crate) fn sharded_gradients(
+        named: Vec<(String, Tensor)>,
+        config: AdamWConfig,
+        owned: Ownership,
+    ) -> Self {
+        Self::build(named, config, Some(owned), true)
     }
 
     fn build(
         mut named: Vec<(String, Tensor)>,
         config: AdamWConfig,
         owned: Option<Ownership>,
+        compact_grads: bool,
     ) -> Self {
         named.sort_by(|a, b| a.0.cmp(&b.0));
         named.retain(|(_, p)| p.requires_grad());
@@ -135,6 +174,7 @@ impl AdamW {
             let numel = p.numel() as i64;
             members.push(Member {
                 name: name.clone(),
+                leaf: p.shallow_clone(),
                 shape: p.size(),
                 flat,
                 offset: sizes[flat].0,
@@ -160,7 +200,8 @@ impl AdamW {
                 let zeros = |n: i64| Tensor::zeros([n], (kind, device));
                 Flat {
                     params: zeros(elements),
-                    grads: zeros(elements),
+                    grads: zeros(if compact_grads { moments } else { elements }),
+                    compact_grads,
                     exp_avg: zeros(moments),
                     exp_avg_sq: zeros(moments),
                     decayed,
@@ -181,14 +222,19 @@ impl AdamW {
         // Every parameter needs a `.grad` to point into the buffer: a
         // backward pass of nothing gives each a zero one, whose storage is
         // then swapped for its view. Autograd adds into a defined gradient
-        // in place, so from now on backward writes the buffer.
-        if !params.is_empty() {
+        // in place, so from now on backward writes the buffer. Compact
+        // gradients leave `.grad` undefined: backward allocates each one.
+        if compact_grads {
+            for p in &params {
+                dalle_autograd::drop_grad(p).expect("a parameter's grad can be dropped");
+            }
+        } else if !params.is_empty() {
             tch::with_grad(|| {
                 let nothing: Tensor = params.iter().map(|p| p.sum(Kind::Float) * 0.0).sum();
                 nothing.backward();
             });
         }
-        for (m, p) in members.iter().zip(&params) {
+        for (m, p) in members.iter().zip(&params).filter(|_| !compact_grads) {
             let mut grad = p.grad();
             grad.set_data(&m.view(&flats[m.flat].grads));
         }
@@ -198,6 +244,7 @@ impl AdamW {
             members,
             step: 0,
             sharded: owned.is_some(),
+            grad_shards: None,
         };
         optimizer.zero_grad();
         optimizer
@@ -215,7 +262,8 @@ impl AdamW {
     }
 
     /// The flat gradient buffers (every parameter's `.grad` is a view into
-    /// one), for reducing them in place across ranks.
+    /// one), for reducing them in place across ranks; with sharded
+    /// gradients, the owned elements' gradients, range after range.
     pub fn flat_grads(&self) -> Vec<Tensor> {
         self.flats.iter().map(|f| f.grads.shallow_clone()).collect()
     }
@@ -234,6 +282,42 @@ impl AdamW {
         self.sharded
     }
 
+    /// Whether this rank keeps only its share of the gradients (ZeRO-2).
+    pub fn shards_gradients(&self) -> bool {
+        self.flats.iter().any(|f| f.compact_grads)
+    }
+
+    /// Hands the optimizer the hooks that fill its compact gradients.
+    pub(crate) fn attach_grad_shards(&mut self, shards: GradShards) {
+        self.grad_shards = Some(shards);
+    }
+
+    /// The hooks of sharded gradients, if any.
+    pub fn grad_shards(&self) -> Option<&GradShards> {
+        self.grad_shards.as_ref()
+    }
+
+    /// Where every parameter lives: its name, the parameter, its flat
+    /// buffer and its element range there.
+    pub(crate) fn layout(&self) -> Vec<(String, Tensor, usize, Range<i64>)> {
+        self.members
+            .iter()
+            .map(|m| {
+                (
+                    m.name.clone(),
+                    m.leaf.shallow_clone(),
+                    m.flat,
+                    m.offset..m.offset + m.numel,
+                )
+            })
+            .collect()
+    }
+
+    /// Elements of each flat buffer.
+    pub(crate) fn flat_lengths(&self) -> Vec<i64> {
+        self.flats.iter().map(|f| f.params.numel() as i64).collect()
+    }
+
     /// Elements this rank keeps moments for (each of two moments): every
     /// parameter's, or with a sharded optimizer about 1/W of them.
     pub fn moment_elements(&self) -> i64 {
@@ -249,12 +333,9 @@ impl AdamW {
             .iter()
             .zip(ranges)
             .flat_map(|(f, ranges)| {
-                ranges.iter().map(|r| {
-                    f.grads
-                        .narrow(0, r.start, r.end - r.start)
-                        .square()
-                        .sum(Kind::Float)
-                })
+                ranges
+                    .iter()
+                    .map(|r| f.grads_over(r).square().sum(Kind::Float))
             })
             .collect();
         match sums.first() {
@@ -263,16 +344,20 @@ impl AdamW {
         }
     }
 
-    /// Global L2 norm of all gradients, on the device.
+    /// Global L2 norm of all gradients this rank holds, on the device.
     fn norm(&self) -> Option<Tensor> {
         let whole: Vec<Vec<Range<i64>>> = self
             .flats
             .iter()
             .map(|f| {
-                vec![Range {
-                    start: 0,
-                    end: f.grads.numel() as i64,
-                }]
+                if f.compact_grads {
+                    f.owned.clone()
+                } else {
+                    vec![Range {
+                        start: 0,
+                        end: f.grads.numel() as i64,
+                    }]
+                }
             })
             .collect();
         (!self.flats.is_empty()).then(|| self.square_sums(&whole).sum(Kind::Float).sqrt())
@@ -302,11 +387,12 @@ impl AdamW {
                 let scale = scale
                     .to_device(flat.grads.device())
                     .to_kind(flat.grads.kind());
-                for r in &flat.owned {
-                    let _ = flat
-                        .grads
-                        .narrow(0, r.start, r.end - r.start)
-                        .g_mul_(&scale);
+                if flat.compact_grads {
+                    let _ = flat.grads.g_mul_(&scale);
+                } else {
+                    for r in &flat.owned {
+                        let _ = flat.grads_over(r).g_mul_(&scale);
+                    }
                 }
             }
         });
@@ -347,7 +433,7 @@ impl AdamW {
                         let start = range.start + done;
                         let (mut p, g) = (
                             f.params.narrow(0, start, len),
-                            f.grads.narrow(0, start, len),
+                            f.grads_over(&(start..start + len)),
                         );
                         let mut m = f.exp_avg.narrow(0, moments + done, len);
                         let mut v = f.exp_avg_sq.narrow(0, moments + done, len);

@@ -341,7 +341,7 @@ pub fn train(
     let model = seeded(job.run.seed, || Reranker::new(config.clone(), device))?;
     let params = model.named_parameters();
     ddp.share_initial_parameters(&params)?;
-    let mut optimizer = ddp.optimizer(model.named_parameters(), cfg.adamw, job.run.sharding);
+    let mut optimizer = ddp.optimizer(model.named_parameters(), cfg.adamw, job.run.sharding)?;
     let plan = StagePlan {
         name: "rerank",
         steps: cfg.steps,
@@ -417,6 +417,7 @@ pub fn train(
         let lr = cfg.lr.at(step);
         tch::manual_seed(step_seed(job.run.seed, ddp.rank(), step));
         optimizer.zero_grad();
+        ddp.begin_step(&mut optimizer, batch.len(), 1)?;
         // Forward and backward in the run's precision (the similarities and
         // the loss in fp32, see `cosine_similarities`); the region ends
         // before the optimizer steps.

@@ -1,10 +1,12 @@
-//! A sharded optimizer (ZeRO-1) trains exactly as the unsharded one: the
-//! update is elementwise, every element is reduced in the same order, and
-//! the global gradient norm is summed from the same pieces in the same
-//! order, so after every step every rank holds bitwise the parameters of
-//! unsharded data parallelism. Ranks are threads joined by a TCP ring on
-//! loopback, with small gradient buckets so a step takes several, each cut
-//! into uneven shards for W = 3.
+//! A sharded optimizer (ZeRO-1), and sharded gradients on top of it
+//! (ZeRO-2), train exactly as the unsharded one: the update is
+//! elementwise, every element is reduced in the same order, and the global
+//! gradient norm is summed from the same pieces in the same order, so after
+//! every step every rank holds bitwise the parameters of unsharded data
+//! parallelism (with one backward pass per step; ZeRO-2 reduces each
+//! micro-batch on its own, equal up to rounding). Ranks are threads joined
+//! by a TCP ring on loopback, with small gradient buckets so a step takes
+//! several, each cut into uneven shards for W = 3.
 
 mod common;
 
@@ -44,6 +46,17 @@ fn parameters() -> Vec<(String, Tensor)> {
 /// clips to a norm the gradients exceed (so the global norm matters) on
 /// some steps and not others.
 fn train(ddp: &mut DataParallel, sharding: StateSharding, steps: u64) -> Vec<Vec<Tensor>> {
+    train_in_passes(ddp, sharding, steps, |_| 1)
+}
+
+/// [`train`] with each rank's loss split into `passes(rank)` backward
+/// passes (micro-batches) whose gradients add up to the whole loss's.
+fn train_in_passes(
+    ddp: &mut DataParallel,
+    sharding: StateSharding,
+    steps: u64,
+    passes: impl Fn(usize) -> usize,
+) -> Vec<Vec<Tensor>> {
     let named = parameters();
     let config = AdamWConfig {
         weight_decay: 0.1,
@@ -53,27 +66,38 @@ fn train(ddp: &mut DataParallel, sharding: StateSharding, steps: u64) -> Vec<Vec
         .iter()
         .map(|(n, p)| (n.clone(), p.shallow_clone()))
         .collect();
-    let mut optimizer = ddp.optimizer(shared, config, sharding);
+    let mut optimizer = ddp.optimizer(shared, config, sharding).unwrap();
     assert_eq!(
         optimizer.is_sharded(),
         sharding.shards_optimizer(),
         "a group of {} ranks",
         ddp.world_size()
     );
+    assert_eq!(optimizer.shards_gradients(), sharding.shards_gradients());
     let rank = ddp.rank() as f64;
+    let passes = passes(ddp.rank());
     let mut after = Vec::new();
     for step in 0..steps {
         optimizer.zero_grad();
-        let loss: Tensor = named
-            .iter()
-            .map(|(_, p)| {
-                (p.pow_tensor_scalar(3) * (rank + 1.0) + p * (step as f64 - rank)).sum(Kind::Float)
-            })
-            .sum();
-        loss.backward();
-        let max_norm = if step % 2 == 0 { 1.0 } else { 1e6 };
         // Ranks with different sample counts weigh differently.
         let samples = 3 + ddp.rank();
+        ddp.begin_step(&mut optimizer, samples, passes).unwrap();
+        for _ in 0..passes {
+            let loss: Tensor = named
+                .iter()
+                .map(|(_, p)| {
+                    (p.pow_tensor_scalar(3) * (rank + 1.0) + p * (step as f64 - rank))
+                        .sum(Kind::Float)
+                })
+                .sum();
+            (loss / passes as f64).backward();
+        }
+        if sharding.shards_gradients() {
+            for (name, p) in &named {
+                assert!(!p.grad().defined(), "{name} kept a whole gradient");
+            }
+        }
+        let max_norm = if step % 2 == 0 { 1.0 } else { 1e6 };
         let update = ddp
             .update(&mut optimizer, samples, 0.01, Some(max_norm))
             .unwrap();
@@ -84,28 +108,46 @@ fn train(ddp: &mut DataParallel, sharding: StateSharding, steps: u64) -> Vec<Vec
     after
 }
 
+/// Compares two runs' parameters after every step on every rank:
+/// bitwise, or within `tolerance` when it is above zero.
+fn assert_same_training(
+    world: usize,
+    what: &str,
+    a: &[Vec<Vec<Tensor>>],
+    b: &[Vec<Vec<Tensor>>],
+    tolerance: f64,
+) {
+    for (rank, (a, b)) in a.iter().zip(b).enumerate() {
+        for (step, (a, b)) in a.iter().zip(b).enumerate() {
+            for (i, (a, b)) in a.iter().zip(b).enumerate() {
+                let diff = (a - b).abs().max().double_value(&[]);
+                assert!(
+                    if tolerance > 0.0 {
+                        diff <= tolerance
+                    } else {
+                        a.equal(b)
+                    },
+                    "{what}, W={world} rank {rank} step {step}: parameter {i} differs by {diff}"
+                );
+            }
+        }
+    }
+    // And every rank holds the same parameters.
+    for other in &b[1..] {
+        for (x, y) in b[0].last().unwrap().iter().zip(other.last().unwrap()) {
+            assert!(x.equal(y), "{what}, W={world}: ranks disagree");
+        }
+    }
+}
+
 #[test]
 fn sharded_adamw_gives_bitwise_the_parameters_of_unsharded_data_parallelism() {
     for world in [2, 3, 4] {
         let run = |sharding| on_ranks(world, move |ddp| train(ddp, sharding, 6));
         let plain = run(StateSharding::None);
-        let sharded = run(StateSharding::Optimizer);
-        for (rank, (a, b)) in plain.iter().zip(&sharded).enumerate() {
-            for (step, (a, b)) in a.iter().zip(b).enumerate() {
-                for (i, (a, b)) in a.iter().zip(b).enumerate() {
-                    assert!(
-                        a.equal(b),
-                        "W={world} rank {rank} step {step}: parameter {i} differs by {}",
-                        (a - b).abs().max().double_value(&[])
-                    );
-                }
-            }
-        }
-        // And every rank holds the same parameters.
-        for other in &sharded[1..] {
-            for (a, b) in sharded[0].last().unwrap().iter().zip(other.last().unwrap()) {
-                assert!(a.equal(b), "W={world}: ranks disagree");
-            }
+        for sharding in [StateSharding::Optimizer, StateSharding::Gradients] {
+            let sharded = run(sharding);
+            assert_same_training(world, sharding.name(), &plain, &sharded, 0.0);
         }
         // The steps did something.
         let first = &plain[0][0][4];
@@ -115,13 +157,75 @@ fn sharded_adamw_gives_bitwise_the_parameters_of_unsharded_data_parallelism() {
 }
 
 #[test]
+fn sharded_gradients_over_micro_batches_train_as_unsharded_up_to_rounding() {
+    // Rank 1 splits its batch in three passes, the others in two: a rank
+    // with fewer passes reduces zeros for the rest, or the group would
+    // hang on a collective only some ranks call.
+    let passes = |rank: usize| if rank == 1 { 3 } else { 2 };
+    for world in [2, 3] {
+        let run =
+            move |sharding| on_ranks(world, move |ddp| train_in_passes(ddp, sharding, 6, passes));
+        let plain = run(StateSharding::None);
+        let sharded = run(StateSharding::Gradients);
+        assert_same_training(world, "micro-batches", &plain, &sharded, 1e-5);
+    }
+}
+
+#[test]
+fn sharded_gradients_keep_a_share_of_the_gradient_and_refuse_a_backward_outside_a_step() {
+    let total: i64 = parameters().iter().map(|(_, p)| p.numel() as i64).sum();
+    let held = on_ranks(3, move |ddp| {
+        let named = parameters();
+        let shared = named
+            .iter()
+            .map(|(n, p)| (n.clone(), p.shallow_clone()))
+            .collect();
+        let mut optimizer = ddp
+            .optimizer(shared, AdamWConfig::default(), StateSharding::Gradients)
+            .unwrap();
+        let gradient: i64 = optimizer
+            .flat_grads()
+            .iter()
+            .map(|g| g.numel() as i64)
+            .sum();
+        // Every rank runs the same backward without begin_step: the hooks
+        // refuse it, and the step ends in a clear error, not a hang.
+        named[0].1.sum(Kind::Float).backward();
+        let err = ddp
+            .update(&mut optimizer, 3, 0.01, None)
+            .unwrap_err()
+            .to_string();
+        (gradient, optimizer.moment_elements(), err)
+    });
+    let gradients: Vec<i64> = held.iter().map(|h| h.0).collect();
+    assert_eq!(
+        gradients.iter().sum::<i64>(),
+        total,
+        "the shares cover the model once"
+    );
+    assert!(
+        gradients.iter().all(|&g| g < total / 2),
+        "{gradients:?} of {total}"
+    );
+    for (gradient, moments, err) in &held {
+        assert_eq!(gradient, moments, "a gradient for each updated element");
+        assert!(
+            err.contains("a.weight") && err.contains("begin_step"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
 fn each_rank_keeps_only_its_share_of_the_moments_and_the_shares_load_at_any_world_size() {
     let shares = on_ranks(3, |ddp| {
-        let mut optimizer = ddp.optimizer(
-            parameters(),
-            AdamWConfig::default(),
-            StateSharding::Optimizer,
-        );
+        let mut optimizer = ddp
+            .optimizer(
+                parameters(),
+                AdamWConfig::default(),
+                StateSharding::Optimizer,
+            )
+            .unwrap();
         optimizer.zero_grad();
         let grads = optimizer.flat_grads();
         tch::no_grad(|| {
@@ -152,11 +256,13 @@ fn each_rank_keeps_only_its_share_of_the_moments_and_the_shares_load_at_any_worl
         .collect();
     // One process, unsharded, takes the whole state from the three shares:
     // gradient 0.5 everywhere gives m = 0.1 · 0.5 after one step.
-    let mut whole = DataParallel::solo().optimizer(
-        parameters(),
-        AdamWConfig::default(),
-        StateSharding::Optimizer,
-    );
+    let mut whole = DataParallel::solo()
+        .optimizer(
+            parameters(),
+            AdamWConfig::default(),
+            StateSharding::Optimizer,
+        )
+        .unwrap();
     whole.load_shards(1, &pieces).unwrap();
     assert!(!whole.is_sharded());
     let (step, state) = whole.state();
@@ -219,16 +325,20 @@ fn transformer_training_with_a_sharded_optimizer_checkpoints_and_resumes_as_unsh
     };
     // Uninterrupted, without and with sharding.
     let plain = final_parameters(&job_for("plain", StateSharding::None), 2);
-    let sharded_job = job_for("sharded", StateSharding::Optimizer);
-    let sharded = final_parameters(&sharded_job, 2);
-    for ((name, a), (_, b)) in plain.iter().zip(&sharded) {
-        assert!(a.equal(b), "{name}: sharded training differs");
+    for sharding in [StateSharding::Optimizer, StateSharding::Gradients] {
+        let sharded = final_parameters(&job_for(sharding.name(), sharding), 2);
+        for ((name, a), (_, b)) in plain.iter().zip(&sharded) {
+            assert!(a.equal(b), "{name}: {sharding:?} training differs");
+        }
     }
     // Stopped at step 6 with sharding, resumed without it (and the other
-    // way round): the gathered checkpoint holds the whole state.
+    // way round, and from one sharding to the other): the checkpoint
+    // holds the whole state, in shares or gathered.
     for (first, then) in [
         (StateSharding::Optimizer, StateSharding::None),
         (StateSharding::None, StateSharding::Optimizer),
+        (StateSharding::Gradients, StateSharding::Optimizer),
+        (StateSharding::None, StateSharding::Gradients),
     ] {
         let mut job = job_for(&format!("resume-{first:?}-{then:?}"), first);
         job.gpt.train.steps = 6;
@@ -275,10 +385,16 @@ fn a_sharded_checkpoint_resumes_on_4_then_3_then_2_then_4_ranks() {
 
     let mut job = base.clone();
     job.run.dir = dir.path().join("elastic");
-    job.run.sharding = StateSharding::Optimizer;
     copy_inputs(&inputs, &job);
-    for (world, steps) in [(4, 3), (3, 6), (2, 9), (4, 12)] {
+    // Both shardings write the same shares, so each leg may use either.
+    for (world, steps, sharding) in [
+        (4, 3, StateSharding::Optimizer),
+        (3, 6, StateSharding::Gradients),
+        (2, 9, StateSharding::Optimizer),
+        (4, 12, StateSharding::Gradients),
+    ] {
         job.gpt.train.steps = steps;
+        job.run.sharding = sharding;
         let parameters = final_parameters(&job, world);
         let step_dir = job
             .run
@@ -308,4 +424,80 @@ fn a_sharded_checkpoint_resumes_on_4_then_3_then_2_then_4_ranks() {
     // Every step trained once, on the samples of the uninterrupted run.
     assert_eq!(ledger(&job.run.dir), ledger(&plain.run.dir));
     assert_eq!(ledger(&job.run.dir).len(), 12);
+}
+
+/// A chain of ten 64×64 layers (one 16 KiB bucket each) whose names sort
+/// in the order backward finishes them, the worst case for the first
+/// step's guess (the reverse of the name-sorted layout): that step holds
+/// most buckets until backward ends; once rank 0's order is learnt, each
+/// bucket is reduced and freed as soon as it is complete.
+#[test]
+fn sharded_gradients_learn_the_order_backward_completes_buckets_in() {
+    let layers = 10;
+    let chain = move || -> Vec<(String, Tensor)> {
+        (0..layers)
+            .map(|i| {
+                let w = (Tensor::arange(64 * 64, (Kind::Float, Device::Cpu))
+                    * (0.01 + i as f64 * 1e-3))
+                    .sin()
+                    .view([64, 64])
+                    * 0.1;
+                (format!("l{i}.weight"), w.set_requires_grad(true))
+            })
+            .collect()
+    };
+    let run = move |sharding: StateSharding| {
+        on_ranks(2, move |ddp| {
+            let named = chain();
+            let shared = named
+                .iter()
+                .map(|(n, p)| (n.clone(), p.shallow_clone()))
+                .collect();
+            let mut optimizer = ddp
+                .optimizer(shared, AdamWConfig::default(), sharding)
+                .unwrap();
+            let input =
+                Tensor::ones([8, 64], (Kind::Float, Device::Cpu)) * (ddp.rank() as f64 + 1.0);
+            let mut peaks = Vec::new();
+            for _ in 0..3 {
+                optimizer.zero_grad();
+                ddp.begin_step(&mut optimizer, 8, 1).unwrap();
+                // l9 first, l0 last: backward finishes l0 first.
+                let out = named
+                    .iter()
+                    .rev()
+                    .fold(input.shallow_clone(), |x, (_, w)| x.matmul(w).tanh());
+                out.square().mean(Kind::Float).backward();
+                ddp.update(&mut optimizer, 8, 0.01, None).unwrap();
+                peaks.push(
+                    optimizer
+                        .grad_shards()
+                        .map_or(0, |g| g.last_step_staged_peak()),
+                );
+            }
+            let params: Vec<Tensor> = named.iter().map(|(_, p)| p.detach().copy()).collect();
+            (peaks, params)
+        })
+    };
+    let plain = run(StateSharding::None);
+    let sharded = run(StateSharding::Gradients);
+    let bucket = 64 * 64;
+    for (rank, ((peaks, params), (_, want))) in sharded.iter().zip(&plain).enumerate() {
+        assert!(
+            peaks[0] >= 8 * bucket,
+            "rank {rank}: the first step held {peaks:?}"
+        );
+        for &later in &peaks[1..] {
+            assert!(
+                later <= 2 * bucket,
+                "rank {rank}: later steps held {peaks:?}"
+            );
+        }
+        for (a, b) in params.iter().zip(want) {
+            assert!(
+                a.equal(b),
+                "rank {rank}: the learnt order changed the result"
+            );
+        }
+    }
 }

@@ -27,7 +27,7 @@ pub struct RankReport {
     pub seconds_per_step: f64,
 }
 
-/// Runs every configuration of `worlds` × (none, optimizer) and prints
+/// Runs every configuration of `worlds` × (none, optimizer, gradients) and prints
 /// each one's figures, then a summary with the ratios.
 pub fn bench_memory(job: &JobConfig, worlds: &[usize], steps: u64, batch: i64) -> Result<()> {
     ensure!(steps > 0, "--steps must be positive");
@@ -47,7 +47,7 @@ fn run_all(config: &std::path::Path, worlds: &[usize], steps: u64, batch: i64) -
             "--worlds: a group has at least 2 ranks, not {world}"
         );
         let mut baseline = None;
-        for sharding in [StateSharding::None, StateSharding::Optimizer] {
+        for sharding in StateSharding::ALL {
             let reports = run_group(config, world, sharding, steps, batch)?;
             let peak = reports.iter().map(|r| r.peak_rss_mib).fold(0.0, f64::max);
             let moments = reports.iter().map(|r| r.moment_elements).max().unwrap_or(0);
@@ -190,7 +190,7 @@ pub fn memory_rank(
     tch::manual_seed(job.run.seed as i64);
     let model = Gpt::new(config.clone(), device)?;
     let train = &job.gpt.train;
-    let mut optimizer = ddp.optimizer(model.named_parameters(), train.adamw, sharding);
+    let mut optimizer = ddp.optimizer(model.named_parameters(), train.adamw, sharding)?;
     let text = Tensor::randint(
         config.text_targets(),
         [batch, config.text_len],
@@ -204,6 +204,7 @@ pub fn memory_rank(
     let started = Instant::now();
     for _ in 0..steps {
         optimizer.zero_grad();
+        ddp.begin_step(&mut optimizer, batch as usize, 1)?;
         let loss = model.loss(&text, &image, train.text_loss_weight, true)?;
         loss.loss.backward();
         ddp.update(&mut optimizer, batch as usize, 1e-4, train.grad_clip)?;

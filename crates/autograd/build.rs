@@ -1,0 +1,6 @@
+//! Compiles the autograd shim (`src/shim.cpp`) against the libtorch that
+//! torch-sys links (see `dalle_build_support::compile_libtorch_shim`).
+
+fn main() {
+    dalle_build_support::compile_libtorch_shim("src/shim.cpp", "dalle_autograd_shim");
+}
