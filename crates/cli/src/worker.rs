@@ -354,6 +354,7 @@ fn collective(
             };
             let ring = TcpRing::connect(rank, peers, listener.try_clone()?, config)?;
             Ok(DataParallel::new(Box::new(ring), DEFAULT_BUCKET_BYTES)
+                .with_overlap(job.run.overlap_reduction)
                 .with_group(group(assignment)))
         }
     }

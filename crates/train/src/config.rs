@@ -93,6 +93,11 @@ pub struct RunConfig {
     /// all-gathers the rest) or `gradients` (ZeRO-2: also only that
     /// share's gradients, reduce-scattered during backward).
     pub sharding: StateSharding,
+    /// Reduce each gradient bucket as soon as backward has written it,
+    /// on a communication thread, while backward computes the rest (the
+    /// TCP ring; NCCL reduces after backward for now). With sharded
+    /// gradients buckets are always reduced during backward.
+    pub overlap_reduction: bool,
     /// What the training stages, their evaluations and sampling compute in:
     /// `auto` (bf16 on a GPU of compute capability 8.0 or newer, fp32
     /// elsewhere), `fp32`, `tf32` (fp32 on a CPU) or `bf16` (autocast; the
@@ -227,6 +232,7 @@ impl Default for RunConfig {
             shared_url: None,
             peak_tflops: None,
             sharding: StateSharding::None,
+            overlap_reduction: true,
             precision: PrecisionSetting::Auto,
         }
     }

@@ -9,8 +9,8 @@
 //! bytes (TCP ring on CPU, NCCL on GPU, nothing for one process) is decided
 //! when it is built.
 
+use crate::bucket_hooks::{BucketHooks, Mode, Progress};
 use crate::config::StateSharding;
-use crate::grad_shards::GradShards;
 use crate::optim::{AdamW, AdamWConfig};
 use crate::{Result, TrainError};
 use dalle_collective::{Collective, NcclCollective, shard_range};
@@ -134,6 +134,23 @@ impl Link {
         result
     }
 
+    /// [`Link::reduce`] off the training thread, while backward runs: its
+    /// time is not the step's (what the step waits for is counted where it
+    /// waits).
+    pub(crate) fn reduce_overlapped(
+        &mut self,
+        bucket: &Tensor,
+        reduction: Reduction,
+    ) -> Result<()> {
+        self.reduce_untimed(bucket, reduction)
+    }
+
+    /// Whether the bytes travel through host memory (the TCP ring, one
+    /// process alone), where overlapped reduction runs.
+    fn is_host(&self) -> bool {
+        matches!(self.carrier, Carrier::Host(_))
+    }
+
     fn reduce_untimed(&mut self, bucket: &Tensor, reduction: Reduction) -> Result<()> {
         let elems = bucket.numel();
         let mut bucket = bucket.shallow_clone();
@@ -230,6 +247,12 @@ pub struct DataParallel {
     rank: usize,
     world: usize,
     bucket_elems: usize,
+    /// Whether optimizers reduce gradient buckets during backward
+    /// (`run.overlap_reduction`).
+    overlap: bool,
+    /// The latest optimizer's communication thread, which collectives of
+    /// this thread must not interleave with.
+    in_flight: Option<Arc<Progress>>,
     hook: Option<StepHook>,
     /// Which group of which job this is, for fencing its checkpoints.
     group: Option<Fence>,
@@ -268,9 +291,29 @@ impl DataParallel {
             rank,
             world,
             bucket_elems: (bucket_bytes / 4).max(1),
+            overlap: true,
+            in_flight: None,
             hook: None,
             group: None,
         }
+    }
+
+    /// Whether optimizers built from now on reduce gradient buckets while
+    /// backward runs (the default; `run.overlap_reduction`), on the host
+    /// carrier, or after backward.
+    pub fn with_overlap(mut self, overlap: bool) -> Self {
+        self.overlap = overlap;
+        self
+    }
+
+    /// The link for a collective of this thread, once the communication
+    /// thread has finished what it was given (its failure is this
+    /// collective's).
+    fn link(&self) -> Result<MutexGuard<'_, Link>> {
+        if let Some(progress) = &self.in_flight {
+            progress.wait_idle()?;
+        }
+        Ok(lock(&self.link))
     }
 
     /// Names this group (the job's epoch and the generation): its writer
@@ -293,7 +336,7 @@ impl DataParallel {
 
     /// Gives every rank rank `root`'s `bytes`.
     pub fn broadcast_from(&mut self, root: usize, bytes: &mut [u8], what: &str) -> Result<()> {
-        lock(&self.link).broadcast(bytes, root, what)
+        self.link()?.broadcast(bytes, root, what)
     }
 
     /// Calls `hook` at the end of every step (see [`StepHook`]).
@@ -404,7 +447,7 @@ impl DataParallel {
     /// Returns once every rank has called it (between stages that one rank
     /// prepares for all).
     pub fn barrier(&mut self) -> Result<()> {
-        lock(&self.link)
+        self.link()?
             .collective()
             .barrier()
             .map_err(collective_error("waiting for every rank"))
@@ -412,7 +455,7 @@ impl DataParallel {
 
     /// Sums `values` over ranks.
     pub fn sum(&mut self, values: &mut [f32]) -> Result<()> {
-        lock(&self.link)
+        self.link()?
             .timed(|c| c.all_reduce_sum(values))
             .map_err(collective_error("summing metrics"))
     }
@@ -529,43 +572,57 @@ impl DataParallel {
     /// keeps moments for and updates only its share of every gradient
     /// bucket ([`DataParallel::update`] gathers the rest); with
     /// `"gradients"` it also keeps only that share of the gradients, which
-    /// hooks on the parameters reduce into it during backward
-    /// ([`crate::grad_shards`]).
+    /// hooks on the parameters reduce into it during backward. Otherwise,
+    /// on the host carrier and with overlap on, hooks hand each bucket to a
+    /// communication thread as soon as backward has written it
+    /// ([`crate::bucket_hooks`]).
     pub fn optimizer(
-        &self,
+        &mut self,
         named: Vec<(String, Tensor)>,
         config: AdamWConfig,
         sharding: StateSharding,
     ) -> Result<AdamW> {
         let layout = self.bucket_layout();
         let owned = |elements| layout.owned(elements);
-        if self.world_size() == 1 || !sharding.shards_optimizer() {
-            return Ok(AdamW::new(named, config));
+        let grouped = self.world_size() > 1;
+        let (mut optimizer, mode) = if grouped && sharding.shards_gradients() {
+            let optimizer = AdamW::sharded_gradients(named, config, &owned);
+            (optimizer, Some(Mode::ShardGradients))
+        } else {
+            let scatter = grouped && sharding.shards_optimizer();
+            let optimizer = if scatter {
+                AdamW::sharded(named, config, &owned)
+            } else {
+                AdamW::new(named, config)
+            };
+            let overlap = grouped && self.overlap && lock(&self.link).is_host();
+            (optimizer, overlap.then_some(Mode::Overlap { scatter }))
+        };
+        if let Some(mode) = mode {
+            let hooks = BucketHooks::install(&optimizer, layout, self.link.clone(), mode)?;
+            self.in_flight = hooks.progress();
+            optimizer.attach_bucket_hooks(hooks);
         }
-        if !sharding.shards_gradients() {
-            return Ok(AdamW::sharded(named, config, &owned));
-        }
-        let mut optimizer = AdamW::sharded_gradients(named, config, &owned);
-        let shards = GradShards::install(&optimizer, layout, self.link.clone())?;
-        optimizer.attach_grad_shards(shards);
         Ok(optimizer)
     }
 
     /// Before the first backward of a step in which this rank trains on
-    /// `local_samples` in `passes` backward passes (micro-batches): with
-    /// sharded gradients the hooks reduce each pass's buckets as backward
-    /// writes them, scaled by this rank's share of the global batch, so the
-    /// global sample count is summed here, and so is the largest number of
-    /// passes: a rank with fewer (bad samples skipped) reduces zeros for
-    /// the rest, since every rank must run the same collectives. Nothing
-    /// to do otherwise ([`DataParallel::update`] sums the count).
+    /// `local_samples` in `passes` backward passes (micro-batches): the
+    /// hooks reduce buckets as backward writes them, scaled by this rank's
+    /// share of the global batch, so the global sample count is summed
+    /// here, and so is the largest number of passes: with sharded
+    /// gradients a rank with fewer (bad samples skipped) reduces zeros for
+    /// the rest, since every rank must run the same collectives. Without
+    /// hooks there is nothing to do ([`DataParallel::update`] sums the
+    /// count); a step that skips this is reduced after backward (or fails,
+    /// with sharded gradients).
     pub fn begin_step(
         &mut self,
         optimizer: &mut AdamW,
         local_samples: usize,
         passes: usize,
     ) -> Result<()> {
-        let Some(shards) = optimizer.grad_shards() else {
+        let Some(hooks) = optimizer.bucket_hooks() else {
             return Ok(());
         };
         // The count, then each rank's passes at its own place.
@@ -575,7 +632,12 @@ impl DataParallel {
         self.sum(&mut counts)?;
         let total = global_samples(counts[0])?;
         let most_passes = counts[1..].iter().fold(0f32, |a, &b| a.max(b)) as usize;
-        shards.begin(local_samples as f64 / total as f64, total, most_passes);
+        hooks.begin(
+            local_samples as f64 / total as f64,
+            total,
+            passes,
+            most_passes,
+        );
         Ok(())
     }
 
@@ -599,9 +661,15 @@ impl DataParallel {
         lr: f64,
         max_norm: Option<f64>,
     ) -> Result<Update> {
-        let samples = match optimizer.grad_shards() {
-            Some(shards) => shards.finish()?,
-            None => self.average_gradients(optimizer, local_samples)?,
+        let samples = match optimizer.bucket_hooks() {
+            Some(hooks) if hooks.in_step() || hooks.shards_gradients() => {
+                let (samples, waited) = hooks.finish()?;
+                // What the step waited for after backward: the exposed
+                // communication.
+                lock(&self.link).comm_time += waited;
+                samples
+            }
+            _ => self.average_gradients(optimizer, local_samples)?,
         };
         let norm = self.grad_norm(optimizer)?;
         if let Some(max_norm) = max_norm {
@@ -673,7 +741,7 @@ impl DataParallel {
     /// Runs `reduction` on a flat buffer, one bucket (a slice of it) at a
     /// time, in place.
     fn reduce_flat(&mut self, flat: &Tensor, reduction: Reduction) -> Result<()> {
-        let mut link = lock(&self.link);
+        let mut link = self.link()?;
         for bucket in self.bucket_layout().of(flat.numel() as i64) {
             let len = bucket.end - bucket.start;
             link.reduce(&flat.narrow(0, bucket.start, len), reduction)?;

@@ -3,6 +3,7 @@
 //! their metrics and held-out evaluation, and the job configuration that
 //! drives them.
 
+pub mod bucket_hooks;
 pub mod checkpointing;
 pub mod config;
 pub mod ddp;
@@ -13,7 +14,6 @@ pub mod eval;
 pub mod feed;
 pub mod flops;
 pub mod gpt;
-pub mod grad_shards;
 pub mod metrics;
 pub mod optim;
 pub mod rerank;

@@ -5,7 +5,7 @@
 //! Weight decay is decoupled and applies to weight matrices and kernels
 //! (two or more dimensions), not to biases or gains.
 
-use crate::grad_shards::GradShards;
+use crate::bucket_hooks::BucketHooks;
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
 use tch::{Device, Kind, Tensor};
@@ -43,7 +43,7 @@ const CPU_PIECE: i64 = 1 << 18;
 /// With sharded gradients (ZeRO-2) `grads` holds only the owned elements,
 /// range after range like the moments: the parameters' `.grad`s are not
 /// views of it but short-lived tensors that data parallelism reduces into
-/// it as backward produces them (`crate::grad_shards`).
+/// it as backward produces them (`crate::bucket_hooks`).
 struct Flat {
     params: Tensor,
     grads: Tensor,
@@ -117,8 +117,8 @@ pub struct AdamW {
     step: u64,
     /// Whether this rank updates only a share of the parameters.
     sharded: bool,
-    /// With sharded gradients, the hooks that reduce them into `flats`.
-    grad_shards: Option<GradShards>,
+    /// The hooks that reduce the gradients during backward, if any.
+    bucket_hooks: Option<BucketHooks>,
 }
 
 impl AdamW {
@@ -139,7 +139,7 @@ impl AdamW {
 
     /// [`AdamW::sharded`] that also keeps only the owned elements'
     /// gradients (ZeRO-2): the parameters have no `.grad` between steps,
-    /// and during backward whatever [`crate::grad_shards`] installs takes
+    /// and during backward whatever [`crate::bucket_hooks`] installs takes
     /// each one, adds its share here and drops it.
     pub(crate) fn sharded_gradients(
         named: Vec<(String, Tensor)>,
@@ -244,7 +244,7 @@ impl AdamW {
             members,
             step: 0,
             sharded: owned.is_some(),
-            grad_shards: None,
+            bucket_hooks: None,
         };
         optimizer.zero_grad();
         optimizer
@@ -287,14 +287,15 @@ impl AdamW {
         self.flats.iter().any(|f| f.compact_grads)
     }
 
-    /// Hands the optimizer the hooks that fill its compact gradients.
-    pub(crate) fn attach_grad_shards(&mut self, shards: GradShards) {
-        self.grad_shards = Some(shards);
+    /// Hands the optimizer the hooks that reduce its gradients during
+    /// backward (and fill its compact gradients, when sharded).
+    pub(crate) fn attach_bucket_hooks(&mut self, hooks: BucketHooks) {
+        self.bucket_hooks = Some(hooks);
     }
 
-    /// The hooks of sharded gradients, if any.
-    pub fn grad_shards(&self) -> Option<&GradShards> {
-        self.grad_shards.as_ref()
+    /// The hooks that reduce the gradients during backward, if any.
+    pub fn bucket_hooks(&self) -> Option<&BucketHooks> {
+        self.bucket_hooks.as_ref()
     }
 
     /// Where every parameter lives: its name, the parameter, its flat

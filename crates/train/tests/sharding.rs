@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{on_ranks, prepare, stage2_job};
+use common::{on_ranks, on_ranks_overlapping, prepare, stage2_job};
 use dalle_train::config::{JobConfig, StateSharding};
 use dalle_train::ddp::DataParallel;
 use dalle_train::optim::AdamWConfig;
@@ -430,9 +430,11 @@ fn a_sharded_checkpoint_resumes_on_4_then_3_then_2_then_4_ranks() {
 /// in the order backward finishes them, the worst case for the first
 /// step's guess (the reverse of the name-sorted layout): that step holds
 /// most buckets until backward ends; once rank 0's order is learnt, each
-/// bucket is reduced and freed as soon as it is complete.
+/// bucket's reduction starts, and with sharded gradients its staging is
+/// freed, as soon as it is complete, while backward goes on. Overlapped
+/// or not, sharded or not, training gives bitwise the same parameters.
 #[test]
-fn sharded_gradients_learn_the_order_backward_completes_buckets_in() {
+fn buckets_are_reduced_during_backward_in_the_order_backward_completes_them() {
     let layers = 10;
     let chain = move || -> Vec<(String, Tensor)> {
         (0..layers)
@@ -446,8 +448,8 @@ fn sharded_gradients_learn_the_order_backward_completes_buckets_in() {
             })
             .collect()
     };
-    let run = move |sharding: StateSharding| {
-        on_ranks(2, move |ddp| {
+    let run = move |sharding: StateSharding, overlap: bool| {
+        on_ranks_overlapping(2, overlap, move |ddp| {
             let named = chain();
             let shared = named
                 .iter()
@@ -458,7 +460,7 @@ fn sharded_gradients_learn_the_order_backward_completes_buckets_in() {
                 .unwrap();
             let input =
                 Tensor::ones([8, 64], (Kind::Float, Device::Cpu)) * (ddp.rank() as f64 + 1.0);
-            let mut peaks = Vec::new();
+            let mut seen = Vec::new();
             for _ in 0..3 {
                 optimizer.zero_grad();
                 ddp.begin_step(&mut optimizer, 8, 1).unwrap();
@@ -469,35 +471,46 @@ fn sharded_gradients_learn_the_order_backward_completes_buckets_in() {
                     .fold(input.shallow_clone(), |x, (_, w)| x.matmul(w).tanh());
                 out.square().mean(Kind::Float).backward();
                 ddp.update(&mut optimizer, 8, 0.01, None).unwrap();
-                peaks.push(
-                    optimizer
-                        .grad_shards()
-                        .map_or(0, |g| g.last_step_staged_peak()),
-                );
+                seen.push(optimizer.bucket_hooks().map_or((0, 0), |h| {
+                    (
+                        h.last_step_staged_peak(),
+                        h.last_step_arrivals_after_first_reduction(),
+                    )
+                }));
             }
             let params: Vec<Tensor> = named.iter().map(|(_, p)| p.detach().copy()).collect();
-            (peaks, params)
+            (seen, params)
         })
     };
-    let plain = run(StateSharding::None);
-    let sharded = run(StateSharding::Gradients);
+    let plain = run(StateSharding::None, false);
     let bucket = 64 * 64;
-    for (rank, ((peaks, params), (_, want))) in sharded.iter().zip(&plain).enumerate() {
-        assert!(
-            peaks[0] >= 8 * bucket,
-            "rank {rank}: the first step held {peaks:?}"
-        );
-        for &later in &peaks[1..] {
+    for (sharding, overlap) in [
+        (StateSharding::None, true),
+        (StateSharding::Optimizer, true),
+        (StateSharding::Gradients, true),
+    ] {
+        let what = format!("{sharding:?}, overlap {overlap}");
+        for (rank, ((seen, params), (_, want))) in
+            run(sharding, overlap).iter().zip(&plain).enumerate()
+        {
+            let (first, later) = (seen[0], &seen[1..]);
             assert!(
-                later <= 2 * bucket,
-                "rank {rank}: later steps held {peaks:?}"
+                first.1 <= 1,
+                "{what}, rank {rank}: the first step waited: {seen:?}"
             );
-        }
-        for (a, b) in params.iter().zip(want) {
-            assert!(
-                a.equal(b),
-                "rank {rank}: the learnt order changed the result"
-            );
+            for &(staged, early) in later {
+                assert!(
+                    early >= 9,
+                    "{what}, rank {rank}: {seen:?} started during backward"
+                );
+                if sharding.shards_gradients() {
+                    assert!(first.0 >= 8 * bucket, "{what}, rank {rank}: {seen:?}");
+                    assert!(staged <= 2 * bucket, "{what}, rank {rank}: {seen:?} staged");
+                }
+            }
+            for (a, b) in params.iter().zip(want) {
+                assert!(a.equal(b), "{what}, rank {rank}: training differs");
+            }
         }
     }
 }

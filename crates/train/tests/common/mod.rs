@@ -107,6 +107,16 @@ pub fn on_ranks<T: Send + 'static>(
     world: usize,
     train: impl Fn(&mut DataParallel) -> T + Send + Sync + Clone + 'static,
 ) -> Vec<T> {
+    on_ranks_overlapping(world, true, train)
+}
+
+/// [`on_ranks`], with gradient buckets reduced during backward (the
+/// default) or after it.
+pub fn on_ranks_overlapping<T: Send + 'static>(
+    world: usize,
+    overlap: bool,
+    train: impl Fn(&mut DataParallel) -> T + Send + Sync + Clone + 'static,
+) -> Vec<T> {
     let listeners: Vec<TcpListener> = (0..world)
         .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
         .collect();
@@ -127,7 +137,7 @@ pub fn on_ranks<T: Send + 'static>(
                     ..RingConfig::default()
                 };
                 let ring = TcpRing::connect(rank, peers, listener, config).unwrap();
-                train(&mut DataParallel::new(Box::new(ring), 16 * 1024))
+                train(&mut DataParallel::new(Box::new(ring), 16 * 1024).with_overlap(overlap))
             })
         })
         .collect();
