@@ -157,6 +157,34 @@ fn plan_says_what_would_make_the_paper_transformer_fit() {
     assert!(stdout.contains("on cuda"), "{stdout}");
     assert!(stdout.contains("stage gpt: 12."), "{stdout}");
     assert!(stderr.contains("stage gpt does not fit"), "{stderr}");
+    // Over 8 ranks, sharding the gradients as well as the moments brings
+    // its 12 B parameters' training state to 5.6 + 11.3 GiB per rank.
+    assert!(
+        stderr.contains("it would fit with run.sharding = \"gradients\""),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn plan_says_what_would_make_the_paper_transformer_fit_on_fewer_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_job(dir.path());
+    let mut args = PAPER_GPT.to_vec();
+    args.extend([
+        "--set",
+        "gpt.train.batch_size=1024",
+        "--set",
+        "run.device=cuda",
+        "plan",
+        "--nproc",
+        "4",
+        "--device-memory-gib",
+        "141",
+    ]);
+    let out = dalle(&config, &args);
+    let (stdout, stderr) = text(&out);
+    assert!(!out.status.success(), "{stdout}\n{stderr}");
+    assert!(stderr.contains("stage gpt does not fit"), "{stderr}");
     assert!(
         stderr.contains("gpt.train.activation_checkpointing = true"),
         "{stderr}"

@@ -25,12 +25,14 @@
 //! Every rank must run the same collectives in the same order, so buckets
 //! are reduced in one fixed order (each pass in turn, with sharded
 //! gradients): a bucket that completes out of turn waits for those before
-//! it. The order is the one backward completes them in, learnt as
-//! PyTorch's DDP learns its bucket order: the first step guesses (the
-//! reverse of the flat layout, which sorts parameters by name, so it may
-//! wait with most buckets until backward ends), records the order buckets
-//! completed in, and rank 0's order is then broadcast once for every rank
-//! to use from the next step on.
+//! it. The order is the one backward completes them in. In the first step
+//! each rank reduces buckets as they complete and records the order; at
+//! its end rank 0's order is broadcast and every rank checks it saw the
+//! same (autograd runs the same graph the same way on every rank), or the
+//! step fails before any parameter changes: the reductions could have
+//! paired different buckets. From then on every rank follows that order.
+//! Buckets that never completed in the first step (a parameter without a
+//! gradient) come last, in reverse layout order.
 //!
 //! A rank with fewer passes than another this step (it skipped bad
 //! samples) reduces zeros for the missing ones when the step ends
@@ -122,12 +124,10 @@ struct State {
     /// Reductions started this step: the next is of bucket
     /// `order[done % buckets]`.
     done: usize,
-    /// The fixed order buckets are reduced in.
+    /// The fixed order buckets are reduced in: until it is learnt (after
+    /// the first step), the order they completed in so far.
     order: Vec<usize>,
-    /// Whether `order` is the learnt one, and until it is, the order
-    /// buckets completed in this step.
     learnt: bool,
-    completed: Vec<usize>,
     step: Option<StepPlan>,
     /// The first failure inside a hook (which cannot return it), reported
     /// when the step ends.
@@ -307,9 +307,8 @@ impl BucketHooks {
         let state = Arc::new(Mutex::new(State {
             mode,
             link,
-            order: (0..buckets.len()).rev().collect(),
+            order: Vec::new(),
             learnt: false,
-            completed: Vec::new(),
             members,
             buckets,
             grads: optimizer.flat_grads(),
@@ -484,8 +483,8 @@ impl State {
                 });
             }
             let needed = self.needed_arrivals();
-            if !self.learnt && self.buckets[*b].complete(needed) && !self.completed.contains(b) {
-                self.completed.push(*b);
+            if !self.learnt && self.buckets[*b].complete(needed) && !self.order.contains(b) {
+                self.order.push(*b);
             }
         }
         if shard {
@@ -521,8 +520,18 @@ impl State {
     /// complete (or, with `all`, until the step owes none).
     fn start_due(&mut self, all: bool) -> Result<()> {
         let (owed, needed) = (self.owed(), self.needed_arrivals());
+        if all {
+            // Buckets that have not completed yet go last.
+            for b in (0..self.buckets.len()).rev() {
+                if !self.order.contains(&b) {
+                    self.order.push(b);
+                }
+            }
+        }
         while self.done < owed {
-            let b = self.order[self.done % self.buckets.len()];
+            let Some(&b) = self.order.get(self.done % self.buckets.len()) else {
+                break;
+            };
             if !all && !self.buckets[b].complete(needed) {
                 break;
             }
@@ -616,35 +625,33 @@ impl State {
         Ok(plan.samples)
     }
 
-    /// Adopts rank 0's completion order of the first step (its buckets
-    /// that never completed last, in the guessed order): the same on every
-    /// rank whatever each saw.
+    /// After the first step: checks that every rank reduced its buckets
+    /// in rank 0's order (one broadcast and one sum, once per run), and
+    /// keeps that order.
     fn learn_order(&mut self) -> Result<()> {
-        let mut order = std::mem::take(&mut self.completed);
-        for b in self.order.iter() {
-            if !order.contains(b) {
-                order.push(*b);
-            }
-        }
-        let mut bytes: Vec<u8> = order
+        let mine = self.order.clone();
+        let mut bytes: Vec<u8> = mine
             .iter()
             .flat_map(|&b| (b as u32).to_le_bytes())
             .collect();
-        lock(&self.link).broadcast(&mut bytes, 0, "agreeing on the gradient buckets' order")?;
-        let order: Vec<usize> = bytes
+        let mut link = lock(&self.link);
+        link.broadcast(&mut bytes, 0, "agreeing on the gradient buckets' order")?;
+        let leader: Vec<usize> = bytes
             .chunks_exact(4)
             .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
             .collect();
-        let mut sorted = order.clone();
-        sorted.sort_unstable();
-        if sorted != (0..self.buckets.len()).collect::<Vec<_>>() {
-            return Err(TrainError::Collective(
-                "rank 0's order of the gradient buckets is not one of this rank's buckets: do \
-                 the ranks train the same model?"
-                    .into(),
-            ));
+        let mut differ = [f32::from(u8::from(leader != mine))];
+        link.sum(&mut differ, "agreeing on the gradient buckets' order")?;
+        if differ[0] > 0.0 {
+            return Err(TrainError::Collective(format!(
+                "{} rank(s) completed gradient buckets in another order than rank 0 in the \
+                 first step, so its reductions may have paired different buckets; the step \
+                 is refused before the optimizer runs. Do the ranks train the same model? \
+                 run.overlap_reduction = false (with run.sharding other than \"gradients\") \
+                 reduces after backward instead",
+                differ[0]
+            )));
         }
-        self.order = order;
         self.learnt = true;
         Ok(())
     }
@@ -653,7 +660,9 @@ impl State {
     fn reset(&mut self) {
         self.step = None;
         self.done = 0;
-        self.completed.clear();
+        if !self.learnt {
+            self.order.clear();
+        }
         self.last_staged_peak = std::mem::take(&mut self.staged_peak);
         self.last_arrivals_after_start = std::mem::take(&mut self.arrivals_after_start);
         self.staged = 0;

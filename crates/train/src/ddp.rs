@@ -117,6 +117,12 @@ impl Link {
             .map_err(collective_error(what))
     }
 
+    /// Sums `values` over ranks.
+    pub(crate) fn sum(&mut self, values: &mut [f32], what: &str) -> Result<()> {
+        self.timed(|c| c.all_reduce_sum(values))
+            .map_err(collective_error(what))
+    }
+
     /// Runs `call` on the collective, its time counted as communication.
     fn timed<T>(&mut self, call: impl FnOnce(&mut dyn Collective) -> T) -> T {
         let started = Instant::now();

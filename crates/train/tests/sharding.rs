@@ -426,91 +426,112 @@ fn a_sharded_checkpoint_resumes_on_4_then_3_then_2_then_4_ranks() {
     assert_eq!(ledger(&job.run.dir).len(), 12);
 }
 
-/// A chain of ten 64×64 layers (one 16 KiB bucket each) whose names sort
-/// in the order backward finishes them, the worst case for the first
-/// step's guess (the reverse of the name-sorted layout): that step holds
-/// most buckets until backward ends; once rank 0's order is learnt, each
-/// bucket's reduction starts, and with sharded gradients its staging is
-/// freed, as soon as it is complete, while backward goes on. Overlapped
-/// or not, sharded or not, training gives bitwise the same parameters.
-#[test]
-fn buckets_are_reduced_during_backward_in_the_order_backward_completes_them() {
-    let layers = 10;
-    let chain = move || -> Vec<(String, Tensor)> {
-        (0..layers)
-            .map(|i| {
-                let w = (Tensor::arange(64 * 64, (Kind::Float, Device::Cpu))
-                    * (0.01 + i as f64 * 1e-3))
-                    .sin()
-                    .view([64, 64])
-                    * 0.1;
-                (format!("l{i}.weight"), w.set_requires_grad(true))
-            })
-            .collect()
-    };
-    let run = move |sharding: StateSharding, overlap: bool| {
-        on_ranks_overlapping(2, overlap, move |ddp| {
-            let named = chain();
-            let shared = named
-                .iter()
-                .map(|(n, p)| (n.clone(), p.shallow_clone()))
-                .collect();
-            let mut optimizer = ddp
-                .optimizer(shared, AdamWConfig::default(), sharding)
-                .unwrap();
-            let input =
-                Tensor::ones([8, 64], (Kind::Float, Device::Cpu)) * (ddp.rank() as f64 + 1.0);
-            let mut seen = Vec::new();
-            for _ in 0..3 {
-                optimizer.zero_grad();
-                ddp.begin_step(&mut optimizer, 8, 1).unwrap();
-                // l9 first, l0 last: backward finishes l0 first.
-                let out = named
-                    .iter()
-                    .rev()
-                    .fold(input.shallow_clone(), |x, (_, w)| x.matmul(w).tanh());
-                out.square().mean(Kind::Float).backward();
-                ddp.update(&mut optimizer, 8, 0.01, None).unwrap();
-                seen.push(optimizer.bucket_hooks().map_or((0, 0), |h| {
-                    (
-                        h.last_step_staged_peak(),
-                        h.last_step_arrivals_after_first_reduction(),
-                    )
-                }));
-            }
-            let params: Vec<Tensor> = named.iter().map(|(_, p)| p.detach().copy()).collect();
-            (seen, params)
+/// Ten 64×64 layers (one 16 KiB bucket each), the same on every rank.
+fn chain() -> Vec<(String, Tensor)> {
+    (0..10)
+        .map(|i| {
+            let w = (Tensor::arange(64 * 64, (Kind::Float, Device::Cpu))
+                * (0.01 + i as f64 * 1e-3))
+                .sin()
+                .view([64, 64])
+                * 0.1;
+            (format!("l{i}.weight"), w.set_requires_grad(true))
         })
-    };
-    let plain = run(StateSharding::None, false);
+        .collect()
+}
+
+/// Three steps of the chain, applied from its last layer to its first
+/// (`backwards`: backward then completes the buckets in layout order) or
+/// the other way round: each step's (staged peak, gradients that arrived
+/// after the first reduction started), and the parameters after.
+fn train_chain(
+    ddp: &mut DataParallel,
+    sharding: StateSharding,
+    backwards: bool,
+) -> dalle_train::Result<(Vec<(i64, usize)>, Vec<Tensor>)> {
+    let named = chain();
+    let shared = named
+        .iter()
+        .map(|(n, p)| (n.clone(), p.shallow_clone()))
+        .collect();
+    let mut optimizer = ddp.optimizer(shared, AdamWConfig::default(), sharding)?;
+    let input = Tensor::ones([8, 64], (Kind::Float, Device::Cpu)) * (ddp.rank() as f64 + 1.0);
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        optimizer.zero_grad();
+        ddp.begin_step(&mut optimizer, 8, 1)?;
+        let layers: Vec<&Tensor> = if backwards {
+            named.iter().rev().map(|(_, w)| w).collect()
+        } else {
+            named.iter().map(|(_, w)| w).collect()
+        };
+        let out = layers
+            .into_iter()
+            .fold(input.shallow_clone(), |x, w| x.matmul(w).tanh());
+        out.square().mean(Kind::Float).backward();
+        ddp.update(&mut optimizer, 8, 0.01, None)?;
+        seen.push(optimizer.bucket_hooks().map_or((0, 0), |h| {
+            (
+                h.last_step_staged_peak(),
+                h.last_step_arrivals_after_first_reduction(),
+            )
+        }));
+    }
+    Ok((seen, named.iter().map(|(_, p)| p.detach().copy()).collect()))
+}
+
+/// Each bucket's reduction starts, and with sharded gradients its staging
+/// is freed, as soon as it is complete, while backward goes on, from the
+/// first step on, whatever order the layout has; overlapped or not,
+/// sharded or not, training gives bitwise the same parameters.
+#[test]
+fn buckets_are_reduced_during_backward_as_backward_completes_them() {
     let bucket = 64 * 64;
-    for (sharding, overlap) in [
-        (StateSharding::None, true),
-        (StateSharding::Optimizer, true),
-        (StateSharding::Gradients, true),
-    ] {
-        let what = format!("{sharding:?}, overlap {overlap}");
-        for (rank, ((seen, params), (_, want))) in
-            run(sharding, overlap).iter().zip(&plain).enumerate()
-        {
-            let (first, later) = (seen[0], &seen[1..]);
-            assert!(
-                first.1 <= 1,
-                "{what}, rank {rank}: the first step waited: {seen:?}"
-            );
-            for &(staged, early) in later {
-                assert!(
-                    early >= 9,
-                    "{what}, rank {rank}: {seen:?} started during backward"
-                );
-                if sharding.shards_gradients() {
-                    assert!(first.0 >= 8 * bucket, "{what}, rank {rank}: {seen:?}");
-                    assert!(staged <= 2 * bucket, "{what}, rank {rank}: {seen:?} staged");
+    for backwards in [true, false] {
+        let run = move |sharding: StateSharding, overlap: bool| {
+            on_ranks_overlapping(2, overlap, move |ddp| {
+                train_chain(ddp, sharding, backwards).unwrap()
+            })
+        };
+        let plain = run(StateSharding::None, false);
+        for sharding in StateSharding::ALL {
+            let what = format!("{sharding:?}, applied backwards {backwards}");
+            for (rank, ((seen, params), (_, want))) in
+                run(sharding, true).iter().zip(&plain).enumerate()
+            {
+                for &(staged, overlapped) in seen {
+                    assert_eq!(overlapped, 9, "{what}, rank {rank}: {seen:?} overlapped");
+                    if sharding.shards_gradients() {
+                        assert!(staged <= 2 * bucket, "{what}, rank {rank}: {seen:?} staged");
+                    }
+                }
+                for (a, b) in params.iter().zip(want) {
+                    assert!(a.equal(b), "{what}, rank {rank}: training differs");
                 }
             }
-            for (a, b) in params.iter().zip(want) {
-                assert!(a.equal(b), "{what}, rank {rank}: training differs");
-            }
+        }
+    }
+}
+
+/// Ranks whose backward completes the buckets in different orders (here:
+/// different models) paired different buckets in their first step's
+/// reductions (all of one length, so the ring cannot tell): the step is
+/// refused before the optimizer runs, on every rank.
+#[test]
+fn ranks_that_complete_buckets_in_different_orders_are_refused() {
+    for sharding in StateSharding::ALL {
+        let results = on_ranks(2, move |ddp| {
+            let backwards = ddp.rank() == 0;
+            train_chain(ddp, sharding, backwards)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        });
+        for (rank, result) in results.iter().enumerate() {
+            let err = result.as_ref().unwrap_err();
+            assert!(
+                err.contains("another order than rank 0"),
+                "{sharding:?}, rank {rank}: {err}"
+            );
         }
     }
 }

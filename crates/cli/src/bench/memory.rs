@@ -25,6 +25,9 @@ pub struct RankReport {
     pub moment_elements: i64,
     pub peak_rss_mib: f64,
     pub seconds_per_step: f64,
+    /// Of which waiting on collectives (with `run.overlap_reduction`, only
+    /// what is left once backward ends).
+    pub comm_seconds_per_step: f64,
 }
 
 /// Runs every configuration of `worlds` × (none, optimizer, gradients) and prints
@@ -61,6 +64,7 @@ fn run_all(config: &std::path::Path, worlds: &[usize], steps: u64, batch: i64) -
                 "peak_rss_mib_per_rank": peak,
                 "peak_ratio_to_none": peak / base,
                 "seconds_per_step": reports.iter().map(|r| r.seconds_per_step).fold(0.0, f64::max),
+                "comm_seconds_per_step": reports.iter().map(|r| r.comm_seconds_per_step).fold(0.0, f64::max),
                 "ranks": reports,
             });
             println!("{line}");
@@ -183,7 +187,8 @@ pub fn memory_rank(
             ..RingConfig::default()
         },
     )?;
-    let mut ddp = DataParallel::new(Box::new(ring), dalle_train::ddp::DEFAULT_BUCKET_BYTES);
+    let mut ddp = DataParallel::new(Box::new(ring), dalle_train::ddp::DEFAULT_BUCKET_BYTES)
+        .with_overlap(job.run.overlap_reduction);
 
     let device = dalle_train::feed::runtime_device(job)?;
     let config = GptShape::default().config(job)?;
@@ -202,6 +207,7 @@ pub fn memory_rank(
         (Kind::Int64, device),
     );
     let started = Instant::now();
+    ddp.take_comm_time();
     for _ in 0..steps {
         optimizer.zero_grad();
         ddp.begin_step(&mut optimizer, batch as usize, 1)?;
@@ -219,6 +225,7 @@ pub fn memory_rank(
         moment_elements: optimizer.moment_elements(),
         peak_rss_mib: peak_rss_mib().unwrap_or(f64::NAN),
         seconds_per_step: started.elapsed().as_secs_f64() / steps as f64,
+        comm_seconds_per_step: ddp.take_comm_time().as_secs_f64() / steps as f64,
     };
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
