@@ -440,6 +440,10 @@ fn chain() -> Vec<(String, Tensor)> {
         .collect()
 }
 
+/// Each step's (staged peak, gradients that arrived after the first
+/// reduction started), and the parameters after the last.
+type ChainRun = (Vec<(i64, usize)>, Vec<Tensor>);
+
 /// Three steps of the chain, applied from its last layer to its first
 /// (`backwards`: backward then completes the buckets in layout order) or
 /// the other way round: each step's (staged peak, gradients that arrived
@@ -448,7 +452,7 @@ fn train_chain(
     ddp: &mut DataParallel,
     sharding: StateSharding,
     backwards: bool,
-) -> dalle_train::Result<(Vec<(i64, usize)>, Vec<Tensor>)> {
+) -> dalle_train::Result<ChainRun> {
     let named = chain();
     let shared = named
         .iter()
