@@ -181,6 +181,26 @@ impl Link {
                 }
                 .map_err(collective_error(what))?;
             }
+            _ if bucket.device() == Device::Cpu
+                && bucket.kind() == Kind::Float
+                && bucket.is_contiguous() =>
+            {
+                // The ring reduces the gradients where they lie: no copy
+                // to staging and back, no allocation per bucket.
+                // SAFETY: `bucket` is a contiguous f32 CPU slice of `elems`
+                // values that outlives the call; nothing else writes it
+                // meanwhile (backward is done with a bucket before it is
+                // reduced, and a late gradient fails the step).
+                let values =
+                    unsafe { std::slice::from_raw_parts_mut(bucket.data_ptr() as *mut f32, elems) };
+                let comm = self.collective();
+                match reduction {
+                    Reduction::Sum(_) => comm.all_reduce_sum(values),
+                    Reduction::Scatter(_) => comm.reduce_scatter_sum(values),
+                    Reduction::Gather => comm.all_gather(values),
+                }
+                .map_err(collective_error(what))?;
+            }
             _ => {
                 let host = bucket.to_device(Device::Cpu).to_kind(Kind::Float);
                 self.host.resize(elems, 0.0);
