@@ -137,28 +137,20 @@ mod tests {
                 self.0.fetch_add(1, Ordering::SeqCst);
             }
         }
+        // A hook that only holds a guard, which counts its own drop.
+        let hook_holding = |guard: CountDrop| -> Accumulated {
+            Box::new(move || {
+                let _ = &guard;
+            })
+        };
         let w = leaf(&[1.0]);
         for _ in 0..2 {
-            let guard = CountDrop(dropped.clone());
-            on_accumulated(
-                &w,
-                Box::new(move || {
-                    let _ = &guard;
-                }),
-            )
-            .unwrap();
+            on_accumulated(&w, hook_holding(CountDrop(dropped.clone()))).unwrap();
         }
         assert_eq!(dropped.load(Ordering::SeqCst), 1, "the first was replaced");
         clear_accumulated(&w).unwrap();
         assert_eq!(dropped.load(Ordering::SeqCst), 2, "the second was cleared");
-        let guard = CountDrop(dropped.clone());
-        on_accumulated(
-            &w,
-            Box::new(move || {
-                let _ = &guard;
-            }),
-        )
-        .unwrap();
+        on_accumulated(&w, hook_holding(CountDrop(dropped.clone()))).unwrap();
         drop(w);
         assert_eq!(
             dropped.load(Ordering::SeqCst),

@@ -11,26 +11,11 @@
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/variable.h>
 
-#include <exception>
 #include <memory>
-#include <string>
+
+#include "dalle_shim.h"
 
 namespace {
-
-thread_local std::string last_error;
-
-template <typename F>
-int guarded(F&& f) {
-  try {
-    f();
-    return 0;
-  } catch (const std::exception& e) {
-    last_error = e.what();
-  } catch (...) {
-    last_error = "unknown C++ exception";
-  }
-  return -1;
-}
 
 using Callback = void (*)(void* context);
 using Release = void (*)(void* context);

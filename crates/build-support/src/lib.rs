@@ -46,6 +46,10 @@ pub fn link_libtorch() {
 /// [`link_libtorch`] does.
 pub fn compile_libtorch_shim(source: &str, name: &str) {
     println!("cargo:rerun-if-changed={source}");
+    println!(
+        "cargo:rerun-if-changed={}",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/include/dalle_shim.h")
+    );
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     link_libtorch();
     let lib_dir = std::env::var_os("DEP_TCH_LIBTORCH_LIB")
@@ -71,6 +75,8 @@ pub fn compile_libtorch_shim(source: &str, name: &str) {
         .warnings(false)
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
+        // dalle_shim.h: what every shim shares.
+        .include(concat!(env!("CARGO_MANIFEST_DIR"), "/include"))
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")

@@ -10,25 +10,11 @@
 #include <dlfcn.h>
 
 #include <cstdint>
-#include <exception>
 #include <string>
 
+#include "dalle_shim.h"
+
 namespace {
-
-thread_local std::string last_error;
-
-template <typename F>
-int guarded(F&& f) {
-  try {
-    f();
-    return 0;
-  } catch (const std::exception& e) {
-    last_error = e.what();
-  } catch (...) {
-    last_error = "unknown C++ exception";
-  }
-  return -1;
-}
 
 c10::DeviceType device_type(int32_t code) {
   return static_cast<c10::DeviceType>(code);

@@ -198,15 +198,7 @@ fn sharded_gradients_keep_a_share_of_the_gradient_and_refuse_a_backward_outside_
         (gradient, optimizer.moment_elements(), err)
     });
     let gradients: Vec<i64> = held.iter().map(|h| h.0).collect();
-    assert_eq!(
-        gradients.iter().sum::<i64>(),
-        total,
-        "the shares cover the model once"
-    );
-    assert!(
-        gradients.iter().all(|&g| g < total / 2),
-        "{gradients:?} of {total}"
-    );
+    assert_shares_a_third(&gradients, total);
     for (gradient, moments, err) in &held {
         assert_eq!(gradient, moments, "a gradient for each updated element");
         assert!(
@@ -214,6 +206,20 @@ fn sharded_gradients_keep_a_share_of_the_gradient_and_refuse_a_backward_outside_
             "{err}"
         );
     }
+}
+
+/// Three ranks' shares of `total` elements cover it once, each about a
+/// third.
+fn assert_shares_a_third(held: &[i64], total: i64) {
+    assert_eq!(
+        held.iter().sum::<i64>(),
+        total,
+        "the shares cover the model once"
+    );
+    assert!(
+        held.iter().all(|&h| h < total / 2),
+        "each rank holds about a third: {held:?} of {total}"
+    );
 }
 
 #[test]
@@ -241,15 +247,7 @@ fn each_rank_keeps_only_its_share_of_the_moments_and_the_shares_load_at_any_worl
     });
     let total: i64 = parameters().iter().map(|(_, p)| p.numel() as i64).sum();
     let held: Vec<i64> = shares.iter().map(|s| s.0).collect();
-    assert_eq!(
-        held.iter().sum::<i64>(),
-        total,
-        "the shares cover the model once"
-    );
-    assert!(
-        held.iter().all(|&h| h < total / 2),
-        "each rank holds about a third: {held:?} of {total}"
-    );
+    assert_shares_a_third(&held, total);
     let pieces: Vec<(String, Tensor)> = shares
         .iter()
         .flat_map(|(_, share)| share.iter().map(|(n, t)| (n.clone(), t.shallow_clone())))
@@ -551,8 +549,7 @@ fn max_difference(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> (String, f6
 }
 
 #[test]
-fn sharded_gradients_with_micro_batches_and_checkpointing_train_the_transformer_as_unsharded_and_the_dvae_in_step()
- {
+fn sharded_gradients_with_micro_batches_and_checkpointing_train_both_stages() {
     let dir = tempfile::tempdir().unwrap();
     let base = gpt_job(dir.path());
     let inputs = base.run.dir.clone();
