@@ -69,9 +69,11 @@ pub struct BucketHooks {
     leaves: Vec<Tensor>,
     /// The communication thread's queue and its progress.
     comm: Option<CommThread>,
-    /// The scale the communication thread applies this step.
-    scale: Option<Arc<Mutex<f64>>>,
 }
+
+/// A bucket's slice of a flat gradient buffer and what to do with it, for
+/// the communication thread.
+type Job = (Tensor, Reduction);
 
 /// One parameter as the hooks see it.
 struct Member {
@@ -134,7 +136,7 @@ struct State {
     failure: Option<TrainError>,
     /// Overlap: where complete buckets go, and the count of those not yet
     /// reduced.
-    queue: Option<Sender<Tensor>>,
+    queue: Option<Sender<Job>>,
     progress: Option<Arc<Progress>>,
     /// Sharded gradients: elements of staging buffers alive now, and the
     /// most this step.
@@ -213,20 +215,14 @@ impl Progress {
 }
 
 impl CommThread {
-    fn start(link: SharedLink, scatter: bool, scale: Arc<Mutex<f64>>) -> (Self, Sender<Tensor>) {
-        let (sender, receiver): (Sender<Tensor>, Receiver<Tensor>) = channel();
+    fn start(link: SharedLink) -> (Self, Sender<Job>) {
+        let (sender, receiver): (Sender<Job>, Receiver<Job>) = channel();
         let progress = Arc::new(Progress::default());
         let shared = progress.clone();
         let thread = std::thread::Builder::new()
             .name("dalle-grad-comm".into())
             .spawn(move || {
-                for bucket in receiver {
-                    let scale = *scale.lock().unwrap_or_else(|p| p.into_inner());
-                    let reduction = if scatter {
-                        Reduction::Scatter(scale)
-                    } else {
-                        Reduction::Sum(scale)
-                    };
+                for (bucket, reduction) in receiver {
                     let result = lock(&link).reduce_overlapped(&bucket, reduction);
                     shared.done_one(result);
                 }
@@ -295,13 +291,12 @@ impl BucketHooks {
             }
             members.push(Member { name, leaf, spans });
         }
-        let (comm, queue, scale) = match mode {
-            Mode::Overlap { scatter } => {
-                let scale = Arc::new(Mutex::new(1.0));
-                let (comm, queue) = CommThread::start(link.clone(), scatter, scale.clone());
-                (Some(comm), Some(queue), Some(scale))
+        let (comm, queue) = match mode {
+            Mode::Overlap { .. } => {
+                let (comm, queue) = CommThread::start(link.clone());
+                (Some(comm), Some(queue))
             }
-            Mode::ShardGradients => (None, None, None),
+            Mode::ShardGradients => (None, None),
         };
         let leaves: Vec<Tensor> = members.iter().map(|m| m.leaf.shallow_clone()).collect();
         let state = Arc::new(Mutex::new(State {
@@ -332,7 +327,6 @@ impl BucketHooks {
             state,
             leaves,
             comm,
-            scale,
         })
     }
 
@@ -351,9 +345,6 @@ impl BucketHooks {
     /// `passes` backward passes, and the rank with the most runs
     /// `most_passes`.
     pub(crate) fn begin(&self, scale: f64, samples: usize, passes: usize, most_passes: usize) {
-        if let Some(shared) = &self.scale {
-            *shared.lock().unwrap_or_else(|p| p.into_inner()) = scale;
-        }
         locked(&self.state).step = Some(StepPlan {
             scale,
             samples,
@@ -553,10 +544,14 @@ impl State {
         let grads = &self.grads[bucket.flat];
         if let Some(queue) = &self.queue {
             let slice = grads.narrow(0, bucket.range.start, len);
+            let reduction = match self.mode {
+                Mode::Overlap { scatter: true } => Reduction::Scatter(plan.scale),
+                _ => Reduction::Sum(plan.scale),
+            };
             if let Some(progress) = &self.progress {
                 progress.queue_one();
             }
-            return queue.send(slice).map_err(|_| {
+            return queue.send((slice, reduction)).map_err(|_| {
                 TrainError::Collective("the gradient communication thread is gone".into())
             });
         }
