@@ -79,9 +79,18 @@ type Job = (Tensor, Reduction);
 struct Member {
     name: String,
     leaf: Tensor,
-    /// Each bucket it overlaps: (bucket, elements of the parameter, where
-    /// they go in the bucket).
-    spans: Vec<(usize, Range<i64>, i64)>,
+    /// Each bucket it overlaps.
+    spans: Vec<Span>,
+}
+
+/// Where part of a parameter lies in one bucket.
+struct Span {
+    bucket: usize,
+    /// The parameter's place among the bucket's members.
+    slot: usize,
+    /// Elements of the parameter, and where they start in the bucket.
+    elements: Range<i64>,
+    at: i64,
 }
 
 /// One bucket of one flat buffer.
@@ -280,11 +289,12 @@ impl BucketHooks {
                     bucket.range.end.min(elements.end),
                 );
                 if from < to {
-                    spans.push((
-                        b,
-                        from - elements.start..to - elements.start,
-                        from - bucket.range.start,
-                    ));
+                    spans.push(Span {
+                        bucket: b,
+                        slot: bucket.members.len(),
+                        elements: from - elements.start..to - elements.start,
+                        at: from - bucket.range.start,
+                    });
                     bucket.members.push(index);
                     bucket.arrived.push(0);
                 }
@@ -450,10 +460,11 @@ impl State {
         } else {
             None
         };
-        for (b, elements, at) in &member.spans {
-            let bucket = &mut self.buckets[*b];
-            let slot = bucket.members.iter().position(|&m| m == index);
-            bucket.arrived[slot.expect("a member of its own bucket")] += 1;
+        let needed = self.needed_arrivals();
+        for span in &member.spans {
+            let (b, elements, at) = (span.bucket, &span.elements, span.at);
+            let bucket = &mut self.buckets[b];
+            bucket.arrived[span.slot] += 1;
             if let Some(grad) = &grad {
                 let len = elements.end - elements.start;
                 if bucket.staging.is_none() {
@@ -467,15 +478,13 @@ impl State {
                     )
                 });
                 tch::no_grad(|| {
-                    let _ =
-                        staging
-                            .narrow(0, *at, len)
-                            .g_add_(&grad.narrow(0, elements.start, len));
+                    let _ = staging
+                        .narrow(0, at, len)
+                        .g_add_(&grad.narrow(0, elements.start, len));
                 });
             }
-            let needed = self.needed_arrivals();
-            if !self.learnt && self.buckets[*b].complete(needed) && !self.order.contains(b) {
-                self.order.push(*b);
+            if !self.learnt && bucket.complete(needed) && !self.order.contains(&b) {
+                self.order.push(b);
             }
         }
         if shard {

@@ -81,9 +81,11 @@ enum Carrier {
 
 /// The group's connection: what carries the bytes, the host staging of
 /// one bucket, and the time spent in collectives. Shared (behind a mutex)
-/// between the training thread and the gradient hooks of sharded
-/// gradients, which reduce buckets from inside backward; never both at
-/// once, since the training thread is inside backward meanwhile.
+/// between the training thread, the gradient hooks of sharded gradients,
+/// which reduce buckets from inside backward, and the communication thread
+/// of overlapped reduction; the training thread's own collectives wait
+/// until that thread is idle (`DataParallel::link`), so collectives never
+/// interleave.
 pub(crate) struct Link {
     carrier: Carrier,
     /// Host staging for one bucket, kept between steps.
@@ -193,26 +195,18 @@ impl Link {
                 // reduced, and a late gradient fails the step).
                 let values =
                     unsafe { std::slice::from_raw_parts_mut(bucket.data_ptr() as *mut f32, elems) };
-                let comm = self.collective();
-                match reduction {
-                    Reduction::Sum(_) => comm.all_reduce_sum(values),
-                    Reduction::Scatter(_) => comm.reduce_scatter_sum(values),
-                    Reduction::Gather => comm.all_gather(values),
-                }
-                .map_err(collective_error(what))?;
+                reduction
+                    .on_host(self.collective(), values)
+                    .map_err(collective_error(what))?;
             }
             _ => {
                 let host = bucket.to_device(Device::Cpu).to_kind(Kind::Float);
                 self.host.resize(elems, 0.0);
                 host.copy_data(&mut self.host, elems);
                 let mut values = std::mem::take(&mut self.host);
-                let comm = self.collective();
-                let reduced = match reduction {
-                    Reduction::Sum(_) => comm.all_reduce_sum(&mut values),
-                    Reduction::Scatter(_) => comm.reduce_scatter_sum(&mut values),
-                    Reduction::Gather => comm.all_gather(&mut values),
-                }
-                .map_err(collective_error(what));
+                let reduced = reduction
+                    .on_host(self.collective(), &mut values)
+                    .map_err(collective_error(what));
                 self.host = values;
                 reduced?;
                 let summed = Tensor::from_slice(&self.host)
@@ -286,9 +280,7 @@ pub struct DataParallel {
 
 use dalle_store::checkpoint::Fence;
 
-pub(crate) fn collective_error(
-    what: &str,
-) -> impl FnOnce(dalle_collective::Error) -> TrainError + '_ {
+fn collective_error(what: &str) -> impl FnOnce(dalle_collective::Error) -> TrainError + '_ {
     move |e| TrainError::Collective(format!("{what}: {e}"))
 }
 
@@ -481,9 +473,7 @@ impl DataParallel {
 
     /// Sums `values` over ranks.
     pub fn sum(&mut self, values: &mut [f32]) -> Result<()> {
-        self.link()?
-            .timed(|c| c.all_reduce_sum(values))
-            .map_err(collective_error("summing metrics"))
+        self.link()?.sum(values, "summing metrics")
     }
 
     /// Time spent in collectives since the last call.
@@ -820,6 +810,20 @@ pub(crate) enum Reduction {
 }
 
 impl Reduction {
+    /// Runs the collective on host values, in place (the scale is applied
+    /// before).
+    fn on_host(
+        self,
+        comm: &mut dyn Collective,
+        values: &mut [f32],
+    ) -> dalle_collective::Result<()> {
+        match self {
+            Reduction::Sum(_) => comm.all_reduce_sum(values),
+            Reduction::Scatter(_) => comm.reduce_scatter_sum(values),
+            Reduction::Gather => comm.all_gather(values),
+        }
+    }
+
     fn describe(self) -> &'static str {
         match self {
             Reduction::Sum(_) | Reduction::Scatter(_) => "averaging gradients",

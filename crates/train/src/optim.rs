@@ -432,10 +432,13 @@ impl AdamW {
                     while done < elements {
                         let len = piece.min(elements - done);
                         let start = range.start + done;
-                        let (mut p, g) = (
-                            f.params.narrow(0, start, len),
-                            f.grads_over(&(start..start + len)),
-                        );
+                        // Compact gradients lie where the moments do.
+                        let g = if f.compact_grads {
+                            f.grads.narrow(0, moments + done, len)
+                        } else {
+                            f.grads.narrow(0, start, len)
+                        };
+                        let mut p = f.params.narrow(0, start, len);
                         let mut m = f.exp_avg.narrow(0, moments + done, len);
                         let mut v = f.exp_avg_sq.narrow(0, moments + done, len);
                         let _ = m.lerp_(&g, 1.0 - beta1);
