@@ -51,11 +51,19 @@ pub use nccl::{
 };
 pub use ring::{RingConfig, TcpRing};
 
+/// Every shard but the last non-empty one starts and ends at a multiple of
+/// this many elements: 256 bytes of f32, aligned for the device, and where
+/// cutting a buffer changes no bit of a vectorised kernel's result over it
+/// (the fused AdamW update runs over shards).
+pub const SHARD_ALIGN: usize = 64;
+
 /// The elements of a buffer of `len` that rank `rank` of `world` owns in
 /// [`Collective::reduce_scatter_sum`] and [`Collective::all_gather`]: `len`
-/// cut into `world` contiguous shards in rank order, the first `len % world`
-/// one element longer than the rest (so shards differ by at most one
-/// element; some are empty when `len < world`). The shards tile `0..len`.
+/// cut into `world` contiguous shards in rank order, in whole units of
+/// [`SHARD_ALIGN`] elements (the last unit may be short), the first ranks
+/// one unit longer than the rest where the units do not divide evenly (so
+/// some shards are empty when `len` is under `world` units). The shards
+/// tile `0..len`.
 ///
 /// # Panics
 /// When `rank >= world` (so also when `world` is 0).
@@ -64,9 +72,11 @@ pub fn shard_range(len: usize, world: usize, rank: usize) -> std::ops::Range<usi
         rank < world,
         "shard_range: rank {rank} is outside a group of {world}"
     );
-    let (base, extra) = (len / world, len % world);
+    let units = len.div_ceil(SHARD_ALIGN);
+    let (base, extra) = (units / world, units % world);
     let start = rank * base + rank.min(extra);
-    start..start + base + usize::from(rank < extra)
+    let end = start + base + usize::from(rank < extra);
+    (start * SHARD_ALIGN).min(len)..(end * SHARD_ALIGN).min(len)
 }
 
 /// The operations data-parallel training needs from a group of W ranks.
@@ -115,30 +125,38 @@ pub trait Collective: Send {
 
 #[cfg(test)]
 mod tests {
-    use super::shard_range;
+    use super::{SHARD_ALIGN, shard_range};
 
     #[test]
-    fn shards_are_contiguous_disjoint_balanced_and_cover_the_buffer() {
-        for len in [0, 1, 2, 4, 5, 7, 1000, 1_000_003] {
+    fn shards_are_contiguous_disjoint_aligned_balanced_and_cover_the_buffer() {
+        for len in [0usize, 1, 2, 63, 64, 65, 200, 1000, 1_000_003] {
             for world in 1..=7 {
+                let units = len.div_ceil(SHARD_ALIGN);
                 let mut next = 0;
                 for rank in 0..world {
                     let s = shard_range(len, world, rank);
                     // Contiguous from the previous one, so disjoint and in
                     // rank order.
                     assert_eq!(s.start, next, "len={len} world={world} rank={rank}");
-                    // Balanced: the first len % world one longer.
-                    let want = len / world + usize::from(rank < len % world);
-                    assert_eq!(s.len(), want, "len={len} world={world} rank={rank}");
+                    assert!(s.start.is_multiple_of(SHARD_ALIGN) || s.start == len);
+                    assert!(s.end.is_multiple_of(SHARD_ALIGN) || s.end == len);
+                    // Balanced: the first units % world one unit longer.
+                    let want = units / world + usize::from(rank < units % world);
+                    assert_eq!(
+                        s.len().div_ceil(SHARD_ALIGN),
+                        want,
+                        "len={len} world={world}"
+                    );
                     next = s.end;
                 }
                 assert_eq!(next, len, "len={len} world={world}");
             }
         }
-        assert_eq!(shard_range(7, 3, 0), 0..3);
-        assert_eq!(shard_range(7, 3, 1), 3..5);
-        assert_eq!(shard_range(7, 3, 2), 5..7);
-        assert_eq!(shard_range(2, 4, 3), 2..2);
+        assert_eq!(shard_range(200, 3, 0), 0..128);
+        assert_eq!(shard_range(200, 3, 1), 128..192);
+        assert_eq!(shard_range(200, 3, 2), 192..200);
+        assert_eq!(shard_range(7, 3, 0), 0..7);
+        assert_eq!(shard_range(7, 3, 2), 7..7);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use crate::bucket_hooks::{BucketHooks, Mode, Progress};
 use crate::config::StateSharding;
 use crate::optim::{AdamW, AdamWConfig};
 use crate::{Result, TrainError};
-use dalle_collective::{Collective, NcclCollective, shard_range};
+use dalle_collective::{Collective, NcclCollective, SHARD_ALIGN, shard_range};
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -308,7 +308,9 @@ impl DataParallel {
             })),
             rank,
             world,
-            bucket_elems: (bucket_bytes / 4).max(1),
+            // Whole shard units, so that every bucket and every shard of
+            // one starts aligned (see `dalle_collective::SHARD_ALIGN`).
+            bucket_elems: (bucket_bytes / 4).max(1).next_multiple_of(SHARD_ALIGN),
             overlap: true,
             in_flight: None,
             hook: None,

@@ -6,6 +6,7 @@
 //! (two or more dimensions), not to biases or gains.
 
 use crate::bucket_hooks::BucketHooks;
+use dalle_kernels::{AdamWSlot, AdamWUpdate, SLOT_ALIGN, fused_adamw};
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
 use tch::{Device, Kind, Tensor};
@@ -31,9 +32,6 @@ impl Default for AdamWConfig {
     }
 }
 
-/// Elements the CPU update handles at a time (128 KiB of f32 per array).
-const CPU_PIECE: i64 = 1 << 18;
-
 /// One flat buffer of the parameters of one dtype on one device (every
 /// parameter a view into it), its gradients (likewise) and the moments of
 /// the elements this rank updates: all of them, or with a sharded
@@ -56,6 +54,20 @@ struct Flat {
     decayed: i64,
     /// The element ranges of the buffer this rank updates, ascending.
     owned: Vec<Range<i64>>,
+    /// The update count as a scalar on the buffer's device, which the
+    /// fused kernel reads its bias corrections from.
+    step_count: Tensor,
+}
+
+// Shards are cut where the fused update's result does not change.
+const _: () = assert!(dalle_collective::SHARD_ALIGN as i64 % SLOT_ALIGN == 0);
+
+/// A run of elements one call of the fused update takes as one tensor.
+struct UpdatePiece {
+    elements: Range<i64>,
+    /// Where its moments (and compact gradients) start.
+    moments: i64,
+    decayed: bool,
 }
 
 impl Flat {
@@ -71,6 +83,50 @@ impl Flat {
             .find(|(owned, _)| owned.start <= range.start && range.end <= owned.end)
             .expect("with sharded gradients only owned elements have a gradient");
         self.grads.narrow(0, at + range.start - owned.start, len)
+    }
+
+    /// The owned ranges cut where weight decay ends, into what one fused
+    /// update takes as tensors. The kernel's result for an element depends
+    /// on where its piece starts modulo the kernel's vector width, so that
+    /// sharded and unsharded training agree bit for bit every cut is at a
+    /// multiple of [`SLOT_ALIGN`] elements from the buffer's start (shards
+    /// are: `dalle_collective::SHARD_ALIGN`), except the end of weight
+    /// decay, which is followed by a cut at the next multiple in every
+    /// sharding alike.
+    fn update_pieces(&self) -> Vec<UpdatePiece> {
+        let decay_end = self.decayed;
+        let realigned = (decay_end as u64).next_multiple_of(SLOT_ALIGN as u64) as i64;
+        let mut pieces = Vec::new();
+        for (range, moments) in self.owned_with_moments() {
+            let mut start = range.start;
+            for cut in [decay_end, realigned, range.end] {
+                if cut > start && cut <= range.end {
+                    pieces.push(UpdatePiece {
+                        elements: start..cut,
+                        moments: moments + start - range.start,
+                        decayed: start < decay_end,
+                    });
+                    start = cut;
+                }
+            }
+        }
+        pieces
+    }
+
+    /// The parameters, gradients and moments of one piece.
+    fn piece_views(&self, piece: &UpdatePiece) -> [Tensor; 4] {
+        let len = piece.elements.end - piece.elements.start;
+        let grads_at = if self.compact_grads {
+            piece.moments
+        } else {
+            piece.elements.start
+        };
+        [
+            self.params.narrow(0, piece.elements.start, len),
+            self.grads.narrow(0, grads_at, len),
+            self.exp_avg.narrow(0, piece.moments, len),
+            self.exp_avg_sq.narrow(0, piece.moments, len),
+        ]
     }
 
     /// The owned ranges, each with where its moments start.
@@ -206,6 +262,7 @@ impl AdamW {
                     exp_avg_sq: zeros(moments),
                     decayed,
                     owned,
+                    step_count: Tensor::zeros([], (Kind::Float, device)),
                 }
             })
             .collect();
@@ -400,8 +457,11 @@ impl AdamW {
     }
 
     /// One update at learning rate `lr`, over every element this rank
-    /// owns. A parameter that got no gradient this step has a zero one: its
-    /// moments decay and its update follows them, as in PyTorch's AdamW
+    /// owns, by libtorch's fused AdamW kernel (what PyTorch's
+    /// `AdamW(fused=True)` runs): two calls per flat buffer, one for the
+    /// decayed elements and one for the rest, each one pass over its
+    /// pieces. A parameter that got no gradient this step has a zero one:
+    /// its moments decay and its update follows them, as in PyTorch's AdamW
     /// with zeroed (rather than absent) gradients.
     pub fn step(&mut self, lr: f64) {
         self.step += 1;
@@ -411,55 +471,36 @@ impl AdamW {
             eps,
             weight_decay,
         } = self.config;
-        let bias1 = 1.0 - beta1.powi(self.step as i32);
-        let bias2 = 1.0 - beta2.powi(self.step as i32);
         tch::no_grad(|| {
-            for f in &self.flats {
-                // On the CPU the buffer goes through in cache-sized pieces,
-                // every operation on one piece before the next, so that the
-                // arrays and the temporaries stay in cache and it takes one
-                // trip through memory, not ten; on a GPU, one piece per
-                // owned range.
-                let cpu = f.params.device() == Device::Cpu;
-                for (range, moments) in f.owned_with_moments() {
-                    let elements = range.end - range.start;
-                    let piece = if cpu {
-                        CPU_PIECE.min(elements.max(1))
-                    } else {
-                        elements.max(1)
+            for f in &mut self.flats {
+                // A device-side fill, not an upload the step would wait for.
+                let _ = f.step_count.fill_(self.step as f64);
+                let pieces = f.update_pieces();
+                for decayed in [true, false] {
+                    let views: Vec<[Tensor; 4]> = pieces
+                        .iter()
+                        .filter(|piece| piece.decayed == decayed)
+                        .map(|piece| f.piece_views(piece))
+                        .collect();
+                    let slots: Vec<AdamWSlot> = views
+                        .iter()
+                        .map(|[param, grad, exp_avg, exp_avg_sq]| AdamWSlot {
+                            param,
+                            grad,
+                            exp_avg,
+                            exp_avg_sq,
+                            step: &f.step_count,
+                        })
+                        .collect();
+                    let update = AdamWUpdate {
+                        lr,
+                        beta1,
+                        beta2,
+                        weight_decay: if decayed { weight_decay } else { 0.0 },
+                        eps,
                     };
-                    let mut done = 0;
-                    while done < elements {
-                        let len = piece.min(elements - done);
-                        let start = range.start + done;
-                        // Compact gradients lie where the moments do.
-                        let g = if f.compact_grads {
-                            f.grads.narrow(0, moments + done, len)
-                        } else {
-                            f.grads.narrow(0, start, len)
-                        };
-                        let mut p = f.params.narrow(0, start, len);
-                        let mut m = f.exp_avg.narrow(0, moments + done, len);
-                        let mut v = f.exp_avg_sq.narrow(0, moments + done, len);
-                        let _ = m.lerp_(&g, 1.0 - beta1);
-                        let _ = v.g_mul_scalar_(beta2);
-                        let _ = v.addcmul_(&(&g * (1.0 - beta2)), &g);
-                        let decayed = (f.decayed - start).clamp(0, len);
-                        if weight_decay > 0.0 && decayed > 0 {
-                            let _ = p
-                                .narrow(0, 0, decayed)
-                                .g_mul_scalar_(1.0 - lr * weight_decay);
-                        }
-                        // denom = sqrt(v) / sqrt(bias2) + eps, as torch
-                        // writes it, with the step size -lr / bias1 folded
-                        // in: one temporary instead of four.
-                        let mut denom = v.sqrt();
-                        let _ = denom.g_div_scalar_(bias2.sqrt());
-                        let _ = denom.g_add_scalar_(eps);
-                        let _ = denom.g_mul_scalar_(-bias1 / lr);
-                        let _ = p.addcdiv_(&m, &denom);
-                        done += len;
-                    }
+                    fused_adamw(&slots, update)
+                        .expect("the flat buffers' pieces agree in shape, dtype and device");
                 }
             }
         });
@@ -770,8 +811,7 @@ mod tests {
             weight_decay: 0.1,
             ..AdamWConfig::default()
         };
-        // The last is larger than the CPU's piece: several pieces and a
-        // ragged end.
+        // The last is larger than a vector: several and a ragged end.
         let shapes: [&[i64]; 4] = [&[4, 3], &[3], &[2, 2, 3], &[100_003]];
         let flat_params: Vec<Tensor> = shapes
             .iter()
@@ -829,10 +869,13 @@ mod tests {
             loss(&reference, step).backward();
             per_parameter_step(&reference, &mut moments, step + 1, 0.01, cfg);
         }
+        // The fused kernel rounds a few elements otherwise than the
+        // per-parameter formula (fused multiply-adds), not more.
         for (a, b) in flat_params.iter().zip(&reference) {
+            let err = (a.detach() - b.detach()).abs().max().double_value(&[]);
             assert!(
-                a.detach().equal(&b.detach()),
-                "flat and per-parameter updates differ: {:?} vs {:?}",
+                err < 1e-6,
+                "flat and per-parameter updates differ by {err}: {:?} vs {:?}",
                 Vec::<f32>::try_from(a.detach().flatten(0, -1)).unwrap(),
                 Vec::<f32>::try_from(b.detach().flatten(0, -1)).unwrap()
             );
