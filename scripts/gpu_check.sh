@@ -79,6 +79,23 @@ if [[ ${DALLE_CHECK_BENCH:-1} == 0 ]]; then
   exit 0
 fi
 step "benchmarks"
+ref="$(dirname "$0")/bench"
+# The two models of the GPU-speed targets first, bf16 on both sides (the
+# references: torch.autocast, fused AdamW, channels-last for the dVAE).
+# A transformer of about 350 M parameters, dense causal attention:
+big=(--set gpt.model.dim=1024 --set gpt.model.depth=24 --set gpt.model.heads=16
+  --set gpt.model.attention=dense --set text.text_len=256 --set run.precision=bf16)
+dalle "${big[@]}" bench gpt --batch 8 --text-vocab 16384 --image-vocab 8192 --image-grid 32 --steps 10
+python3 "$ref/gpt_reference.py" --device "$device" --dim 1024 --depth 24 --heads 16 \
+  --text-len 256 --text-vocab 16384 --image-vocab 8192 --image-grid 32 --batch-size 8 \
+  --grad-clip 4 --warmup 3 --steps 10 --precision bf16
+# The dVAE at the paper's width: 256 px, n_hid 256, 2 blocks per group.
+wide=(--set dvae.model.image_size=256 --set dvae.model.n_hid=256 --set dvae.model.n_blk_per_group=2
+  --set dvae.model.n_init=128 --set dvae.model.vocab_size=8192 --set dvae.train.batch_size=8
+  --set dvae.train.relaxation=soft --set dvae.train.recon=logit_laplace --set run.precision=bf16)
+dalle "${wide[@]}" bench dvae --steps 20
+python3 "$ref/dvae_reference.py" --device "$device" --image-size 256 --n-hid 256 \
+  --n-blk-per-group 2 --n-init 128 --vocab-size 8192 --batch-size 8 --steps 20 --precision bf16
 dalle --set dvae.train.batch_size=64 bench dvae --steps 50
 # A mid-sized transformer (1088 positions, paper vocabularies), ours then
 # PyTorch eager on the same GPU.
@@ -89,7 +106,7 @@ shape=(--set gpt.model.dim=512 --set gpt.model.depth=8 --set gpt.model.heads=8
 for precision in fp32 tf32 bf16; do
   dalle "${shape[@]}" --set run.precision="$precision" \
     bench gpt --batch 16 --text-vocab 16384 --image-vocab 8192 --image-grid 32 --steps 20
-  python3 "$(dirname "$0")/bench/gpt_reference.py" --device "$device" --dim 512 --depth 8 --heads 8 \
+  python3 "$ref/gpt_reference.py" --device "$device" --dim 512 --depth 8 --heads 8 \
     --text-len 64 --text-vocab 16384 --image-vocab 8192 --image-grid 32 --batch-size 16 \
     --grad-clip 4 --warmup 3 --steps 20 --precision "$precision"
 done

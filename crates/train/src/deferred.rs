@@ -49,9 +49,9 @@ impl<H> Default for Pending<H> {
 
 impl<H> Pending<H> {
     /// Records step `step` (0-based) over `samples` local samples: `local`
-    /// `(K,)` are this rank's means, the first of them the loss; `global`
-    /// `(G,)` values that need no averaging (may be empty). Both stay on
-    /// their device, detached.
+    /// `(K,)` are this rank's means; `global` `(G,)` values that need no
+    /// averaging (either may be empty). The first value, local or else
+    /// global, is the loss. Both stay on their device, detached.
     pub fn push(&mut self, step: u64, local: &Tensor, global: &Tensor, samples: usize, host: H) {
         self.steps.push(PendingStep {
             step,
@@ -98,11 +98,11 @@ impl<H> Pending<H> {
             .zip(flat.chunks(width.max(1)))
             .zip(averaged)
         {
+            means.extend_from_slice(&row[local_width..]);
             let loss = means[0];
             if !loss.is_finite() {
                 return Err(TrainError::Diverged { step: s.step, loss });
             }
-            means.extend_from_slice(&row[local_width..]);
             ready.push(Ready {
                 step: s.step,
                 means,
@@ -158,6 +158,24 @@ mod tests {
         match pending.drain(&mut ddp) {
             Err(TrainError::Diverged { step, loss }) => assert!(step == 8 && loss.is_nan()),
             other => panic!("expected divergence at step 8, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn with_only_global_values_the_first_is_the_loss() {
+        let mut ddp = DataParallel::solo();
+        let mut pending = Pending::default();
+        let empty = Tensor::zeros([0], (Kind::Float, Device::Cpu));
+        pending.push(3, &empty, &scalars(&[2.5, 0.75, 1.0]), 8, ());
+        let ready = pending.drain(&mut ddp).unwrap();
+        assert_eq!(
+            (ready[0].means.clone(), ready[0].samples),
+            (vec![2.5, 0.75, 1.0], 8)
+        );
+        pending.push(4, &empty, &scalars(&[f32::NAN, 0.5, 1.0]), 8, ());
+        match pending.drain(&mut ddp) {
+            Err(TrainError::Diverged { step, .. }) => assert_eq!(step, 4),
+            other => panic!("expected divergence at step 4, got {other:?}"),
         }
     }
 }

@@ -13,6 +13,7 @@
 
 use crate::config::JobConfig;
 use crate::ddp::{DataParallel, seeded, step_seed};
+use crate::deferred::Pending;
 use crate::feed::{EpochSummary, batch_tensor, loader_config, next_nonempty, runtime_device};
 use crate::gpt::{CaptionEncoder, load_tokenizer};
 use crate::metrics::Progress;
@@ -128,6 +129,13 @@ struct StepMetrics {
     accuracy: f64,
     grad_norm: f64,
     pairs: usize,
+    data_wait: Duration,
+    comm: Duration,
+    step_time: Duration,
+}
+
+/// What the host knows of a step while its scalars wait on the device.
+struct RerankHostMetrics {
     data_wait: Duration,
     comm: Duration,
     step_time: Duration,
@@ -406,6 +414,8 @@ pub fn train(
     );
     let (mut window, mut epoch) = (Window::default(), EpochSummary::default());
     let (mut logs, mut validations) = (Vec::new(), Vec::new());
+    let mut pending = Pending::default();
+    let mut last_loss = f64::NAN;
 
     for step in first_step..cfg.steps {
         let started = Instant::now();
@@ -429,27 +439,44 @@ pub fn train(
             global.surrogate.backward();
             global
         };
-        // The reranker's loss is already global (one contrast over every
-        // rank's batch) and read every step; its steps are few and small.
-        let grad_norm = ddp
-            .update(&mut optimizer, batch.len(), lr, cfg.grad_clip)?
-            .grad_norm
-            .double_value(&[]);
+        let update = ddp.update(&mut optimizer, batch.len(), lr, cfg.grad_clip)?;
         ddp.verify_every(step + 1, job.run.verify_every, &params)?;
 
-        let loss = global.loss.double_value(&[]);
-        if !loss.is_finite() {
-            return Err(TrainError::Diverged { step, loss });
+        // The loss, the in-batch accuracy and the norm stay on the device
+        // until a step that reads them (crate::deferred). The first two are
+        // of the global batch already, the same on every rank: they go as
+        // global values, not as means to average.
+        let scalars = Tensor::stack(&[&global.loss, &global.accuracy, &update.grad_norm], 0);
+        let nothing_local = Tensor::zeros([0], (Kind::Float, device));
+        pending.push(
+            step,
+            &nothing_local,
+            &scalars,
+            batch.len(),
+            RerankHostMetrics {
+                data_wait,
+                comm: ddp.take_comm_time(),
+                step_time: started.elapsed(),
+            },
+        );
+        let done = step + 1;
+        if run.reads_due(done) {
+            for ready in pending.drain(ddp)? {
+                let [loss, accuracy, grad_norm] =
+                    <[f64; 3]>::try_from(ready.means).expect("the loss, accuracy and norm");
+                let h = ready.host;
+                window.add(StepMetrics {
+                    loss,
+                    accuracy,
+                    grad_norm,
+                    pairs: ready.samples,
+                    data_wait: h.data_wait,
+                    comm: h.comm,
+                    step_time: h.step_time,
+                });
+                last_loss = loss;
+            }
         }
-        window.add(StepMetrics {
-            loss,
-            accuracy: global.accuracy.double_value(&[]),
-            grad_norm,
-            pairs: global.total,
-            data_wait,
-            comm: ddp.take_comm_time(),
-            step_time: started.elapsed(),
-        });
         let timing = StepTiming::since(started, data_wait);
         let done = step + 1;
         if run.log_due(done) {
@@ -469,7 +496,9 @@ pub fn train(
             validations.push(line);
         }
         let save = |path: &std::path::Path| model.save(path);
-        run.end_step(ddp, done, &batch, timing, loss, save, &params, &optimizer)?;
+        run.end_step(
+            ddp, done, &batch, timing, last_loss, save, &params, &optimizer,
+        )?;
     }
     run.finish(|path| model.save(path))?;
     let weights = run.weights().to_path_buf();

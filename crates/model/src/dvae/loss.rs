@@ -71,10 +71,19 @@ pub fn logit_laplace_nll(stats: &Tensor, x_mapped: &Tensor) -> Tensor {
 /// # Shapes
 /// `(N, K, h, w)` logits → scalar
 pub fn kl_to_uniform(logits: &Tensor) -> Tensor {
+    posterior_terms(logits).0
+}
+
+/// [`kl_to_uniform`] and [`mean_posterior`] of the same logits, from one
+/// softmax.
+pub fn posterior_terms(logits: &Tensor) -> (Tensor, Tensor) {
     let k = logits.size()[1] as f64;
     let log_q = logits.log_softmax(1, Kind::Float);
-    let per_position = (log_q.exp() * (&log_q + k.ln())).sum_dim_intlist(1, false, Kind::Float);
-    per_position.sum(Kind::Float) / logits.size()[0] as f64
+    let q = log_q.exp();
+    let per_position = (&q * (&log_q + k.ln())).sum_dim_intlist(1, false, Kind::Float);
+    let kl = per_position.sum(Kind::Float) / logits.size()[0] as f64;
+    let mean = q.mean_dim([0i64, 2, 3].as_slice(), false, Kind::Float);
+    (kl, mean)
 }
 
 /// Mean posterior over codes of a batch, `q̄(k)`: the soft code histogram

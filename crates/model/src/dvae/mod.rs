@@ -305,13 +305,23 @@ impl Dvae {
         };
         drop(z);
         let stats = stats.to_kind(Kind::Float);
-        let mean = loss::stats_to_pixels(&stats);
-        let mse = (&mean - &x).square().mean(Kind::Float);
-        let recon = match objective.recon {
-            ReconLoss::LogitLaplace => loss::logit_laplace_nll(&stats, &loss::map_pixels(&x)),
-            ReconLoss::Mse => loss::gaussian_nll(&mse),
+        // The MSE is a metric unless it is the loss: then it needs no graph.
+        let mse_of = |stats: &Tensor| {
+            (loss::stats_to_pixels(stats) - &x)
+                .square()
+                .mean(Kind::Float)
         };
-        let kl = loss::kl_to_uniform(&logits);
+        let (recon, mse) = match objective.recon {
+            ReconLoss::LogitLaplace => (
+                loss::logit_laplace_nll(&stats, &loss::map_pixels(&x)),
+                tch::no_grad(|| mse_of(&stats.detach())),
+            ),
+            ReconLoss::Mse => {
+                let mse = mse_of(&stats);
+                (loss::gaussian_nll(&mse), mse)
+            }
+        };
+        let (kl, mean_posterior) = loss::posterior_terms(&logits);
         let dims = (x.numel() / x.size()[0] as usize) as f64;
         let loss = &recon + &kl * (objective.beta / dims);
         let out = StepOutput {
@@ -320,7 +330,7 @@ impl Dvae {
             kl,
             mse: mse.detach(),
             tokens: logits.detach().argmax(1, false),
-            mean_posterior: loss::mean_posterior(&logits),
+            mean_posterior,
         };
         Ok(TrainPass { out, chains })
     }

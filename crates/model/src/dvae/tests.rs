@@ -450,3 +450,53 @@ fn the_decoder_alone_decodes_like_the_whole_model() {
     let err = Dvae::load(&part, Device::Cpu).err().unwrap().to_string();
     assert!(err.contains("dvae-decoder"), "{err}");
 }
+
+#[test]
+fn convolutions_compute_channels_last_with_nchw_results_and_gradients() {
+    use super::conv::{Conv2d, channels_last};
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let conv = Conv2d::new(vs.root() / "c", 5, 7, 3);
+    // Deterministic without the global generator, which parallel tests race for.
+    let x = (Tensor::arange(2 * 5 * 6 * 6, (Kind::Float, Device::Cpu)) * 0.37)
+        .sin()
+        .view([2, 5, 6, 6])
+        .set_requires_grad(true);
+    let out = conv.forward(&x);
+    let (w, b) = {
+        let vars = vs.variables();
+        (vars["c.w"].shallow_clone(), vars["c.b"].shallow_clone())
+    };
+    let plain = x.conv2d(&w, Some(&b), [1, 1], [1, 1], [1, 1], 1);
+    assert_eq!(out.size(), vec![2, 7, 6, 6]);
+    // Channels-last strides: the channel is the innermost dimension.
+    assert_eq!(out.stride()[1], 1, "strides {:?}", out.stride());
+    let diff = (&out - &plain).abs().max().double_value(&[]);
+    assert!(diff < 1e-5, "channels-last conv is {diff} from NCHW");
+    // The gradients reach the NCHW parameters and input.
+    let gx = Tensor::run_backward(&[out.sum(Kind::Float)], &[&x, &w], false, false);
+    let gp = Tensor::run_backward(&[plain.sum(Kind::Float)], &[&x, &w], false, false);
+    for (a, b) in gx.iter().zip(&gp) {
+        assert!(a.is_contiguous() || a.stride()[1] == 1);
+        assert!((a - b).abs().max().double_value(&[]) < 1e-4);
+    }
+    // Converting what already is channels-last copies nothing.
+    let cl = channels_last(&plain.detach());
+    assert_eq!(channels_last(&cl).data_ptr(), cl.data_ptr());
+}
+
+#[test]
+fn posterior_terms_share_one_softmax_and_agree_with_the_mean_posterior() {
+    let logits = (Tensor::arange(2 * 16 * 2 * 2, (Kind::Float, Device::Cpu)) * 0.61)
+        .sin()
+        .view([2, 16, 2, 2]);
+    let (kl, mean) = loss::posterior_terms(&logits);
+    assert!(
+        (&mean - loss::mean_posterior(&logits))
+            .abs()
+            .max()
+            .double_value(&[])
+            < 1e-7
+    );
+    assert!((mean.sum(Kind::Float).double_value(&[]) - 1.0).abs() < 1e-5);
+    assert!(kl.double_value(&[]) > 0.0);
+}

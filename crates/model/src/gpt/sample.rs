@@ -8,7 +8,7 @@ use crate::{ModelError, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -99,23 +99,31 @@ pub fn filter_logits(logits: &Tensor, top_k: i64, top_p: f64) -> Tensor {
 }
 
 /// Draws one token per row of logits `(B, V)` by inverting the cumulative
-/// distribution at uniforms from the sampler's own seeded generator: the
-/// draw depends only on the seed and the logits, never on libtorch's global
-/// generator (which training, or another sampler in the process, also uses).
-fn draw(logits: &Tensor, config: &SamplingConfig, rng: &mut ChaCha8Rng) -> Tensor {
+/// distribution at `uniforms` `(B,)`, on the logits' device.
+fn draw(logits: &Tensor, config: &SamplingConfig, uniforms: &Tensor) -> Tensor {
     let logits = filter_logits(&(logits / config.temperature), config.top_k, config.top_p);
     let cumulative = logits.softmax(1, Kind::Double).cumsum(1, Kind::Double);
     let (rows, vocab) = (cumulative.size()[0], cumulative.size()[1]);
-    let uniforms: Vec<f64> = (0..rows).map(|_| rng.random::<f64>()).collect();
-    let targets = Tensor::from_slice(&uniforms)
-        .to_device(logits.device())
-        .view([rows, 1])
-        * cumulative.narrow(1, vocab - 1, 1);
+    let targets = uniforms.view([rows, 1]) * cumulative.narrow(1, vocab - 1, 1);
     // The first token whose cumulative probability exceeds the target.
     cumulative
         .le_tensor(&targets)
         .sum_dim_intlist(1, false, Kind::Int64)
         .clamp_max(vocab - 1)
+}
+
+/// The uniforms of every draw of one sampling run, `(tokens, images)`, from
+/// the sampler's own generator seeded with `seed`: the draws depend only on
+/// the seed and the logits, never on libtorch's global generator (which
+/// training, or another sampler in the process, also uses), and are the
+/// same on every device. They go to the device once, so no token waits for
+/// a copy from the host.
+fn draw_uniforms(seed: u64, tokens: i64, images: i64, device: Device) -> Tensor {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let uniforms: Vec<f64> = (0..tokens * images).map(|_| rng.random::<f64>()).collect();
+    Tensor::from_slice(&uniforms)
+        .view([tokens, images])
+        .to_device(device)
 }
 
 /// Combines conditional and null logits stacked as `(2B, V)`. Written as
@@ -166,8 +174,9 @@ pub(super) fn sample_with(
         captions
     };
     let rows = text.size()[0];
-    let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
     let n = c.image_len();
+    // One draw per image: guidance combines its two rows into one.
+    let uniforms = draw_uniforms(config.seed, n, b, device);
     let mut tokens: Vec<Tensor> = Vec::with_capacity(n as usize);
     tch::no_grad(|| -> Result<()> {
         let mut cache = use_cache.then(|| gpt.new_cache(rows));
@@ -186,7 +195,7 @@ pub(super) fn sample_with(
             } else {
                 full
             };
-            let token = draw(&logits_b, config, &mut rng);
+            let token = draw(&logits_b, config, &uniforms.get(i));
             tokens.push(token.shallow_clone());
             on_token(i + 1);
             if i + 1 == n {
