@@ -210,13 +210,8 @@ mod tests {
         let (p0, g, m0, v0) = (s.p.copy(), s.g.copy(), s.m.copy(), s.v.copy());
         let step = 3;
         update(&s, &[(0, 1000)], step as f64);
-        let AdamWUpdate {
-            lr,
-            beta1,
-            beta2,
-            weight_decay,
-            eps,
-        } = UPDATE;
+        let u = UPDATE;
+        let (lr, beta1, beta2, weight_decay, eps) = (u.lr, u.beta1, u.beta2, u.weight_decay, u.eps);
         let m = &m0 * beta1 + &g * (1.0 - beta1);
         let v = &v0 * beta2 + &g * &g * (1.0 - beta2);
         let m_hat = &m / (1.0 - beta1.powi(step));

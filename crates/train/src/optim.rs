@@ -714,6 +714,75 @@ mod tests {
     }
 
     #[test]
+    fn update_pieces_tile_the_owned_elements_and_cut_only_where_the_result_cannot_change() {
+        let flat = |decayed: i64, owned: Vec<Range<i64>>| Flat {
+            params: Tensor::zeros([1000], (Kind::Float, Device::Cpu)),
+            grads: Tensor::zeros([1000], (Kind::Float, Device::Cpu)),
+            compact_grads: false,
+            exp_avg: Tensor::zeros([0], (Kind::Float, Device::Cpu)),
+            exp_avg_sq: Tensor::zeros([0], (Kind::Float, Device::Cpu)),
+            decayed,
+            owned,
+            step_count: Tensor::zeros([], (Kind::Float, Device::Cpu)),
+        };
+        let cuts = |f: &Flat| -> Vec<(i64, i64, i64, bool)> {
+            f.update_pieces()
+                .iter()
+                .map(|p| (p.elements.start, p.elements.end, p.moments, p.decayed))
+                .collect()
+        };
+        // Unsharded: decay ends at 700, the next aligned element is 704.
+        assert_eq!(
+            cuts(&flat(
+                700,
+                vec![Range {
+                    start: 0,
+                    end: 1000
+                }]
+            )),
+            vec![
+                (0, 700, 0, true),
+                (700, 704, 700, false),
+                (704, 1000, 704, false)
+            ]
+        );
+        // Sharded at aligned points (and an empty share): the same cuts
+        // within each share, moments range after range.
+        assert_eq!(
+            cuts(&flat(700, vec![0..128, 640..768, 900..900, 960..1000])),
+            vec![
+                (0, 128, 0, true),
+                (640, 700, 128, true),
+                (700, 704, 188, false),
+                (704, 768, 192, false),
+                (960, 1000, 256, false),
+            ]
+        );
+        // An aligned end of decay needs no second cut; nothing decayed,
+        // none at all.
+        assert_eq!(
+            cuts(&flat(
+                640,
+                vec![Range {
+                    start: 0,
+                    end: 1000
+                }]
+            )),
+            vec![(0, 640, 0, true), (640, 1000, 640, false)]
+        );
+        assert_eq!(
+            cuts(&flat(
+                0,
+                vec![Range {
+                    start: 0,
+                    end: 1000
+                }]
+            )),
+            vec![(0, 1000, 0, false)]
+        );
+    }
+
+    #[test]
     fn biases_are_not_decayed() {
         let b = Tensor::ones([3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
         let cfg = AdamWConfig {
