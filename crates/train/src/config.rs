@@ -526,6 +526,9 @@ impl JobConfig {
             }
             None => builder.add_source(config::File::from_str(DEMO_TOML, config::FileFormat::Toml)),
         };
+        // (variable, key) of every override from the environment, to blame
+        // the right one for a bad value.
+        let mut from_env = Vec::new();
         for (name, value) in env {
             let Some(path) = name.strip_prefix(ENV_PREFIX) else {
                 continue;
@@ -535,8 +538,9 @@ impl JobConfig {
             }
             let key = path.to_lowercase().replace(ENV_SEPARATOR, ".");
             builder = builder
-                .set_override(key, parse_value(&value))
+                .set_override(key.clone(), parse_value(&value))
                 .map_err(|e| TrainError::Config(format!("environment variable {name}: {e}")))?;
+            from_env.push((name, key));
         }
         for item in overrides {
             let (key, value) = item.split_once('=').ok_or_else(|| {
@@ -549,9 +553,9 @@ impl JobConfig {
         let merged = builder
             .build()
             .map_err(|e| TrainError::Config(format!("{origin}: {e}")))?;
-        let job: JobConfig = merged
-            .try_deserialize()
-            .map_err(|e| TrainError::Config(blame(&origin, overrides, &e.to_string())))?;
+        let job: JobConfig = merged.try_deserialize().map_err(|e| {
+            TrainError::Config(blame(&origin, overrides, &from_env, &e.to_string()))
+        })?;
         job.validate()?;
         Ok(job)
     }
@@ -738,13 +742,19 @@ impl JobConfig {
 
 /// A config error, said to come from the `--set` override of the key it
 /// names when there is one, else from `origin` (the file).
-fn blame(origin: &str, overrides: &[String], error: &str) -> String {
-    let culprit = overrides.iter().rev().find(|item| {
-        item.split_once('=')
-            .is_some_and(|(key, _)| error.contains(&format!("key `{}`", key.trim())))
-    });
-    match culprit {
-        Some(item) => format!("--set {item}: {error}"),
+fn blame(origin: &str, overrides: &[String], from_env: &[(String, String)], error: &str) -> String {
+    let names_key = |key: &str| error.contains(&format!("key `{}`", key.trim()));
+    // `--set` is applied last, so it wins over the environment, which wins
+    // over the file.
+    let set = overrides
+        .iter()
+        .rev()
+        .find(|item| item.split_once('=').is_some_and(|(key, _)| names_key(key)));
+    if let Some(item) = set {
+        return format!("--set {item}: {error}");
+    }
+    match from_env.iter().rev().find(|(_, key)| names_key(key)) {
+        Some((name, _)) => format!("environment variable {name}: {error}"),
         None => format!("{origin}: {error}"),
     }
 }
@@ -876,6 +886,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("run.backend"), "{err}");
+        // A bad value from the environment names its variable, not the file.
+        let err = load("", &[], &[("DALLE_DVAE__TRAIN__STEPS", "many")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("environment variable DALLE_DVAE__TRAIN__STEPS")
+                && !err.contains("job.toml"),
+            "{err}"
+        );
+        // --set wins over the environment, and is blamed for its own value.
+        let err = load(
+            "",
+            &["dvae.train.steps=lots"],
+            &[("DALLE_DVAE__TRAIN__STEPS", "many")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("--set dvae.train.steps=lots"), "{err}");
     }
 
     #[test]
