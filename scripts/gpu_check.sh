@@ -97,10 +97,28 @@ dalle "${wide[@]}" bench dvae --steps 20
 python3 "$ref/dvae_reference.py" --device "$device" --image-size 256 --n-hid 256 \
   --n-blk-per-group 2 --n-init 128 --vocab-size 8192 --batch-size 8 --steps 20 --precision bf16
 dalle --set dvae.train.batch_size=64 bench dvae --steps 50
-# A mid-sized transformer (1088 positions, paper vocabularies), ours then
-# PyTorch eager on the same GPU.
+# A mid-sized transformer (1088 positions, paper vocabularies), 50.5 M
+# parameters. Sampling first, at batch 1 and 8: the cache runs the
+# decoding step captured in a CUDA graph; the line also has the cache
+# without the graph, no cache, and the graph against its own step run op
+# by op, which must agree token for token.
 shape=(--set gpt.model.dim=512 --set gpt.model.depth=8 --set gpt.model.heads=8
   --set gpt.model.attention=dense --set text.text_len=64)
+for precision in fp32 bf16; do
+  for batch in 1 8; do
+    dalle "${shape[@]}" --set run.precision="$precision" --set gpt.sample.guidance_scale=1 \
+      bench sample --batch "$batch" --text-vocab 16384 --image-vocab 8192 --image-grid 32 \
+      | tee "$out/sample-bench.json"
+    python3 - "$out/sample-bench.json" <<'PY'
+import json, sys
+line = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
+same = line.get("graph_matches_its_step")
+if same is not None and same != 1.0:
+    sys.exit(f"FAILED: the decoding graph drew otherwise than its step run op by op ({same:.4f} agree)")
+PY
+  done
+done
+# Its training, ours then PyTorch eager on the same GPU.
 # In each precision (run.precision; the reference with the same switch:
 # bf16 is torch.autocast with fused AdamW, as PyTorch users train).
 for precision in fp32 tf32 bf16; do

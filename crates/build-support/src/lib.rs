@@ -45,6 +45,83 @@ pub fn link_libtorch() {
 /// type's layout and every symbol's mangled name. Also links libtorch as
 /// [`link_libtorch`] does.
 pub fn compile_libtorch_shim(source: &str, name: &str) {
+    shim_build(source).compile(name);
+}
+
+/// [`compile_libtorch_shim`] for a shim with a CUDA part (libtorch's CUDA
+/// classes: streams, graphs). When the libtorch linked has CUDA
+/// (`libtorch_cuda.so`) and the CUDA runtime's headers are found, the shim
+/// is compiled with `DALLE_WITH_CUDA` defined and linked against
+/// `libtorch_cuda` and `libc10_cuda`; otherwise without, and its CUDA entry
+/// points must report that they are unavailable. Returns whether CUDA is in.
+///
+/// The headers: the CUDA build of the torch wheel ships none of its own,
+/// but its dependencies do. Triton's NVIDIA backend carries the runtime's
+/// (`cuda_runtime_api.h` and its `crt/` part), the CUDA runtime wheel most
+/// of them (not `crt/`); a CUDA toolkit (`CUDA_HOME`, `/usr/local/cuda`)
+/// is used when present.
+pub fn compile_libtorch_cuda_shim(source: &str, name: &str) -> bool {
+    println!("cargo:rerun-if-env-changed=CUDA_HOME");
+    let mut build = shim_build(source);
+    let lib_dir = libtorch_lib_dir();
+    let cuda_headers = cuda_include_dirs(&lib_dir);
+    let with_cuda = lib_dir.join("libtorch_cuda.so").exists() && !cuda_headers.is_empty();
+    if with_cuda {
+        build
+            .includes(&cuda_headers)
+            .define("DALLE_WITH_CUDA", None);
+    }
+    build.compile(name);
+    if with_cuda {
+        println!("cargo:rustc-link-search=native={}", lib_dir.display());
+        println!("cargo:rustc-link-lib=dylib=c10_cuda");
+        println!("cargo:rustc-link-lib=dylib=torch_cuda");
+    }
+    with_cuda
+}
+
+/// Where the CUDA runtime's headers are, beside the libtorch at `lib_dir`
+/// (see [`compile_libtorch_cuda_shim`]): every directory needed, or none.
+fn cuda_include_dirs(lib_dir: &std::path::Path) -> Vec<PathBuf> {
+    let complete = |dir: &std::path::Path| {
+        dir.join("cuda_runtime_api.h").is_file() && dir.join("crt/host_config.h").is_file()
+    };
+    let mut toolkits: Vec<PathBuf> = std::env::var_os("CUDA_HOME")
+        .map(|home| PathBuf::from(home).join("include"))
+        .into_iter()
+        .collect();
+    toolkits.push(PathBuf::from("/usr/local/cuda/include"));
+    if let Some(toolkit) = toolkits.into_iter().find(|d| complete(d)) {
+        return vec![toolkit];
+    }
+    // torch/lib → site-packages.
+    let Some(site) = lib_dir.parent().and_then(|torch| torch.parent()) else {
+        return Vec::new();
+    };
+    let triton = site.join("triton/backends/nvidia/include");
+    if !complete(&triton) {
+        return Vec::new();
+    }
+    // The runtime wheel's copy matches libtorch's CUDA; triton's fills in
+    // what it lacks.
+    let runtime = site.join("nvidia/cu13/include");
+    [runtime, triton]
+        .into_iter()
+        .filter(|d| d.join("cuda_runtime_api.h").is_file())
+        .collect()
+}
+
+/// libtorch's lib directory, through the checkout's `.libtorch` link (the
+/// wheel's neighbours in site-packages are found from the real path).
+fn libtorch_lib_dir() -> PathBuf {
+    let dir = std::env::var_os("DEP_TCH_LIBTORCH_LIB")
+        .map(PathBuf::from)
+        .expect("DEP_TCH_LIBTORCH_LIB: torch-sys must be a direct dependency");
+    std::fs::canonicalize(&dir).unwrap_or(dir)
+}
+
+/// The `cc` build of one shim, libtorch linked (see [`compile_libtorch_shim`]).
+fn shim_build(source: &str) -> cc::Build {
     println!("cargo:rerun-if-changed={source}");
     println!(
         "cargo:rerun-if-changed={}",
@@ -52,9 +129,7 @@ pub fn compile_libtorch_shim(source: &str, name: &str) {
     );
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     link_libtorch();
-    let lib_dir = std::env::var_os("DEP_TCH_LIBTORCH_LIB")
-        .map(PathBuf::from)
-        .expect("DEP_TCH_LIBTORCH_LIB: torch-sys must be a direct dependency");
+    let lib_dir = libtorch_lib_dir();
     // The wheel (and the libtorch archive) keep the headers beside `lib`.
     let root = lib_dir
         .parent()
@@ -69,7 +144,8 @@ pub fn compile_libtorch_shim(source: &str, name: &str) {
     // torch-sys's default when it is not asked python: libtorch ≥ 2.x
     // wheels are built with the C++11 ABI.
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
-    cc::Build::new()
+    let mut build = cc::Build::new();
+    build
         .cpp(true)
         .pic(true)
         .warnings(false)
@@ -80,6 +156,6 @@ pub fn compile_libtorch_shim(source: &str, name: &str) {
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")
-        .file(source)
-        .compile(name);
+        .file(source);
+    build
 }

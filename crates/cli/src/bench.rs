@@ -6,7 +6,7 @@ mod memory;
 use anyhow::Result;
 use clap::Subcommand;
 use dalle_model::dvae::{Dvae, Objective};
-use dalle_model::gpt::sample::sample;
+use dalle_model::gpt::sample::{Decoding, sample_decoding};
 use dalle_model::gpt::{Gpt, GptConfig};
 use dalle_precision::Autocast;
 use dalle_train::config::JobConfig;
@@ -300,25 +300,53 @@ fn bench_sample(
         [batch, config.text_len],
         (Kind::Int64, device),
     );
-    let time = |use_cache: bool| -> Result<(f64, Tensor)> {
+    let time = |decoding: Decoding| -> Result<(f64, Tensor)> {
         let started = Instant::now();
         let autocast = Autocast::enter(device, precision);
-        let tokens = sample(&model, &captions, settings, use_cache, |_| {})?;
+        let tokens = sample_decoding(&model, &captions, settings, decoding, |_| {})?;
         drop(autocast);
         // The tokens are read back, so the time covers the whole decode.
         let tokens = tokens.to_device(Device::Cpu);
         Ok((started.elapsed().as_secs_f64(), tokens))
     };
-    let mut cached = Vec::with_capacity(cache_runs);
-    let mut tokens = None;
-    for _ in 0..cache_runs {
-        let (seconds, t) = time(true)?;
-        cached.push(seconds);
-        tokens = Some(t);
-    }
-    cached.sort_by(f64::total_cmp);
-    let cached = cached[cached.len() / 2];
-    let tokens = tokens.expect("at least one run");
+    // The median of `cache_runs` runs of one decoding, and its tokens.
+    let median = |decoding: Decoding| -> Result<(f64, Tensor)> {
+        let mut seconds = Vec::with_capacity(cache_runs);
+        let mut tokens = None;
+        for _ in 0..cache_runs {
+            let (s, t) = time(decoding)?;
+            seconds.push(s);
+            tokens = Some(t);
+        }
+        seconds.sort_by(f64::total_cmp);
+        Ok((
+            seconds[seconds.len() / 2],
+            tokens.expect("at least one run"),
+        ))
+    };
+    // Same seed and logits up to rounding: the draws should agree.
+    let agreement = |a: &Tensor, b: &Tensor| {
+        a.eq_tensor(b)
+            .to_kind(Kind::Double)
+            .mean(Kind::Double)
+            .double_value(&[])
+    };
+    // What users get (on a GPU the captured graph). On a GPU also the
+    // cache without the graph, to show what the graph saves, and the
+    // graph's very step run op by op, which it must match token for token.
+    let chosen = Decoding::cached_on(device);
+    let (cached, tokens) = median(chosen)?;
+    let graph_check = if chosen == (Decoding::FixedCache { graph: true }) {
+        let (seconds, eager_tokens) = median(Decoding::Cache)?;
+        let (_, direct) = time(Decoding::FixedCache { graph: false })?;
+        Some((
+            seconds,
+            agreement(&tokens, &eager_tokens),
+            agreement(&tokens, &direct),
+        ))
+    } else {
+        None
+    };
     let image_tokens = (batch * config.image_len()) as f64;
     let rates = |seconds: f64| {
         serde_json::json!({
@@ -330,13 +358,8 @@ fn bench_sample(
     let uncached = if skip_no_cache {
         None
     } else {
-        let (seconds, reference) = time(false)?;
-        // Same seed and logits up to rounding: the draws should agree.
-        let agree = tokens
-            .eq_tensor(&reference)
-            .to_kind(Kind::Double)
-            .mean(Kind::Double);
-        Some((seconds, agree.double_value(&[])))
+        let (seconds, reference) = time(Decoding::Recompute)?;
+        Some((seconds, agreement(&tokens, &reference)))
     };
     let a = &config.arch;
     let line = serde_json::json!({
@@ -359,8 +382,13 @@ fn bench_sample(
         "rows_decoded": if settings.guidance_scale != 1.0 { 2 * batch } else { batch },
         "top_k": settings.top_k,
         "top_p": settings.top_p,
+        "decoding": format!("{chosen:?}"),
         "cache": rates(cached),
         "cache_runs": cache_runs,
+        "cache_without_graph": graph_check.map(|(seconds, ..)| rates(seconds)),
+        "graph_speedup": graph_check.map(|(seconds, ..)| seconds / cached),
+        "graph_tokens_agree": graph_check.map(|(_, agree, _)| agree),
+        "graph_matches_its_step": graph_check.map(|(.., same)| same),
         "no_cache": uncached.map(|(seconds, _)| rates(seconds)),
         "speedup": uncached.map(|(seconds, _)| seconds / cached),
         "tokens_agree": uncached.map(|(_, agree)| agree),

@@ -5,7 +5,11 @@
 //! - [`fused_adamw`]: libtorch's fused AdamW update (what
 //!   `torch.optim.AdamW(fused=True)` runs), one pass over each tensor
 //!   instead of one kernel per operation of the update and a temporary
-//!   for most of them.
+//!   for most of them;
+//! - [`cuda_graph::CudaGraph`]: libtorch's CUDA graphs (`src/cuda_graph.cpp`),
+//!   a step captured once and replayed with one launch.
+
+pub mod cuda_graph;
 
 use std::ffi::CStr;
 use std::os::raw::{c_char, c_void};

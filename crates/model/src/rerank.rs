@@ -282,7 +282,7 @@ impl Reranker {
         let positions = Tensor::arange(t, (Kind::Int64, self.device()));
         let mut h = self.text_emb.forward(&ids) + self.text_pos.forward(&positions);
         for block in &self.blocks {
-            h = block.forward(&h, 0, &Visibility::All, None, false);
+            h = block.forward(&h, &Visibility::All, None, false);
         }
         let h = self.ln_f.forward(&h);
         // Mean over BPE tokens (ids below the vocabulary; pads above):

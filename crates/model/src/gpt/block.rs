@@ -2,7 +2,7 @@
 //! libtorch's fused `scaled_dot_product_attention`, then a GELU MLP, each
 //! on a residual branch.
 
-use super::cache::LayerCache;
+use super::cache::CacheWrite;
 use super::config::GptArch;
 use tch::Tensor;
 use tch::nn::{self, Module};
@@ -50,14 +50,13 @@ impl Attention {
         }
     }
 
-    /// `x` holds positions `start..start + n`; with a cache, their keys
-    /// and values join those of the positions before.
+    /// With a cache, the keys and values of `x`'s positions join those of
+    /// the positions before.
     fn forward(
         &self,
         x: &Tensor,
-        start: i64,
         visibility: &Visibility,
-        cache: Option<&mut LayerCache>,
+        cache: Option<CacheWrite>,
         train: bool,
     ) -> Tensor {
         let (b, n, d) = x.size3().expect("(B, n, D) input");
@@ -70,7 +69,7 @@ impl Attention {
             .permute([2, 0, 3, 1, 4]);
         let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
         let (k, v) = match cache {
-            Some(cache) => cache.append(start, &k, &v),
+            Some(cache) => cache.store(&k, &v),
             None => (k, v),
         };
         let (mask, causal) = match visibility {
@@ -128,14 +127,13 @@ impl Block {
     pub fn forward(
         &self,
         x: &Tensor,
-        start: i64,
         visibility: &Visibility,
-        cache: Option<&mut LayerCache>,
+        cache: Option<CacheWrite>,
         train: bool,
     ) -> Tensor {
         let a = self
             .attn
-            .forward(&self.ln_1.forward(x), start, visibility, cache, train);
+            .forward(&self.ln_1.forward(x), visibility, cache, train);
         let x = x + a.dropout(self.dropout, train);
         let m = self.mlp.forward(&self.ln_2.forward(&x));
         &x + m.dropout(self.dropout, train)

@@ -21,6 +21,47 @@ impl LayerCache {
             self.values.narrow(2, 0, start + n),
         )
     }
+
+    /// Stores keys and values `(B, H, 1, Dh)` at the position held in the
+    /// device scalar `position` `(1,)` and returns the whole cache, every
+    /// slot (those not written yet are zeros, for the caller to mask): the
+    /// same shapes and addresses at every position, as a captured graph
+    /// needs.
+    pub fn write_at(
+        &mut self,
+        position: &Tensor,
+        keys: &Tensor,
+        values: &Tensor,
+    ) -> (Tensor, Tensor) {
+        let _ = self.keys.index_copy_(2, position, keys);
+        let _ = self.values.index_copy_(2, position, values);
+        (self.keys.shallow_clone(), self.values.shallow_clone())
+    }
+}
+
+/// Where one call's keys and values go in a layer's cache.
+pub enum Slot<'a> {
+    /// Positions `start..start + n`, known on the host.
+    From(i64),
+    /// The one position held in a device scalar `(1,)`.
+    At(&'a Tensor),
+}
+
+/// A layer's cache and where this call writes in it.
+pub struct CacheWrite<'a> {
+    pub layer: &'a mut LayerCache,
+    pub slot: Slot<'a>,
+}
+
+impl CacheWrite<'_> {
+    /// Stores this call's keys and values and returns every key and value
+    /// its queries attend over.
+    pub fn store(self, keys: &Tensor, values: &Tensor) -> (Tensor, Tensor) {
+        match self.slot {
+            Slot::From(start) => self.layer.append(start, keys, values),
+            Slot::At(position) => self.layer.write_at(position, keys, values),
+        }
+    }
 }
 
 pub struct KvCache {

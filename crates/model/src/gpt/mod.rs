@@ -17,6 +17,7 @@
 pub(crate) mod block;
 pub mod cache;
 pub mod config;
+pub(crate) mod decode;
 pub mod masks;
 pub mod sample;
 #[cfg(test)]
@@ -29,7 +30,7 @@ use crate::recompute::{Chain, Segment};
 use crate::weights::{self, WeightFile};
 use crate::{ModelError, Result};
 use block::{Block, INIT_STD, Visibility};
-use cache::LayerCache;
+use cache::{CacheWrite, LayerCache, Slot};
 use masks::Pattern;
 use std::collections::HashMap;
 use std::path::Path;
@@ -249,7 +250,11 @@ impl Gpt {
                 Visibility::Mask(&slice)
             }
         };
-        self.blocks[i].forward(x, start, &visibility, layer, train)
+        let cache = layer.map(|layer| CacheWrite {
+            layer,
+            slot: Slot::From(start),
+        });
+        self.blocks[i].forward(x, &visibility, cache, train)
     }
 
     /// Whether a training pass draws random numbers inside the blocks.

@@ -1,10 +1,13 @@
 //! Generating image tokens for captions: incremental decoding with the KV
 //! cache (or full recomputation, as a reference), temperature, top-k,
 //! top-p, and classifier-free guidance with conditional and null captions
-//! decoded as one batch.
+//! decoded as one batch. On a GPU the cached decoding step is captured in
+//! a CUDA graph once and replayed for every token ([`super::decode`]).
 
 use super::Gpt;
+use super::decode::{FixedDecoder, fed};
 use crate::{ModelError, Result};
+use dalle_kernels::cuda_graph::CudaGraph;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -126,6 +129,25 @@ fn draw_uniforms(seed: u64, tokens: i64, images: i64, device: Device) -> Tensor 
         .to_device(device)
 }
 
+/// The next token `(B,)` from the image head's logits `(rows, V)`:
+/// guidance combines each image's two rows, then one draw per image.
+pub(super) fn next_token(
+    logits: &Tensor,
+    config: &SamplingConfig,
+    guided: bool,
+    uniforms: &Tensor,
+) -> Tensor {
+    // fp32 before guidance: under bf16 autocast the head's logits are
+    // bf16, and cond − null is a difference of near neighbours.
+    let full = logits.to_kind(Kind::Float);
+    let logits = if guided {
+        guide(&full, config.guidance_scale)
+    } else {
+        full
+    };
+    draw(&logits, config, uniforms)
+}
+
 /// Combines conditional and null logits stacked as `(2B, V)`. Written as
 /// cond + (s − 1)(cond − null) so that s = 1 gives cond exactly.
 fn guide(logits: &Tensor, scale: f64) -> Tensor {
@@ -134,10 +156,39 @@ fn guide(logits: &Tensor, scale: f64) -> Tensor {
     &cond + (&cond - &null) * (scale - 1.0)
 }
 
+/// How the image tokens are decoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decoding {
+    /// Every token recomputes the whole prefix: the O(n²) reference.
+    Recompute,
+    /// The KV cache, each step attending over the positions so far.
+    Cache,
+    /// The KV cache at fixed shapes: each step attends over the whole
+    /// cache under a mask and keeps its position on the device
+    /// ([`super::decode`]). With `graph`, on a GPU, the step is captured in
+    /// a CUDA graph after one warm-up step and replayed for every token
+    /// after it (elsewhere `graph` changes nothing); without, the same
+    /// step runs op by op, which a graph must agree with exactly.
+    FixedCache { graph: bool },
+}
+
+impl Decoding {
+    /// Cached decoding as fits `device`: the graph on a GPU, where launch
+    /// costs dominate a step at small batch; on the CPU, attention over the
+    /// positions so far (no launch cost to save, and less arithmetic).
+    pub fn cached_on(device: Device) -> Self {
+        if device.is_cuda() {
+            Self::FixedCache { graph: true }
+        } else {
+            Self::Cache
+        }
+    }
+}
+
 /// Samples image tokens `(B, N)` for captions `(B, T)` (repeat a caption
 /// for several images of it). `on_token` is called after each of the N
 /// tokens. With `use_cache` false every token recomputes the whole prefix
-/// (the O(n²) reference).
+/// (the O(n²) reference); with it, [`Decoding::cached_on`] the device.
 pub fn sample(
     gpt: &Gpt,
     captions: &Tensor,
@@ -145,7 +196,23 @@ pub fn sample(
     use_cache: bool,
     on_token: impl FnMut(i64),
 ) -> Result<Tensor> {
-    sample_with(gpt, captions, config, use_cache, config.guided(), on_token)
+    let decoding = if use_cache {
+        Decoding::cached_on(gpt.device())
+    } else {
+        Decoding::Recompute
+    };
+    sample_with(gpt, captions, config, decoding, config.guided(), on_token)
+}
+
+/// [`sample`] with the decoding chosen by the caller.
+pub fn sample_decoding(
+    gpt: &Gpt,
+    captions: &Tensor,
+    config: &SamplingConfig,
+    decoding: Decoding,
+    on_token: impl FnMut(i64),
+) -> Result<Tensor> {
+    sample_with(gpt, captions, config, decoding, config.guided(), on_token)
 }
 
 /// [`sample`], with the null-caption batch on or off regardless of the
@@ -155,7 +222,7 @@ pub(super) fn sample_with(
     gpt: &Gpt,
     captions: &Tensor,
     config: &SamplingConfig,
-    use_cache: bool,
+    decoding: Decoding,
     guided: bool,
     mut on_token: impl FnMut(i64),
 ) -> Result<Tensor> {
@@ -177,49 +244,106 @@ pub(super) fn sample_with(
     let n = c.image_len();
     // One draw per image: guidance combines its two rows into one.
     let uniforms = draw_uniforms(config.seed, n, b, device);
+    tch::no_grad(|| -> Result<Tensor> {
+        if decoding == Decoding::Recompute {
+            return recompute(gpt, &text, config, guided, &uniforms, on_token);
+        }
+        let mut cache = gpt.new_cache(rows);
+        let logits = gpt.prefill(&text, &mut cache)?;
+        let first = next_token(&logits, config, guided, &uniforms.get(0));
+        on_token(1);
+        if decoding == Decoding::Cache {
+            return cached(gpt, first, cache, config, guided, &uniforms, on_token);
+        }
+        let graph = decoding == Decoding::FixedCache { graph: true };
+        let mut decoder = FixedDecoder::new(gpt, config, guided, cache, &first, uniforms);
+        decode_fixed(&mut decoder, n, graph, on_token);
+        Ok(decoder.tokens().shallow_clone())
+    })
+}
+
+/// Cached decoding after the first token, attending over the positions
+/// decoded so far.
+fn cached(
+    gpt: &Gpt,
+    first: Tensor,
+    mut cache: super::KvCache,
+    config: &SamplingConfig,
+    guided: bool,
+    uniforms: &Tensor,
+    mut on_token: impl FnMut(i64),
+) -> Result<Tensor> {
+    let n = gpt.config().image_len();
+    let mut tokens = vec![first];
+    for i in 1..n {
+        let logits = gpt.step(&fed(&tokens[i as usize - 1], guided), &mut cache)?;
+        tokens.push(next_token(&logits, config, guided, &uniforms.get(i)));
+        on_token(i + 1);
+    }
+    Ok(Tensor::stack(&tokens, 1))
+}
+
+/// Tokens 1..N through the fixed-shape step: with `graph` on a GPU one
+/// warm-up step, one capture, then a replay per token; otherwise, or
+/// where capture fails, the same step run directly.
+fn decode_fixed(decoder: &mut FixedDecoder, n: i64, graph: bool, mut on_token: impl FnMut(i64)) {
+    let mut done = 1;
+    if let (Device::Cuda(index), true) = (decoder.device(), graph && n > 2) {
+        let captured = CudaGraph::warm_up_and_capture(index, || decoder.step());
+        done += 1;
+        on_token(done);
+        match captured {
+            Ok(graph) => {
+                while done < n {
+                    if let Err(e) = graph.replay() {
+                        // Nothing of a failed launch ran: the direct
+                        // steps below take over from the same token.
+                        tracing::warn!(error = %e, "replaying the decoding graph failed; decoding without it");
+                        break;
+                    }
+                    done += 1;
+                    on_token(done);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "capturing the decoding step in a CUDA graph failed; decoding without it");
+            }
+        }
+    }
+    while done < n {
+        decoder.step();
+        done += 1;
+        on_token(done);
+    }
+}
+
+/// Full recomputation of the prefix for every token (the reference).
+fn recompute(
+    gpt: &Gpt,
+    text: &Tensor,
+    config: &SamplingConfig,
+    guided: bool,
+    uniforms: &Tensor,
+    mut on_token: impl FnMut(i64),
+) -> Result<Tensor> {
+    let device = gpt.device();
+    let rows = text.size()[0];
+    let n = gpt.config().image_len();
     let mut tokens: Vec<Tensor> = Vec::with_capacity(n as usize);
-    tch::no_grad(|| -> Result<()> {
-        let mut cache = use_cache.then(|| gpt.new_cache(rows));
-        let mut logits = match cache.as_mut() {
-            Some(cache) => gpt.prefill(&text, cache)?,
-            None => {
-                gpt.next_image_logits(&text, &Tensor::zeros([rows, 0], (Kind::Int64, device)))?
+    for i in 0..n {
+        let prefix = if tokens.is_empty() {
+            Tensor::zeros([rows, 0], (Kind::Int64, device))
+        } else {
+            let prefix = Tensor::stack(&tokens, 1);
+            if guided {
+                Tensor::cat(&[&prefix, &prefix], 0)
+            } else {
+                prefix
             }
         };
-        for i in 0..n {
-            // fp32 before guidance: under bf16 autocast the head's logits
-            // are bf16, and cond − null is a difference of near neighbours.
-            let full = logits.to_kind(Kind::Float);
-            let logits_b = if guided {
-                guide(&full, config.guidance_scale)
-            } else {
-                full
-            };
-            let token = draw(&logits_b, config, &uniforms.get(i));
-            tokens.push(token.shallow_clone());
-            on_token(i + 1);
-            if i + 1 == n {
-                break;
-            }
-            let fed = if guided {
-                Tensor::cat(&[&token, &token], 0)
-            } else {
-                token
-            };
-            logits = match cache.as_mut() {
-                Some(cache) => gpt.step(&fed, cache)?,
-                None => {
-                    let prefix = Tensor::stack(&tokens, 1);
-                    let prefix = if guided {
-                        Tensor::cat(&[&prefix, &prefix], 0)
-                    } else {
-                        prefix
-                    };
-                    gpt.next_image_logits(&text, &prefix)?
-                }
-            };
-        }
-        Ok(())
-    })?;
+        let logits = gpt.next_image_logits(text, &prefix)?;
+        tokens.push(next_token(&logits, config, guided, &uniforms.get(i)));
+        on_token(i + 1);
+    }
     Ok(Tensor::stack(&tokens, 1))
 }

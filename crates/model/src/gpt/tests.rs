@@ -1,4 +1,6 @@
-use super::sample::{SamplingConfig, filter_logits, sample, sample_with};
+use super::sample::{
+    Decoding, SamplingConfig, filter_logits, sample, sample_decoding, sample_with,
+};
 use super::*;
 
 fn tiny(attention: AttentionLayout) -> GptConfig {
@@ -303,7 +305,7 @@ fn sampling_with_and_without_the_cache_and_with_guidance_at_scale_one_agree() {
         cached.equal(&recomputed),
         "the cache changed what was sampled"
     );
-    let batched_null = sample_with(&gpt, &text, &settings, true, true, |_| {}).unwrap();
+    let batched_null = sample_with(&gpt, &text, &settings, Decoding::Cache, true, |_| {}).unwrap();
     assert!(
         cached.equal(&batched_null),
         "guidance at scale 1 differs from conditional sampling"
@@ -327,6 +329,44 @@ fn sampling_with_and_without_the_cache_and_with_guidance_at_scale_one_agree() {
             .to_string()
             .contains("top_p")
     );
+}
+
+/// The fixed-shape step (what a CUDA graph captures) reads the whole cache
+/// under a mask and keeps its position on the device: it must draw what
+/// the growing cache draws, token for token, for dense and sparse layouts,
+/// with and without guidance and filtering.
+#[test]
+fn fixed_shape_decoding_draws_what_the_growing_cache_draws() {
+    for layout in [AttentionLayout::Dense, AttentionLayout::Sparse] {
+        let config = tiny(layout);
+        let gpt = model(config.clone(), 21);
+        let (text, _) = inputs(&config, 3, 22);
+        for (guidance_scale, top_k, top_p) in [(1.0, 0, 1.0), (3.0, 8, 0.9)] {
+            let settings = SamplingConfig {
+                temperature: 1.0,
+                top_k,
+                top_p,
+                guidance_scale,
+                seed: 23,
+            };
+            let mut calls = Vec::new();
+            let fixed = sample_decoding(
+                &gpt,
+                &text,
+                &settings,
+                Decoding::FixedCache { graph: true },
+                |t| calls.push(t),
+            )
+            .unwrap();
+            let growing = sample_decoding(&gpt, &text, &settings, Decoding::Cache, |_| {}).unwrap();
+            assert_eq!(fixed.size(), vec![3, config.image_len()]);
+            assert_eq!(calls, (1..=config.image_len()).collect::<Vec<_>>());
+            assert!(
+                fixed.equal(&growing),
+                "{layout:?}, guidance {guidance_scale}: fixed-shape decoding drew otherwise"
+            );
+        }
+    }
 }
 
 #[test]
