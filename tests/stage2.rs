@@ -184,6 +184,7 @@ guidance_scale = 2.0
         batch_size: 16,
         sampling: bundle.manifest.sampling.clone(),
         use_cache: true,
+        cuda_graph: true,
         candidates: None,
         precision: dalle_precision::Precision::Fp32,
     };

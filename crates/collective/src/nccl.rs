@@ -41,8 +41,13 @@
 //!
 //! Streams: collectives run on a stream of their own that first waits for
 //! the device's legacy default stream, where libtorch (and tch) queue their
-//! work, and each call returns only after the collective finished, so the
-//! caller can use the result at once on any stream.
+//! work (an event recorded there when the call is made), and each call
+//! returns only after the collective finished, so the caller can use the
+//! result at once on any stream. The `enqueue_*` calls return as soon as
+//! the collective is queued instead: gradient buckets reduced during
+//! backward go one after another on our stream with no wait in between, and
+//! [`NcclCollective::wait_queued`] waits once for the last of them (the
+//! stream runs them in order), with the watchdog's deadline.
 
 use std::ffi::{CStr, c_char, c_int};
 use std::ops::Range;
@@ -52,7 +57,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaViewMut, DevicePtrMut, DriverError};
+use cudarc::driver::{
+    CudaContext, CudaEvent, CudaSlice, CudaStream, CudaViewMut, DevicePtrMut, DriverError,
+};
 use cudarc::nccl::result::{self as nccl, NcclError, NcclStatus};
 use cudarc::nccl::sys;
 
@@ -192,6 +199,16 @@ pub struct NcclCollective {
     ctx: Arc<CudaContext>,
     /// Set by the first error; the communicator is aborted then.
     broken: Option<String>,
+    /// The last collective queued and not yet waited for.
+    queued: Option<Queued>,
+}
+
+/// A collective on our stream that the host has not waited for: its
+/// completion event, and when the watchdog gives up on it.
+struct Queued {
+    op: &'static str,
+    done: CudaEvent,
+    deadline: Instant,
 }
 
 // SAFETY: an NCCL communicator may be used from any thread as long as calls
@@ -230,16 +247,10 @@ impl NcclCollective {
             )));
         }
         nccl_probe()?;
-        let cuda = |op| {
-            move |e: DriverError| Error::Cuda {
-                op,
-                detail: e.to_string(),
-            }
-        };
         let ctx = guarded(|| CudaContext::new(device_ordinal))
             .map_err(Error::NcclUnavailable)?
-            .map_err(cuda("open the device"))?;
-        let stream = ctx.new_stream().map_err(cuda("create a stream"))?;
+            .map_err(cuda_error("open the device"))?;
+        let stream = ctx.new_stream().map_err(cuda_error("create a stream"))?;
         let mut this = Self {
             rank,
             world,
@@ -250,6 +261,7 @@ impl NcclCollective {
             stream,
             ctx,
             broken: None,
+            queued: None,
         };
         let id = sys::ncclUniqueId {
             internal: unique_id.map(|b| b as c_char),
@@ -302,7 +314,24 @@ impl NcclCollective {
     /// `ptr` must address `len` contiguous f32 on this communicator's device,
     /// not used by anything else until this returns.
     pub unsafe fn all_reduce_sum_raw(&mut self, ptr: CUdeviceptr, len: usize) -> Result<()> {
-        self.run("all-reduce", |comm, stream| unsafe {
+        // SAFETY: as the caller promised.
+        unsafe { self.enqueue_all_reduce_sum_raw(ptr, len) }?;
+        self.wait_queued()
+    }
+
+    /// [`Self::all_reduce_sum_raw`] that returns once the all-reduce is
+    /// queued on our stream (after what the default stream holds now);
+    /// [`Self::wait_queued`] waits for it.
+    ///
+    /// # Safety
+    /// `ptr` must address `len` contiguous f32 on this communicator's device,
+    /// not used by anything else until [`Self::wait_queued`] returns.
+    pub unsafe fn enqueue_all_reduce_sum_raw(
+        &mut self,
+        ptr: CUdeviceptr,
+        len: usize,
+    ) -> Result<()> {
+        self.enqueue("all-reduce", |comm, stream| unsafe {
             nccl::all_reduce(
                 ptr as *const _,
                 ptr as *mut _,
@@ -331,8 +360,23 @@ impl NcclCollective {
     /// # Safety
     /// As for [`Self::all_reduce_sum_raw`].
     pub unsafe fn reduce_scatter_sum_raw(&mut self, ptr: CUdeviceptr, len: usize) -> Result<()> {
+        // SAFETY: as the caller promised.
+        unsafe { self.enqueue_reduce_scatter_sum_raw(ptr, len) }?;
+        self.wait_queued()
+    }
+
+    /// [`Self::reduce_scatter_sum_raw`] that returns once it is queued (see
+    /// [`Self::enqueue_all_reduce_sum_raw`]).
+    ///
+    /// # Safety
+    /// As for [`Self::enqueue_all_reduce_sum_raw`].
+    pub unsafe fn enqueue_reduce_scatter_sum_raw(
+        &mut self,
+        ptr: CUdeviceptr,
+        len: usize,
+    ) -> Result<()> {
         let world = self.world;
-        self.run("reduce-scatter", |comm, stream| {
+        self.enqueue("reduce-scatter", |comm, stream| {
             grouped(world, len, |root, shard| unsafe {
                 let at = shard_ptr(ptr, &shard);
                 nccl::reduce(
@@ -417,25 +461,30 @@ impl NcclCollective {
         op: &'static str,
         call: impl FnOnce(sys::ncclComm_t, sys::cudaStream_t) -> Result<NcclStatus, NcclError>,
     ) -> Result<()> {
+        self.enqueue(op, call)?;
+        self.wait_queued()
+    }
+
+    /// Enqueues one NCCL call on our stream, after what the default stream
+    /// holds now, and records its completion for [`Self::wait_queued`].
+    fn enqueue(
+        &mut self,
+        op: &'static str,
+        call: impl FnOnce(sys::ncclComm_t, sys::cudaStream_t) -> Result<NcclStatus, NcclError>,
+    ) -> Result<()> {
         if let Some(first) = &self.broken {
             return Err(Error::Broken {
                 first: first.clone(),
             });
         }
-        let cuda = |op| {
-            move |e: DriverError| Error::Cuda {
-                op,
-                detail: e.to_string(),
-            }
-        };
         self.ctx
             .bind_to_thread()
-            .map_err(cuda("bind the context"))?;
+            .map_err(cuda_error("bind the context"))?;
         // libtorch queues on the legacy default stream; ours is non-blocking,
         // so order after it explicitly.
         self.stream
             .join(&self.ctx.default_stream())
-            .map_err(cuda("order after the default stream"))?;
+            .map_err(cuda_error("order after the default stream"))?;
         let deadline = Instant::now() + self.options.op_timeout;
         if let Err(e) = call(self.comm, self.stream.cu_stream() as sys::cudaStream_t) {
             return Err(self.fail(op, e.0));
@@ -445,7 +494,23 @@ impl NcclCollective {
         let done = self
             .stream
             .record_event(None)
-            .map_err(cuda("record an event"))?;
+            .map_err(cuda_error("record an event"))?;
+        // Our stream runs in order: the last event's completion is every
+        // earlier one's.
+        self.queued = Some(Queued { op, done, deadline });
+        Ok(())
+    }
+
+    /// Waits until every collective queued so far has finished, watching
+    /// for the communicator's errors, the interrupt and the deadline of the
+    /// last one (and aborting the communicator on any of them).
+    pub fn wait_queued(&mut self) -> Result<()> {
+        let Some(Queued { op, done, deadline }) = self.queued.take() else {
+            return Ok(());
+        };
+        self.ctx
+            .bind_to_thread()
+            .map_err(cuda_error("bind the context"))?;
         let mut pause = Duration::from_micros(20);
         loop {
             match done.try_is_complete() {
@@ -468,6 +533,19 @@ impl NcclCollective {
             std::thread::sleep(pause);
             pause = (pause * 2).min(Duration::from_millis(1));
         }
+    }
+
+    /// Waits until the device's default stream, where libtorch queues
+    /// compute, has run everything queued on it so far (not our stream):
+    /// what a step waits for after that is communication.
+    pub fn wait_for_compute(&self) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(cuda_error("bind the context"))?;
+        self.ctx
+            .default_stream()
+            .synchronize()
+            .map_err(cuda_error("wait for the default stream"))
     }
 
     /// Polls the communicator until it leaves `ncclInProgress`.
@@ -722,6 +800,14 @@ fn grouped(
 }
 
 /// The device address of `shard` of a buffer of f32 at `ptr`.
+/// Maps a CUDA driver error of `op` to ours.
+fn cuda_error(op: &'static str) -> impl Fn(DriverError) -> Error {
+    move |e: DriverError| Error::Cuda {
+        op,
+        detail: e.to_string(),
+    }
+}
+
 fn shard_ptr(ptr: CUdeviceptr, shard: &Range<usize>) -> CUdeviceptr {
     ptr + (shard.start * std::mem::size_of::<f32>()) as CUdeviceptr
 }

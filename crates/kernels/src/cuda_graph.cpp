@@ -25,6 +25,7 @@
 
 #ifdef DALLE_WITH_CUDA
 #include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
 #include <dlfcn.h>
 
@@ -54,11 +55,15 @@ struct DalleGraph {
   at::cuda::CUDAGraph graph;
   c10::cuda::CUDAStream ambient;
   c10::cuda::CUDAStream side;
+  // This thread's current device before the graph made its own current
+  // (capture and replay run on the current device's current stream).
+  c10::DeviceIndex previous_device;
   bool on_side = false;
   bool capturing = false;
 
-  DalleGraph(c10::cuda::CUDAStream ambient, c10::cuda::CUDAStream side)
-      : ambient(ambient), side(side) {}
+  DalleGraph(c10::cuda::CUDAStream ambient, c10::cuda::CUDAStream side,
+             c10::DeviceIndex previous_device)
+      : ambient(ambient), side(side), previous_device(previous_device) {}
 };
 #else
 struct DalleGraph {};
@@ -76,8 +81,9 @@ int dalle_graph_new(int32_t device, DalleGraph** out) {
     // The side stream must see what is already queued (the prefill, the
     // first token): waiting for it once per graph costs one host sync.
     synchronize(ambient);
-    auto graph =
-        std::make_unique<DalleGraph>(ambient, c10::cuda::getStreamFromPool(false, index));
+    auto side = c10::cuda::getStreamFromPool(false, index);
+    auto previous = c10::cuda::ExchangeDevice(index);
+    auto graph = std::make_unique<DalleGraph>(ambient, side, previous);
     c10::cuda::setCurrentCUDAStream(graph->side);
     graph->on_side = true;
     *out = graph.release();
@@ -119,9 +125,9 @@ int dalle_graph_leave_side_stream(DalleGraph* g) {
     if (g->on_side) {
       // What ran on the side stream (the warm-up) comes before anything
       // queued on the ambient stream from now on.
-      synchronize(g->side);
       c10::cuda::setCurrentCUDAStream(g->ambient);
       g->on_side = false;
+      synchronize(g->side);
     }
 #else
     (void)g;
@@ -154,12 +160,15 @@ void dalle_graph_free(DalleGraph* g) {
       }
     }
     if (g->on_side) {
-      synchronize(g->side);
       c10::cuda::setCurrentCUDAStream(g->ambient);
       g->on_side = false;
+      synchronize(g->side);
     }
   });
+  auto previous = g->previous_device;
+  // Destroyed on the graph's device, which is still current.
   delete g;
+  guarded([&] { c10::cuda::ExchangeDevice(previous); });
 #else
   (void)g;
 #endif

@@ -7,7 +7,7 @@ use crate::bundle::Bundle;
 pub use crate::rerank::PromptScores;
 use crate::rerank::{check_counts, no_reranker};
 use anyhow::{Context, Result, bail};
-use dalle_model::gpt::sample::{SamplingConfig, sample};
+use dalle_model::gpt::sample::{Decoding, SamplingConfig, sample_decoding};
 use dalle_model::images::to_rgb_images;
 use dalle_precision::{Autocast, Precision};
 use image::RgbImage;
@@ -23,6 +23,9 @@ pub struct Request {
     pub sampling: SamplingConfig,
     /// Decode with the KV cache (off: recompute every prefix, for comparison).
     pub use_cache: bool,
+    /// On a GPU, replay the cached decoding step from a CUDA graph (off:
+    /// run it op by op).
+    pub cuda_graph: bool,
     /// Draw this many candidates per prompt and keep the
     /// `images_per_prompt` the bundle's reranker scores best (None: keep
     /// every image drawn).
@@ -112,6 +115,11 @@ pub fn generate(
     let mut pending_scores: Vec<f32> = Vec::new();
     let mut rows_done = 0u64;
     let device = bundle.gpt.device();
+    let decoding = match (request.use_cache, request.cuda_graph) {
+        (false, _) => Decoding::Recompute,
+        (true, true) => Decoding::cached_on(device),
+        (true, false) => Decoding::Cache,
+    };
     for (chunk_index, chunk) in rows.chunks(request.batch_size.max(1)).enumerate() {
         let flat: Vec<i64> = chunk.iter().flatten().copied().collect();
         let captions = Tensor::from_slice(&flat).view([chunk.len() as i64, text_len as i64]);
@@ -125,7 +133,7 @@ pub fn generate(
         // One region per chunk: its weight casts serve every token of the
         // chunk, and are dropped with it.
         let _autocast = Autocast::enter(device, request.precision);
-        let tokens = sample(&bundle.gpt, &captions, &settings, request.use_cache, |t| {
+        let tokens = sample_decoding(&bundle.gpt, &captions, &settings, decoding, |t| {
             on_token(done_before + t as u64 * rows_here)
         })?;
         rows_done += rows_here;

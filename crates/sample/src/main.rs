@@ -70,6 +70,11 @@ struct Args {
     /// Recompute every prefix instead of using the KV cache (slow; for comparison).
     #[arg(long)]
     no_cache: bool,
+    /// On a GPU, run each token's decoding step op by op instead of
+    /// replaying it from a CUDA graph (slower; for comparison, or should a
+    /// driver refuse graphs).
+    #[arg(long)]
+    no_cuda_graph: bool,
     /// S3-compatible endpoint for s3:// bundles (credentials from AWS_* variables).
     #[arg(long, env = "DALLE_STORE__ENDPOINT")]
     endpoint: Option<String>,
@@ -173,6 +178,7 @@ fn main() -> Result<()> {
         batch_size: args.batch_size,
         sampling,
         use_cache: !args.no_cache,
+        cuda_graph: !args.no_cuda_graph,
         candidates: args.candidates,
         precision,
     };

@@ -344,6 +344,7 @@ fn generate_keeps_the_best_of_the_candidates_it_drew() {
             ..SamplingConfig::default()
         },
         use_cache: true,
+        cuda_graph: true,
         candidates,
         precision: Precision::Fp32,
     };

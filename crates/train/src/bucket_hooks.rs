@@ -3,13 +3,17 @@
 //! ([`dalle_autograd::on_accumulated`], which runs right after a
 //! parameter's gradient has been accumulated). Two uses:
 //!
-//! - **Overlap** (unsharded and ZeRO-1 training on the host carrier): the
-//!   gradients live in the optimizer's flat buffers, as without hooks; a
-//!   bucket whose every parameter has had its last pass's gradient is
-//!   handed to a communication thread, which reduces it in place (the ring
-//!   is its own threads' sockets) while backward computes the next ones.
-//!   The step waits only for what is left when backward ends: the exposed
-//!   communication the log line reports.
+//! - **Overlap** (unsharded and ZeRO-1 training): the gradients live in
+//!   the optimizer's flat buffers, as without hooks; a bucket whose every
+//!   parameter has had its last pass's gradient is handed to a
+//!   communication thread, which reduces it in place (the ring is its own
+//!   threads' sockets) while backward computes the next ones. On NCCL the
+//!   thread only queues each reduction on NCCL's stream, after the compute
+//!   queued so far (an event), so buckets follow each other on the GPU with
+//!   no host wait between them; the step waits once for the last. The step
+//!   waits only for what is left when backward ends: the exposed
+//!   communication the log line reports (on NCCL, measured from when the
+//!   GPU has finished backward's kernels).
 //! - **Sharded gradients** (ZeRO-2, `run.sharding = "gradients"`): the
 //!   parameters have no `.grad` between steps. The hook adds each gradient
 //!   into a staging buffer for each bucket the parameter overlaps and drops
@@ -382,9 +386,15 @@ impl BucketHooks {
             Some(comm) => comm.progress.wait_idle(),
             None => Ok(()),
         };
-        let result = owed.and(waited).and_then(|()| state.close_step());
+        // On NCCL the thread only queued the reductions: wait for them
+        // here, once, and count only what follows the end of backward's
+        // compute as waiting on communication.
+        let on_device = waited.and_then(|()| lock(&state.link).wait_queued());
+        let result = owed
+            .and(on_device)
+            .and_then(|exposed| state.close_step().map(|samples| (samples, exposed)));
         state.reset();
-        result.map(|samples| (samples, started.elapsed()))
+        result.map(|(samples, exposed)| (samples, exposed.unwrap_or_else(|| started.elapsed())))
     }
 
     /// The most gradient elements the last finished step held in buckets

@@ -76,7 +76,7 @@ enum Carrier {
     /// Any collective on host memory (the TCP ring, one process alone).
     Host(Box<dyn Collective>),
     /// NCCL: gradient buckets stay on the GPU.
-    Nccl(NcclCollective),
+    Nccl(Box<NcclCollective>),
 }
 
 /// The group's connection: what carries the bytes, the host staging of
@@ -108,7 +108,7 @@ impl Link {
     fn collective(&mut self) -> &mut dyn Collective {
         match &mut self.carrier {
             Carrier::Host(c) => c.as_mut(),
-            Carrier::Nccl(c) => c,
+            Carrier::Nccl(c) => c.as_mut(),
         }
     }
 
@@ -137,29 +137,48 @@ impl Link {
     /// in place.
     pub(crate) fn reduce(&mut self, bucket: &Tensor, reduction: Reduction) -> Result<()> {
         let started = Instant::now();
-        let result = self.reduce_untimed(bucket, reduction);
+        let result = self.reduce_untimed(bucket, reduction, Completion::Wait);
         self.comm_time += started.elapsed();
         result
     }
 
     /// [`Link::reduce`] off the training thread, while backward runs: its
     /// time is not the step's (what the step waits for is counted where it
-    /// waits).
+    /// waits). On NCCL it returns once the reduction is queued on NCCL's
+    /// stream, so the next bucket follows with no host wait in between;
+    /// [`Link::wait_queued`] waits for them all.
     pub(crate) fn reduce_overlapped(
         &mut self,
         bucket: &Tensor,
         reduction: Reduction,
     ) -> Result<()> {
-        self.reduce_untimed(bucket, reduction)
+        self.reduce_untimed(bucket, reduction, Completion::Queue)
     }
 
-    /// Whether the bytes travel through host memory (the TCP ring, one
-    /// process alone), where overlapped reduction runs.
-    fn is_host(&self) -> bool {
-        matches!(self.carrier, Carrier::Host(_))
+    /// Waits for the reductions [`Link::reduce_overlapped`] left queued on
+    /// NCCL's stream (nothing on the host carrier, whose reductions are done
+    /// when they return). Returns how long it waited for communication
+    /// alone: first it waits, uncounted, for the compute queued before
+    /// (what is left of backward), so compute still in flight is not
+    /// reported as communication.
+    pub(crate) fn wait_queued(&mut self) -> Result<Option<Duration>> {
+        let Carrier::Nccl(nccl) = &mut self.carrier else {
+            return Ok(None);
+        };
+        nccl.wait_for_compute()
+            .map_err(collective_error("waiting for backward"))?;
+        let started = Instant::now();
+        nccl.wait_queued()
+            .map_err(collective_error("gradient reduction"))?;
+        Ok(Some(started.elapsed()))
     }
 
-    fn reduce_untimed(&mut self, bucket: &Tensor, reduction: Reduction) -> Result<()> {
+    fn reduce_untimed(
+        &mut self,
+        bucket: &Tensor,
+        reduction: Reduction,
+        completion: Completion,
+    ) -> Result<()> {
         let elems = bucket.numel();
         let mut bucket = bucket.shallow_clone();
         if let Reduction::Sum(scale) | Reduction::Scatter(scale) = reduction {
@@ -172,13 +191,26 @@ impl Link {
             Carrier::Nccl(nccl) if bucket.device().is_cuda() && bucket.kind() == Kind::Float => {
                 let ptr = bucket.data_ptr() as u64;
                 // SAFETY: `bucket` is a contiguous f32 CUDA slice of `elems`
-                // values that outlives the call, which returns once NCCL is
-                // done with it (after waiting on libtorch's stream).
+                // values, a view of a flat buffer that outlives the step.
+                // Waited for, NCCL is done with it when this returns; queued,
+                // nothing reads or writes the bucket until the step's
+                // `wait_queued` (backward is done with it, and a late
+                // gradient fails the step).
                 unsafe {
-                    match reduction {
-                        Reduction::Sum(_) => nccl.all_reduce_sum_raw(ptr, elems),
-                        Reduction::Scatter(_) => nccl.reduce_scatter_sum_raw(ptr, elems),
-                        Reduction::Gather => nccl.all_gather_raw(ptr, elems),
+                    match (reduction, completion) {
+                        (Reduction::Sum(_), Completion::Wait) => {
+                            nccl.all_reduce_sum_raw(ptr, elems)
+                        }
+                        (Reduction::Sum(_), Completion::Queue) => {
+                            nccl.enqueue_all_reduce_sum_raw(ptr, elems)
+                        }
+                        (Reduction::Scatter(_), Completion::Wait) => {
+                            nccl.reduce_scatter_sum_raw(ptr, elems)
+                        }
+                        (Reduction::Scatter(_), Completion::Queue) => {
+                            nccl.enqueue_reduce_scatter_sum_raw(ptr, elems)
+                        }
+                        (Reduction::Gather, _) => nccl.all_gather_raw(ptr, elems),
                     }
                 }
                 .map_err(collective_error(what))?;
@@ -217,6 +249,14 @@ impl Link {
         }
         Ok(())
     }
+}
+
+/// Whether a reduction on the GPU returns when it is done or when it is
+/// queued (see [`Link::reduce_overlapped`]); host reductions are always done.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Completion {
+    Wait,
+    Queue,
 }
 
 /// How flat buffers split into buckets (the unit of reduction) and each
@@ -292,7 +332,7 @@ impl DataParallel {
     /// Data parallelism over NCCL: CUDA gradients are reduced in place on
     /// the device.
     pub fn nccl(comm: NcclCollective, bucket_bytes: usize) -> Self {
-        Self::with_carrier(Carrier::Nccl(comm), bucket_bytes)
+        Self::with_carrier(Carrier::Nccl(Box::new(comm)), bucket_bytes)
     }
 
     fn with_carrier(carrier: Carrier, bucket_bytes: usize) -> Self {
@@ -591,9 +631,9 @@ impl DataParallel {
     /// bucket ([`DataParallel::update`] gathers the rest); with
     /// `"gradients"` it also keeps only that share of the gradients, which
     /// hooks on the parameters reduce into it during backward. Otherwise,
-    /// on the host carrier and with overlap on, hooks hand each bucket to a
-    /// communication thread as soon as backward has written it
-    /// ([`crate::bucket_hooks`]).
+    /// with overlap on, hooks hand each bucket to a communication thread as
+    /// soon as backward has written it ([`crate::bucket_hooks`]): the ring
+    /// reduces it there, NCCL queues it on its own stream.
     pub fn optimizer(
         &mut self,
         named: Vec<(String, Tensor)>,
@@ -613,7 +653,7 @@ impl DataParallel {
             } else {
                 AdamW::new(named, config)
             };
-            let overlap = grouped && self.overlap && lock(&self.link).is_host();
+            let overlap = grouped && self.overlap;
             (optimizer, overlap.then_some(Mode::Overlap { scatter }))
         };
         if let Some(mode) = mode {

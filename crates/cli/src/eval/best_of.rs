@@ -116,6 +116,7 @@ pub fn draw(stage2: &Stage2, reranker: &Reranker, request: &Request, n: usize) -
                 ..request.sampling.clone()
             },
             use_cache: request.use_cache,
+            cuda_graph: request.cuda_graph,
             candidates: None,
             precision: request.precision,
         };
@@ -288,6 +289,7 @@ mod tests {
             batch_size,
             sampling: SamplingConfig::default(),
             use_cache: true,
+            cuda_graph: true,
             candidates: None,
             precision: dalle_precision::Precision::Fp32,
         }

@@ -149,6 +149,7 @@ pub fn measure(
         batch_size: plan.batch_size,
         sampling: sampling.clone(),
         use_cache: true,
+        cuda_graph: true,
         candidates: None,
         precision: job.run.precision_on(device),
     };
