@@ -131,16 +131,3 @@ pub(super) fn fed(token: &Tensor, guided: bool) -> Tensor {
         token.shallow_clone()
     }
 }
-
-impl Gpt {
-    /// [`Gpt::embed_image`] of tokens `(B, 1)` at the grid index held in a
-    /// device scalar `(1,)`.
-    fn embed_image_at(&self, tokens: &Tensor, index: &Tensor) -> Tensor {
-        let g = self.config.image_grid;
-        self.image_emb.forward(tokens)
-            + self
-                .image_row
-                .forward(&index.divide_scalar_mode(g, "floor"))
-            + self.image_col.forward(&index.remainder(g))
-    }
-}

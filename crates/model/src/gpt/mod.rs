@@ -219,6 +219,12 @@ impl Gpt {
     fn embed_image(&self, tokens: &Tensor, first: i64) -> Tensor {
         let m = tokens.size()[1];
         let index = Tensor::arange_start(first, first + m, (Kind::Int64, self.device()));
+        self.embed_image_at(tokens, &index)
+    }
+
+    /// Embeds image tokens `(B, m)` at the grid indices `(m,)` held on the
+    /// device (so a captured decoding step can advance them itself).
+    fn embed_image_at(&self, tokens: &Tensor, index: &Tensor) -> Tensor {
         let g = self.config.image_grid;
         self.image_emb.forward(tokens)
             + self
