@@ -164,6 +164,10 @@ void dalle_graph_free(DalleGraph* g) {
       g->on_side = false;
       synchronize(g->side);
     }
+    // Replays may still be running: the graph and its memory pool go only
+    // once they are done (one wait per graph, where its caller reads the
+    // result anyway).
+    synchronize(g->ambient);
   });
   auto previous = g->previous_device;
   // Destroyed on the graph's device, which is still current.
